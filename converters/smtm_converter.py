@@ -1,0 +1,292 @@
+"""Keras classifier + semantic memory -> one multi-signature SMTM .tflite.
+
+Signatures (all batch 1):
+  stage_i: activation, centres [K, D] -> next_activation, semantic [D], similarities [K]
+  head:    activation -> probabilities [C]
+  full:    image -> probabilities [C]
+The weights are stored once, shared by the signatures. The descriptor is
+embedded in the metadata table under `descriptor.METADATA_NAME`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import tempfile
+
+import numpy as np
+
+from converters import metadata
+from smtm_tf import descriptor as desc
+from smtm_tf import encoders as enc
+from smtm_tf import io_utils
+from smtm_tf import kerascompat
+from smtm_tf import stages as stages_lib
+from smtm_tf.memory import SemanticMemory
+
+
+class ConversionError(RuntimeError):
+    """Raised when the converted model does not match the Keras model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ConversionReport:
+    """What the converter checked."""
+
+    size_bytes: int
+    full_max_abs_diff: float  # `full` vs Keras.
+    chain_max_abs_diff: float  # stage_0..head vs Keras.
+    similarity_max_abs_diff: float  # stage similarities vs the memory's numpy encoders.
+    num_check_images: int
+
+
+def _outputs_probabilities(model) -> bool:
+    activation = getattr(model.layers[-1], "activation", None)
+    return getattr(activation, "__name__", "") == "softmax"
+
+
+class _SmtmModule:
+    """Builds the tf.functions of every signature around the Keras models."""
+
+    def __init__(self, model, memory: SemanticMemory):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        self.stage_models, self.head_model = stages_lib.split_model(model, memory.plan)
+        self.model = model
+        self.memory = memory
+        self.apply_softmax = not _outputs_probabilities(model)
+        self.module = tf.Module()
+        if kerascompat.flavour_of(model) == "keras":
+            # Keras 3 variables are not found by tf.Module's tracking: without
+            # this the converter emits uninitialised variable reads (NaN).
+            self.module.tracked_variables = [v.value for v in model.weights]
+        else:
+            self.module.keras_model = model
+        self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        self.stage_shapes = [tuple(int(d) for d in m.outputs[0].shape[1:])
+                             for m in self.stage_models]
+        self.num_classes = len(memory.class_names)
+
+    def _probabilities(self, out):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        out = tf.nn.softmax(out) if self.apply_softmax else out
+        return tf.reshape(out, [-1])
+
+    def _stage_fn(self, stage, encoder: enc.Encoder):
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        # The encoder's numpy weights become graph constants; tf.function would
+        # turn default arguments or captured eager tensors into extra inputs.
+        def fn(activation, centres):
+            a = stage(activation, training=False)
+            v = enc.l2_normalize(
+                tf.matmul(enc.pool(a, self.memory.pooling), encoder.kernel) + encoder.bias)
+            sims = tf.matmul(v, centres, transpose_b=True)
+            return {"next_activation": a, "semantic": tf.reshape(v, [-1]),
+                    "similarities": tf.reshape(sims, [-1])}
+        return fn
+
+    def signatures(self) -> dict:
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+        sigs = {}
+        in_shapes = [self.input_shape] + self.stage_shapes[:-1]
+        for s, stage in enumerate(self.stage_models):
+            sigs[f"stage_{s}"] = tf.function(
+                self._stage_fn(stage, self.memory.encoders[s]), input_signature=[
+                    tf.TensorSpec((1,) + in_shapes[s], tf.float32, name="activation"),
+                    # K is fixed to all classes: every lookup sees the whole
+                    # memory, and static shapes suit GPU delegates.
+                    tf.TensorSpec((self.num_classes, self.memory.encoders[s].dim),
+                                  tf.float32, name="centres")])
+
+        def head(activation):
+            return {"probabilities": self._probabilities(
+                self.head_model(activation, training=False))}
+
+        def full(image):
+            return {"probabilities": self._probabilities(self.model(image, training=False))}
+
+        sigs["head"] = tf.function(head, input_signature=[
+            tf.TensorSpec((1,) + self.stage_shapes[-1], tf.float32, name="activation")])
+        sigs["full"] = tf.function(full, input_signature=[
+            tf.TensorSpec((1,) + self.input_shape, tf.float32, name="image")])
+        return sigs
+
+    def descriptor(self, model_name: str) -> desc.Descriptor:
+        in_shapes = [self.input_shape] + self.stage_shapes[:-1]
+        k = self.num_classes
+        stages = []
+        for s, shape in enumerate(in_shapes):
+            d = self.memory.encoders[s].dim
+            sig = desc.SignatureSpec(
+                f"stage_{s}",
+                (desc.TensorSpec("activation", (1,) + shape),
+                 desc.TensorSpec("centres", (k, d))),
+                (desc.TensorSpec("next_activation", (1,) + self.stage_shapes[s]),
+                 desc.TensorSpec("semantic", (d,)),
+                 desc.TensorSpec("similarities", (k,))))
+            stages.append(desc.StageSpec(sig, self.memory.plan.cut_layers[s],
+                                         self.memory.plan.stage_costs[s],
+                                         self.memory.centres[s]))
+        head = desc.SignatureSpec(
+            "head", (desc.TensorSpec("activation", (1,) + self.stage_shapes[-1]),),
+            (desc.TensorSpec("probabilities", (k,)),))
+        full = desc.SignatureSpec(
+            "full", (desc.TensorSpec("image", (1,) + self.input_shape),),
+            (desc.TensorSpec("probabilities", (k,)),))
+        rule = self.memory.exit_rule
+        lookup = desc.LookupOpSpec(attributes={
+            "metric": rule.metric.value,
+            "thresholds": list(rule.thresholds),
+            "compare_with": "all_classes",
+        })
+        return desc.Descriptor(model_name, self.memory.class_names, self.memory.pooling.value,
+                               tuple(stages), head, full, rule, lookup)
+
+
+def convert_keras(model) -> bytes:
+    """A plain single-signature conversion of `model` (the size baseline)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    module = tf.Module()
+    if kerascompat.flavour_of(model) == "keras":
+        module.tracked_variables = [v.value for v in model.weights]
+    else:
+        module.keras_model = model
+    shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
+    fn = tf.function(lambda image: {"output": model(image, training=False)},
+                     input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
+    return _convert_module(module, {"serving_default": fn})
+
+
+def _convert_module(module, signatures: dict) -> bytes:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    with tempfile.TemporaryDirectory(prefix="smtm-savedmodel-") as tmp:
+        concrete = {k: f.get_concrete_function() for k, f in signatures.items()}
+        tf.saved_model.save(module, tmp, signatures=concrete)
+        converter = tf.lite.TFLiteConverter.from_saved_model(
+            tmp, signature_keys=list(signatures))
+        return converter.convert()
+
+
+def convert(model, memory: SemanticMemory, check_images: np.ndarray,
+            output_path: str | None = None, model_name: str | None = None,
+            atol: float = 1e-5) -> tuple[bytes, ConversionReport]:
+    """Converts a Keras classifier and its semantic memory to an SMTM .tflite.
+
+    After conversion, `full` and the chain stage_0..head are compared with
+    Keras on `check_images`, and each stage's similarities with the memory's
+    encoders; the model is written only if all agree.
+
+    Args:
+      model: the trained Keras classifier the memory was fitted on.
+      memory: its semantic memory.
+      check_images: real input images `[N, H, W, C]` for the numeric checks.
+      output_path: where to write the .tflite (atomically); None to only return it.
+      model_name: name recorded in the descriptor.
+      atol: largest absolute difference tolerated in probabilities.
+
+    Returns:
+      (model bytes, report).
+
+    Raises:
+      ConversionError: when a check fails; nothing is written then.
+    """
+    if len(check_images) == 0:
+        raise ValueError("convert needs at least one check image.")
+    builder = _SmtmModule(model, memory)
+    sigs = builder.signatures()
+    descriptor = builder.descriptor(model_name or model.name)
+    flat = _convert_module(builder.module, sigs)
+    flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
+    report = check_conversion(flat, model, memory, check_images, builder.apply_softmax, atol)
+    if output_path:
+        io_utils.write_bytes_atomic(output_path, flat)
+        logging.info("Wrote %s (%d bytes).", output_path, len(flat))
+    return flat, report
+
+
+def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndarray,
+                     apply_softmax: bool, atol: float = 1e-5) -> ConversionReport:
+    """Compares the converted signatures with Keras and the memory's encoders."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+
+    interp = litert.Interpreter(model_content=flat, num_threads=1)
+    runners = {k: interp.get_signature_runner(k) for k in interp.get_signature_list()}
+    stage_models, head_model = stages_lib.split_model(model, memory.plan)
+    want = np.asarray(model.predict(images, verbose=0, batch_size=64))
+    if apply_softmax:
+        want = np.asarray(tf.nn.softmax(want))
+    full_diff = chain_diff = sim_diff = 0.0
+    for i, image in enumerate(images.astype(np.float32)):
+        x = image[None]
+        got = runners["full"](image=x)["probabilities"]
+        full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
+        a = x
+        for s, stage_model in enumerate(stage_models):
+            out = runners[f"stage_{s}"](activation=a, centres=memory.centres[s])
+            a = out["next_activation"]
+            keras_a = np.asarray(stage_model(x if s == 0 else keras_prev, training=False))
+            keras_prev = keras_a
+            pooled = np.asarray(enc.pool(keras_a, memory.pooling))
+            sims = memory.encoders[s].encode(pooled)[0] @ memory.centres[s].T
+            sim_diff = max(sim_diff, float(np.max(np.abs(out["similarities"] - sims))))
+        got = runners["head"](activation=a)["probabilities"]
+        chain_diff = max(chain_diff, float(np.max(np.abs(got - want[i]))))
+    report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, len(images))
+    # Similarities pass through a whole stage of float32 convolutions and a
+    # projection before the dot product: allow more there than on probabilities.
+    sim_atol = max(100 * atol, 1e-4)
+    if not (full_diff <= atol and chain_diff <= atol and sim_diff <= sim_atol):
+        raise ConversionError(
+            f"The converted model does not match Keras: full differs by {full_diff:.3g}, "
+            f"the stage chain by {chain_diff:.3g} (tolerance {atol}), similarities by "
+            f"{sim_diff:.3g} (tolerance {sim_atol}). Nothing was written.")
+    return report
+
+
+def memory_path_for(model_path: str) -> str:
+    """Where a model's semantic memory lives by convention: beside the model."""
+    return os.path.splitext(model_path)[0] + ".smtm.npz"
+
+
+def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
+                  holdout: float = 0.1, num_stages: int = 4, cut_layers=None,
+                  embedding_dim: int = 32, target_agreement: float = 0.99,
+                  num_check_images: int = 64, memory_output: str | None = None,
+                  seed: int = 0) -> tuple[SemanticMemory, ConversionReport]:
+    """Fits a semantic memory if none is given, then converts and checks.
+
+    Args:
+      model: the trained Keras classifier.
+      data: `smtm_tf.data.LabelledData`; the tail `holdout` of its train split
+        calibrates the exits, the rest trains the encoders, and test images
+        serve the numeric checks.
+      output_path: where the .tflite goes.
+      memory: an already fitted memory (from the callback), or None.
+      memory_output: where to save a newly fitted memory (None: do not save).
+
+    Returns:
+      (memory, report).
+    """
+    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
+
+    expected = tuple(int(d) for d in model.inputs[0].shape[1:])
+    if tuple(data.x_train.shape[1:]) != expected:
+        raise ValueError(
+            f"The data's images are {tuple(data.x_train.shape[1:])} but the model takes "
+            f"{expected}; pass data of the model's input shape.")
+    if memory is None:
+        (x_fit, _), (x_cal, _) = data.holdout(holdout)
+        memory = memory_lib.fit_semantic_memory(
+            model, x_fit, x_cal, class_names=data.class_names, num_stages=num_stages,
+            cut_layers=cut_layers, embedding_dim=embedding_dim,
+            target_agreement=target_agreement, seed=seed)
+        if memory_output:
+            memory.save(memory_output)
+    _, report = convert(model, memory, data.x_test[:num_check_images], output_path)
+    return memory, report

@@ -1,0 +1,85 @@
+"""Converts a trained Keras classifier into an SMTM .tflite.
+
+Example:
+  python scripts/convert.py --model=model.keras --data=fashion_mnist \
+      --output=model.smtm.tflite
+
+If a semantic memory file (from `SemanticMemoryCallback`, by default
+`<model>.smtm.npz` beside the model) exists it is used; otherwise the
+encoders are trained and the exits calibrated from `--data`, and the memory is
+saved beside the model.
+"""
+
+import os
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from converters import smtm_converter
+from smtm_tf import data as data_lib
+from smtm_tf import kerascompat
+from smtm_tf import memory as memory_lib
+
+_MODEL = flags.DEFINE_string("model", None, "Trained Keras model (.keras or .h5).",
+                             required=True)
+_DATA = flags.DEFINE_string(
+    "data", None, "'fashion_mnist', a .npz with x_train/y_train/x_test/y_test, or a "
+    "folder with one sub-folder of images per class.", required=True)
+_OUTPUT = flags.DEFINE_string("output", None, "Where to write the .tflite.", required=True)
+_MEMORY = flags.DEFINE_string(
+    "memory", None, "Semantic memory file; default <model>.smtm.npz when it exists.")
+_RETRAIN = flags.DEFINE_bool("retrain", False,
+                             "Fit a new memory even if a memory file exists.")
+_NUM_STAGES = flags.DEFINE_integer("num_stages", 4, "Stages when --cut_layers is not set.")
+_CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
+_EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 32, "Semantic vector size.")
+_TARGET = flags.DEFINE_float("target_agreement", 0.99,
+                             "Share of exits that must agree with the full model.")
+_HOLDOUT = flags.DEFINE_float("holdout", 0.1,
+                              "Tail share of the train split used for calibration.")
+
+
+def main(argv):
+    del argv
+    model = kerascompat.load_model(_MODEL.value)
+    image_size = tuple(int(d) for d in model.inputs[0].shape[1:3])
+    channels = int(model.inputs[0].shape[-1])
+    data = data_lib.load_data(_DATA.value, image_size=image_size, channels=channels)
+    memory_file = _MEMORY.value or smtm_converter.memory_path_for(_MODEL.value)
+    memory = None
+    if os.path.exists(memory_file) and not _RETRAIN.value:
+        memory = memory_lib.SemanticMemory.load(memory_file)
+        logging.info("Using the semantic memory in %s.", memory_file)
+        print(f"using semantic memory {memory_file}")
+    else:
+        print(f"fitting a semantic memory from --data={_DATA.value} "
+              f"(saved to {memory_file})")
+    memory, report = smtm_converter.convert_model(
+        model, data, _OUTPUT.value, memory=memory, holdout=_HOLDOUT.value,
+        num_stages=_NUM_STAGES.value, cut_layers=_CUT_LAYERS.value,
+        embedding_dim=_EMBEDDING_DIM.value, target_agreement=_TARGET.value,
+        memory_output=memory_file)
+    plain = len(smtm_converter.convert_keras(model))
+    print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
+    print("compute share per stage: "
+          + ", ".join(f"{100 * c:.1f}%" for c in memory.plan.stage_costs))
+    print("nearest-centre agreement with full per stage (calibration set): "
+          + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
+    print(f"exit thresholds ({memory.exit_rule.metric.value}): "
+          + ", ".join("never" if t is None else f"{t:.4f}"
+                      for t in memory.exit_rule.thresholds))
+    print(f"checks on {report.num_check_images} images: full vs Keras "
+          f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
+          f"{report.chain_max_abs_diff:.2e}, similarities {report.similarity_max_abs_diff:.2e}")
+    print(f"wrote {_OUTPUT.value}: {report.size_bytes} bytes "
+          f"({100 * (report.size_bytes / plain - 1):+.1f}% vs a plain conversion, "
+          f"{plain} bytes)")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

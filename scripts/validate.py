@@ -1,0 +1,58 @@
+"""Measures an SMTM .tflite against its own full model on a stream of frames.
+
+Example:
+  python scripts/validate.py --model=model.smtm.tflite --data=fashion_mnist --stream=video
+"""
+
+import json
+
+from absl import app
+from absl import flags
+
+from delegates import make_backend
+from smtm_tf import data as data_lib
+from smtm_tf import io_utils
+from smtm_tf import streams
+from smtm_tf import validation
+from smtm_tf.runtime import SmtmRuntime
+
+_MODEL = flags.DEFINE_string("model", None, "SMTM .tflite to validate.", required=True)
+_DATA = flags.DEFINE_string("data", "fashion_mnist",
+                            "Data whose test split the stream draws from.")
+_STREAMS = flags.DEFINE_list("stream", ["video"], "Stream kinds: uniform, zipf, video.")
+_FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
+_SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
+_ZIPF_EXPONENT = flags.DEFINE_float("zipf_exponent", 1.2, "Exponent of the zipf stream.")
+_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads.")
+_JSON = flags.DEFINE_string("json_output", None, "Also write the figures as JSON here.")
+
+
+def main(argv):
+    del argv
+    runtime = SmtmRuntime.from_file(_MODEL.value,
+                                    make_backend("cpu", num_threads=_THREADS.value))
+    shape = runtime.descriptor.full.inputs[0].shape
+    data = data_lib.load_data(_DATA.value, image_size=tuple(shape[1:3]), channels=shape[3])
+    rows = []
+    for kind in _STREAMS.value:
+        stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=_SEED.value,
+                                     zipf_exponent=_ZIPF_EXPONENT.value)
+        print(f"running {kind}: {len(stream)} frames, full and SMTM interleaved ...",
+              flush=True)
+        rows.append((kind, validation.compare(runtime, data.x_test[stream.indices],
+                                              stream.labels)))
+    print(validation.format_table(rows))
+    for kind, c in rows:
+        print(f"{kind}: speed-up {c.speedup:.2f}x, top-1 drop {c.accuracy_drop:+.2f} points")
+    if _JSON.value:
+        payload = [{"stream": k, "speedup": c.speedup, "accuracy_drop": c.accuracy_drop,
+                    "full": c.full.to_dict(), "smtm": c.smtm.to_dict()} for k, c in rows]
+        io_utils.write_bytes_atomic(_JSON.value, json.dumps(payload, indent=2).encode())
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

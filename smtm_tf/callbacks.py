@@ -1,0 +1,90 @@
+"""A Keras callback that fits the semantic memory when training ends."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+from smtm_tf import encoders as enc
+from smtm_tf import memory as memory_lib
+
+
+class SemanticMemoryCallback(keras.callbacks.Callback):
+    """Fits SMTM's semantic memory to the model being trained.
+
+    When `fit` ends (and, if `every_n_epochs` > 0, every that many epochs) it
+    plans the stages, trains one semantic encoder per stage on the frozen
+    model's features, computes the class centres and calibrates the exit rule
+    on held-out images. The result is left in `self.memory` and, if
+    `output_path` is set, saved there atomically (name it
+    `<model>.smtm.npz` beside the saved model and `scripts/convert.py` picks it
+    up).
+
+    Works with Keras 3 and tf_keras `fit` alike.
+
+    Example:
+
+    ```python
+    callback = smtm_tf.SemanticMemoryCallback(
+        x_train, x_calibration, class_names=names, output_path="model.smtm.npz")
+    model.fit(x_train, y_train, epochs=5, callbacks=[callback])
+    model.save("model.keras")
+    print(callback.memory.exit_rule)
+    ```
+
+    Args:
+      x_train: images to train the encoders on.
+      x_calibration: held-out images to calibrate the exits on.
+      class_names: one name per class.
+      num_stages: stages to plan when `cut_layers` is not given.
+      cut_layers: explicit layer names that end each stage.
+      embedding_dim: size of the semantic vectors.
+      pooling: pooling before each encoder ("avg" or "avg_max").
+      target_agreement: share of exits that must agree with the full model.
+      every_n_epochs: also refit every this many epochs (0: only at the end).
+      output_path: where to save the memory (.npz), or None.
+    """
+
+    def __init__(self, x_train: np.ndarray, x_calibration: np.ndarray,
+                 class_names=None, num_stages: int = 4, cut_layers=None,
+                 embedding_dim: int = 32, pooling: str = enc.Pooling.AVG_MAX.value,
+                 target_agreement: float = 0.99, every_n_epochs: int = 0,
+                 output_path: str | None = None):
+        super().__init__()
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0, got {every_n_epochs}.")
+        if not 0.0 < target_agreement <= 1.0:
+            raise ValueError(f"target_agreement must be in (0, 1], got {target_agreement}.")
+        self.x_train = x_train
+        self.x_calibration = x_calibration
+        self.class_names = class_names
+        self.num_stages = num_stages
+        self.cut_layers = cut_layers
+        self.embedding_dim = embedding_dim
+        self.pooling = enc.Pooling(pooling)
+        self.target_agreement = target_agreement
+        self.every_n_epochs = every_n_epochs
+        self.output_path = output_path
+        self.memory: memory_lib.SemanticMemory | None = None
+        self._fits = 0
+
+    def on_train_begin(self, logs=None):
+        self.memory = None
+        self._fits = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        if self.every_n_epochs and (epoch + 1) % self.every_n_epochs == 0:
+            self._fit()
+
+    def on_train_end(self, logs=None):
+        self._fit()
+
+    def _fit(self):
+        self.memory = memory_lib.fit_semantic_memory(
+            self.model, self.x_train, self.x_calibration, class_names=self.class_names,
+            num_stages=self.num_stages, cut_layers=self.cut_layers,
+            embedding_dim=self.embedding_dim, pooling=self.pooling,
+            target_agreement=self.target_agreement)
+        self._fits += 1
+        if self.output_path:
+            self.memory.save(self.output_path)

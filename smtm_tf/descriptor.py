@@ -1,0 +1,245 @@
+"""The SMTM descriptor: versioned JSON embedded in the .tflite's metadata.
+
+It tells a host runtime everything it needs beyond the model's signatures:
+the stages and their tensor names, the class names, the centres of every class
+at every stage (the memory), the exit rule, and the cache-lookup operator the
+runtime implements.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import numpy as np
+
+from smtm_tf import exit_policy
+
+SCHEMA_VERSION = 1
+METADATA_NAME = "smtm_descriptor"
+LOOKUP_OP_NAME = "SMTM_CACHE_LOOKUP"
+
+
+class DescriptorError(ValueError):
+    """Raised for a descriptor that is malformed or of an unknown version."""
+
+
+def _check_fields(cls, d: dict) -> None:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(d) - names
+    missing = {f.name for f in dataclasses.fields(cls)
+               if f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING} - set(d)
+    if unknown or missing:
+        raise DescriptorError(
+            f"{cls.__name__}: unknown fields {sorted(unknown)}, missing fields "
+            f"{sorted(missing)}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        object.__setattr__(self, "shape", tuple(int(d) for d in self.shape))
+        if not self.name:
+            raise DescriptorError("A tensor needs a name.")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TensorSpec":
+        _check_fields(cls, d)
+        return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignatureSpec:
+    """A signature of the .tflite: its key and named inputs and outputs."""
+
+    key: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def to_dict(self) -> dict:
+        return {"key": self.key, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "SignatureSpec":
+        _check_fields(cls, d)
+        return cls(d["key"], tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpec:
+    """One stage: its signature, cost and the centres of all classes there.
+
+    Attributes:
+      signature: inputs `activation` and `centres` [K, D]; outputs
+        `next_activation`, `semantic` [D] and `similarities` [K].
+      cut_layer: the Keras layer that ends the stage.
+      cost: the stage's share of the full model's multiply-adds.
+      centres: `[C, D]` unit centres of every class at this stage.
+    """
+
+    signature: SignatureSpec
+    cut_layer: str
+    cost: float
+    centres: np.ndarray
+
+    def __post_init__(self):
+        centres = np.asarray(self.centres, np.float32)
+        if centres.ndim != 2:
+            raise DescriptorError(f"Stage centres must be [C, D], got shape {centres.shape}.")
+        object.__setattr__(self, "centres", centres)
+
+    @property
+    def embedding_dim(self) -> int:
+        return int(self.centres.shape[1])
+
+    def __eq__(self, other):
+        return (isinstance(other, StageSpec) and self.signature == other.signature
+                and self.cut_layer == other.cut_layer and self.cost == other.cost
+                and np.array_equal(self.centres, other.centres))
+
+    def to_dict(self) -> dict:
+        return {"signature": self.signature.to_dict(), "cut_layer": self.cut_layer,
+                "cost": self.cost,
+                # float32 -> float64 is exact, so the JSON round trip is exact too.
+                "centres": [[float(v) for v in row] for row in self.centres]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "StageSpec":
+        _check_fields(cls, d)
+        return cls(SignatureSpec.from_dict(d["signature"]), d["cut_layer"],
+                   float(d["cost"]), np.asarray(d["centres"], np.float32))
+
+
+@dataclasses.dataclass(frozen=True)
+class LookupOpSpec:
+    """The cache-lookup operator a host runtime implements between stages.
+
+    It takes a stage's `similarities` to the K centres fed to that stage (and
+    the class id of each), and returns the class and whether to exit, by the
+    exit rule in the attributes.
+    """
+
+    name: str = LOOKUP_OP_NAME
+    version: int = 1
+    inputs: tuple[TensorSpec, ...] = (
+        TensorSpec("similarities", (-1,), "float32"),
+        TensorSpec("class_ids", (-1,), "int32"),
+        TensorSpec("stage", (), "int32"),
+    )
+    outputs: tuple[TensorSpec, ...] = (
+        TensorSpec("class_id", (), "int32"),
+        TensorSpec("score", (), "float32"),
+        TensorSpec("exit", (), "bool"),
+    )
+    attributes: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "version": self.version,
+                "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs],
+                "attributes": dict(self.attributes)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LookupOpSpec":
+        _check_fields(cls, d)
+        return cls(d["name"], int(d["version"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
+                   tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+                   dict(d["attributes"]))
+
+
+@dataclasses.dataclass(frozen=True)
+class Descriptor:
+    """All that SMTM adds to a .tflite, as stored in its metadata."""
+
+    model_name: str
+    class_names: tuple[str, ...]
+    pooling: str
+    stages: tuple[StageSpec, ...]
+    head: SignatureSpec
+    full: SignatureSpec
+    exit_rule: exit_policy.ExitRule
+    lookup_op: LookupOpSpec
+    quantization: str = "float32"
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if self.schema_version != SCHEMA_VERSION:
+            raise DescriptorError(
+                f"Descriptor schema_version {self.schema_version!r} is not supported; "
+                f"this smtm_tf reads version {SCHEMA_VERSION}. Re-convert the model "
+                "with this version of smtm_tf, or upgrade smtm_tf.")
+        if not self.stages:
+            raise DescriptorError("A descriptor needs at least one stage.")
+        if len(self.exit_rule.thresholds) != len(self.stages):
+            raise DescriptorError(
+                f"exit_rule has {len(self.exit_rule.thresholds)} thresholds for "
+                f"{len(self.stages)} stages.")
+        for s, stage in enumerate(self.stages):
+            if stage.centres.shape[0] != len(self.class_names):
+                raise DescriptorError(
+                    f"stages[{s}] holds {stage.centres.shape[0]} centres for "
+                    f"{len(self.class_names)} classes.")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": self.schema_version,
+            "model_name": self.model_name,
+            "class_names": list(self.class_names),
+            "pooling": self.pooling,
+            "stages": [s.to_dict() for s in self.stages],
+            "head": self.head.to_dict(),
+            "full": self.full.to_dict(),
+            "exit_rule": self.exit_rule.to_dict(),
+            "lookup_op": self.lookup_op.to_dict(),
+            "quantization": self.quantization,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Descriptor":
+        if not isinstance(d, dict):
+            raise DescriptorError(f"A descriptor must be a JSON object, got {type(d).__name__}.")
+        version = d.get("schema_version")
+        if version != SCHEMA_VERSION:
+            raise DescriptorError(
+                f"Descriptor schema_version {version!r} is not supported; this smtm_tf "
+                f"reads version {SCHEMA_VERSION}. Re-convert the model with this "
+                "version of smtm_tf, or upgrade smtm_tf.")
+        _check_fields(cls, d)
+        try:
+            rule = exit_policy.ExitRule.from_dict(d["exit_rule"])
+        except (ValueError, KeyError) as e:
+            raise DescriptorError(f"Invalid exit_rule: {e}") from e
+        return cls(
+            model_name=d["model_name"], class_names=tuple(d["class_names"]),
+            pooling=d["pooling"],
+            stages=tuple(StageSpec.from_dict(s) for s in d["stages"]),
+            head=SignatureSpec.from_dict(d["head"]), full=SignatureSpec.from_dict(d["full"]),
+            exit_rule=rule, lookup_op=LookupOpSpec.from_dict(d["lookup_op"]),
+            quantization=d["quantization"], schema_version=version)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> "Descriptor":
+        try:
+            d = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise DescriptorError(f"The descriptor is not valid JSON: {e}") from e
+        return cls.from_dict(d)

@@ -1,0 +1,179 @@
+"""Semantic encoders: pooled stage features -> low-dimensional unit vectors.
+
+Each stage's encoder is `pool -> Dense(D) -> L2 normalise`. The pooling has no
+weights, so the features it yields are extracted once, streaming the data
+through the frozen backbone in batches, and the Dense projection is trained on
+them with a cosine-margin (CosFace) loss. A class's semantic centre at a stage
+is the normalised mean of its training vectors there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import numpy as np
+
+EPSILON = 1e-12
+
+
+class Pooling(str, enum.Enum):
+    """How a stage's feature map `[H, W, C]` becomes a vector."""
+
+    AVG = "avg"  # Global average: [C].
+    AVG_MAX = "avg_max"  # Global average and max, concatenated: [2C].
+
+
+def pool(activation, pooling: Pooling | str):
+    """Pools a batch of feature maps `[B, H, W, C]` with TensorFlow ops."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    pooling = Pooling(pooling)
+    avg = tf.reduce_mean(activation, axis=[1, 2])
+    if pooling is Pooling.AVG:
+        return avg
+    return tf.concat([avg, tf.reduce_max(activation, axis=[1, 2])], axis=-1)
+
+
+def l2_normalize(v):
+    """v / |v| written as v * rsqrt(sum(v^2) + eps): ops every GPU path supports.
+
+    (TFLite's L2_NORMALIZATION op is not supported by the GPU accelerator.)
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    return v * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=-1, keepdims=True) + EPSILON)
+
+
+def l2_normalize_np(v: np.ndarray) -> np.ndarray:
+    v = np.asarray(v, np.float32)
+    return v / np.sqrt(np.sum(v * v, axis=-1, keepdims=True) + EPSILON)
+
+
+@dataclasses.dataclass(frozen=True)
+class StageFeatures:
+    """Pooled features of every stage for a set of images, and the model's answer."""
+
+    pooled: tuple[np.ndarray, ...]  # One [N, F_s] array per stage.
+    probabilities: np.ndarray  # [N, C] output of the full model.
+
+    @property
+    def predictions(self) -> np.ndarray:
+        return self.probabilities.argmax(axis=-1)
+
+
+def extract_features(stage_models, head_model, images: np.ndarray,
+                     pooling: Pooling | str, batch_size: int = 256) -> StageFeatures:
+    """Runs the stage chain over `images` in batches and keeps pooled features.
+
+    Only pooled vectors are kept, never whole feature maps, so memory stays
+    proportional to N x channels.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    @tf.function(reduce_retracing=True)
+    def forward(x):
+        pooled = []
+        a = x
+        for stage in stage_models:
+            a = stage(a, training=False)
+            pooled.append(pool(a, pooling))
+        return pooled, head_model(a, training=False)
+
+    per_stage = [[] for _ in stage_models]
+    probs = []
+    ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
+    for batch in ds:
+        pooled, p = forward(batch)
+        for s, f in enumerate(pooled):
+            per_stage[s].append(f.numpy())
+        probs.append(np.asarray(p))
+    return StageFeatures(tuple(np.concatenate(f) for f in per_stage),
+                         np.concatenate(probs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Encoder:
+    """One stage's trained projection: semantic = normalise(pool(a) @ kernel + bias)."""
+
+    kernel: np.ndarray  # [F, D]
+    bias: np.ndarray  # [D]
+
+    @property
+    def dim(self) -> int:
+        return int(self.kernel.shape[1])
+
+    def encode(self, pooled: np.ndarray) -> np.ndarray:
+        return l2_normalize_np(pooled @ self.kernel + self.bias)
+
+
+def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
+                  dim: int = 32, epochs: int = 15, scale: float = 16.0,
+                  margin: float = 0.2, batch_size: int = 256,
+                  learning_rate: float = 3e-3, seed: int = 0) -> Encoder:
+    """Trains a projection with the CosFace loss on pooled features.
+
+    CosFace: logits = scale * (cos(v, w_y) - margin) for the true class and
+    scale * cos(v, w_j) otherwise, with v and the class weights w normalised,
+    so classes separate by angle: what the nearest-centre lookup relies on.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tf_keras  # pylint: disable=import-outside-toplevel
+
+    if pooled.shape[0] != labels.shape[0]:
+        raise ValueError(f"{pooled.shape[0]} feature rows for {labels.shape[0]} labels.")
+    if dim < 2:
+        raise ValueError(f"embedding dim must be >= 2, got {dim}.")
+    tf.random.set_seed(seed)
+    rng = np.random.default_rng(seed)
+    feat_dim = pooled.shape[1]
+    # Standardise inputs with the training statistics, folded into the kernel later.
+    mean = pooled.mean(axis=0)
+    std = pooled.std(axis=0) + 1e-6
+    glorot = np.sqrt(6.0 / (feat_dim + dim))
+    kernel = tf.Variable(rng.uniform(-glorot, glorot, (feat_dim, dim)).astype(np.float32))
+    bias = tf.Variable(np.zeros(dim, np.float32))
+    weights = tf.Variable(rng.normal(size=(dim, num_classes)).astype(np.float32))
+    variables = [kernel, bias, weights]
+    steps = epochs * int(np.ceil(len(pooled) / batch_size))
+    schedule = tf_keras.optimizers.schedules.CosineDecay(learning_rate, steps)
+    optimizer = tf_keras.optimizers.Adam(schedule)
+
+    @tf.function
+    def step(x, y):
+        with tf.GradientTape() as tape:
+            v = l2_normalize(tf.matmul(x, kernel) + bias)
+            w = weights * tf.math.rsqrt(
+                tf.reduce_sum(tf.square(weights), axis=0, keepdims=True) + EPSILON)
+            cos = tf.matmul(v, w)
+            logits = scale * (cos - margin * tf.one_hot(y, num_classes))
+            loss = tf.reduce_mean(
+                tf.nn.sparse_softmax_cross_entropy_with_logits(y, logits))
+        grads = tape.gradient(loss, variables)
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    x_std = ((pooled - mean) / std).astype(np.float32)
+    ds = (tf.data.Dataset.from_tensor_slices((x_std, labels.astype(np.int32)))
+          .shuffle(len(x_std), seed=seed).batch(batch_size))
+    for _ in range(epochs):
+        for xb, yb in ds:
+            step(xb, yb)
+    k = kernel.numpy() / std[:, None]
+    b = bias.numpy() - (mean / std) @ kernel.numpy()
+    return Encoder(k.astype(np.float32), b.astype(np.float32))
+
+
+def class_centres(semantic: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """Normalised mean semantic vector per class, `[C, D]`.
+
+    A class with no samples gets a zero centre (similarity 0 to everything), so
+    it can never be the nearest with a margin.
+    """
+    centres = np.zeros((num_classes, semantic.shape[1]), np.float32)
+    for c in range(num_classes):
+        members = semantic[labels == c]
+        if len(members):
+            centres[c] = members.mean(axis=0)
+    norms = np.linalg.norm(centres, axis=1, keepdims=True)
+    return np.where(norms > 0, centres / np.maximum(norms, EPSILON), 0.0).astype(np.float32)

@@ -1,0 +1,181 @@
+"""The semantic memory of a model: stage plan, encoders, class centres, exit rule.
+
+`fit_semantic_memory` builds it for a trained Keras classifier; it saves to a
+single `.npz` file (written atomically) that the converter reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import logging
+
+import numpy as np
+
+from smtm_tf import encoders as enc
+from smtm_tf import exit_policy
+from smtm_tf import io_utils
+from smtm_tf import stages as stages_lib
+
+MEMORY_FORMAT_VERSION = 1
+
+
+class MemoryFileError(ValueError):
+    """Raised when a semantic memory file is unreadable or of another version."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SemanticMemory:
+    """Everything SMTM adds to a trained classifier.
+
+    Attributes:
+      plan: where the stages end.
+      pooling: how stage feature maps are pooled before the encoders.
+      encoders: one trained projection per stage.
+      centres: one `[C, D]` array of unit class centres per stage.
+      exit_rule: the calibrated exit rule.
+      class_names: one name per class.
+      stage_accuracy: nearest-centre agreement with the full model per stage,
+        measured on the calibration frames (for reports).
+    """
+
+    plan: stages_lib.StagePlan
+    pooling: enc.Pooling
+    encoders: tuple[enc.Encoder, ...]
+    centres: tuple[np.ndarray, ...]
+    exit_rule: exit_policy.ExitRule
+    class_names: tuple[str, ...]
+    stage_accuracy: tuple[float, ...] = ()
+
+    def __post_init__(self):
+        n = self.plan.num_stages
+        for field in ("encoders", "centres"):
+            if len(getattr(self, field)) != n:
+                raise ValueError(
+                    f"{field} has {len(getattr(self, field))} entries for {n} stages.")
+        if len(self.exit_rule.thresholds) != n:
+            raise ValueError(
+                f"exit_rule has {len(self.exit_rule.thresholds)} thresholds for {n} stages.")
+        for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
+            if c.shape != (len(self.class_names), e.dim):
+                raise ValueError(
+                    f"centres[{s}] has shape {c.shape}, expected "
+                    f"({len(self.class_names)}, {e.dim}).")
+
+    @property
+    def embedding_dims(self) -> tuple[int, ...]:
+        return tuple(e.dim for e in self.encoders)
+
+    def similarities(self, features: enc.StageFeatures) -> list[np.ndarray]:
+        """Similarities `[N, C]` of each stage's semantic vectors to all centres."""
+        return [e.encode(p) @ c.T for e, p, c in zip(self.encoders, features.pooled,
+                                                     self.centres)]
+
+    def save(self, path: str) -> None:
+        """Writes the memory to `path` (.npz) atomically."""
+        meta = {
+            "format_version": MEMORY_FORMAT_VERSION,
+            "plan": self.plan.to_dict(),
+            "pooling": self.pooling.value,
+            "exit_rule": self.exit_rule.to_dict(),
+            "class_names": list(self.class_names),
+            "stage_accuracy": list(self.stage_accuracy),
+        }
+        arrays = {"meta": np.array(json.dumps(meta))}
+        for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
+            arrays[f"kernel_{s}"], arrays[f"bias_{s}"] = e.kernel, e.bias
+            arrays[f"centres_{s}"] = c
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        io_utils.write_bytes_atomic(path, buf.getvalue())
+
+    @classmethod
+    def load(cls, path: str) -> "SemanticMemory":
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            meta = json.loads(str(arrays["meta"]))
+        except (OSError, ValueError, KeyError) as e:
+            raise MemoryFileError(
+                f"{path} is not a semantic memory file ({type(e).__name__}: {e}). "
+                "Recreate it with the SemanticMemoryCallback or scripts/convert.py.") from e
+        if meta.get("format_version") != MEMORY_FORMAT_VERSION:
+            raise MemoryFileError(
+                f"{path} has memory format version {meta.get('format_version')!r}; this "
+                f"smtm_tf reads version {MEMORY_FORMAT_VERSION}. Recreate the file.")
+        plan = stages_lib.StagePlan.from_dict(meta["plan"])
+        n = plan.num_stages
+        return cls(
+            plan=plan, pooling=enc.Pooling(meta["pooling"]),
+            encoders=tuple(enc.Encoder(arrays[f"kernel_{s}"], arrays[f"bias_{s}"])
+                           for s in range(n)),
+            centres=tuple(arrays[f"centres_{s}"] for s in range(n)),
+            exit_rule=exit_policy.ExitRule.from_dict(meta["exit_rule"]),
+            class_names=tuple(meta["class_names"]),
+            stage_accuracy=tuple(meta["stage_accuracy"]))
+
+
+def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
+                        class_names: tuple[str, ...] | None = None,
+                        num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
+                        pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
+                        target_agreement: float = 0.99, encoder_epochs: int = 15,
+                        batch_size: int = 256, seed: int = 0) -> SemanticMemory:
+    """Trains encoders and centres for a trained classifier and calibrates exits.
+
+    The encoders learn to reproduce the model's own decisions (its predicted
+    classes on `x_train`), because an exit is right when it agrees with the
+    model. Calibration uses `x_calibration`, which should be held out from
+    encoder training.
+
+    Args:
+      model: a trained Sequential or functional Keras classifier.
+      x_train: images to train the encoders and compute the centres on.
+      x_calibration: held-out images to calibrate the exit rule on.
+      class_names: one name per class (default: "0", "1", ...).
+      num_stages: stages to plan when `cut_layers` is not given.
+      cut_layers: explicit layer names that end each stage.
+      embedding_dim: size D of the semantic vectors.
+      pooling: pooling before each encoder.
+      target_agreement: share of exits that must agree with the full model.
+      encoder_epochs: epochs of encoder training.
+      batch_size: batch size for feature extraction and training.
+      seed: random seed.
+
+    Returns:
+      The fitted SemanticMemory.
+    """
+    plan = stages_lib.plan_stages(model, num_stages=num_stages, cut_layers=cut_layers)
+    stage_models, head = stages_lib.split_model(model, plan)
+    stages_lib.check_chain(model, stage_models, head, x_calibration[:8])
+    pooling = enc.Pooling(pooling)
+    logging.info("Stages end at %s (compute shares %s).", plan.cut_layers,
+                 [round(c, 3) for c in plan.stage_costs])
+    train = enc.extract_features(stage_models, head, x_train, pooling, batch_size)
+    calib = enc.extract_features(stage_models, head, x_calibration, pooling, batch_size)
+    num_classes = train.probabilities.shape[1]
+    if class_names is None:
+        class_names = tuple(str(i) for i in range(num_classes))
+    if len(class_names) != num_classes:
+        raise ValueError(
+            f"{len(class_names)} class names for a model with {num_classes} outputs.")
+    targets = train.predictions
+    encoders, centres = [], []
+    for s, pooled in enumerate(train.pooled):
+        e = enc.train_encoder(pooled, targets, num_classes, dim=embedding_dim,
+                              epochs=encoder_epochs, batch_size=batch_size, seed=seed + s)
+        encoders.append(e)
+        centres.append(enc.class_centres(e.encode(pooled), targets, num_classes))
+        logging.info("Trained the stage %d encoder.", s)
+    memory = SemanticMemory(plan, pooling, tuple(encoders), tuple(centres),
+                            exit_policy.ExitRule(exit_policy.Metric.MARGIN,
+                                                 (None,) * plan.num_stages, 1.0),
+                            tuple(class_names))
+    sims = memory.similarities(calib)
+    full = calib.predictions
+    accuracy = tuple(float((s.argmax(axis=1) == full).mean()) for s in sims)
+    rule = exit_policy.calibrate(sims, full, plan.stage_costs, target_agreement)
+    logging.info("Nearest-centre agreement per stage %s; thresholds %s.",
+                 [round(a, 3) for a in accuracy], rule.thresholds)
+    return dataclasses.replace(memory, exit_rule=rule, stage_accuracy=accuracy)

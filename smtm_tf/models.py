@@ -1,0 +1,116 @@
+"""Demo classifiers for Fashion-MNIST-sized inputs."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import numpy as np
+
+
+def _default_keras():
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    return tf_keras
+
+
+def resnet_demo(input_shape=(28, 28, 1), num_classes: int = 10,
+                widths=(24, 48, 96, 192), bn_momentum: float = 0.9,
+                keras: types.ModuleType | None = None):
+    """A ResNet-style CNN with one basic block per stage.
+
+    Inputs are raw pixel values (0..255); the model rescales them itself, so a
+    .tflite made from it takes camera pixels as they come. Each stage ends in a
+    layer named `stage{i}_out`, the natural cut points of the model.
+
+    Args:
+      input_shape: image shape `(H, W, C)`.
+      num_classes: number of output classes.
+      widths: channels of the four stages; stages 2.. halve the resolution.
+      bn_momentum: BatchNorm momentum (0.9 trains reliably in few epochs).
+      keras: the Keras module to build with (`tf_keras` by default, or `keras`).
+
+    Returns:
+      An uncompiled functional model with softmax outputs.
+    """
+    k = keras or _default_keras()
+    layers = k.layers
+
+    def conv_bn(x, filters, stride, name, relu=True):
+        x = layers.Conv2D(filters, 3, strides=stride, padding="same",
+                          use_bias=False, name=f"{name}_conv")(x)
+        x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
+        return layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    inputs = k.Input(input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = conv_bn(x, widths[0], 1, "stem")
+    for i, width in enumerate(widths):
+        stride = 1 if i == 0 else 2
+        shortcut = x
+        y = conv_bn(x, width, stride, f"stage{i}_a")
+        y = conv_bn(y, width, 1, f"stage{i}_b", relu=False)
+        if stride != 1 or shortcut.shape[-1] != width:
+            shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False,
+                                     name=f"stage{i}_proj")(shortcut)
+            shortcut = layers.BatchNormalization(
+                momentum=bn_momentum, name=f"stage{i}_proj_bn")(shortcut)
+        x = layers.Add(name=f"stage{i}_add")([y, shortcut])
+        x = layers.ReLU(name=f"stage{i}_out")(x)
+    x = layers.GlobalAveragePooling2D(name="pool")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="logits")(x)
+    return k.Model(inputs, outputs, name="smtm_resnet_demo")
+
+
+def shift_augment(images, max_shift: int = 2, seed: int | None = None):
+    """Randomly shifts a batch of images by up to `max_shift` pixels (zero fill).
+
+    Frames from a moving camera are never centred; training with small shifts
+    keeps the model (and so its early exits) robust to that.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    h, w = images.shape[1], images.shape[2]
+    padded = tf.pad(images, [[0, 0], [max_shift, max_shift],
+                             [max_shift, max_shift], [0, 0]])
+    return tf.map_fn(
+        lambda im: tf.image.random_crop(im, [h, w, images.shape[3]], seed=seed),
+        padded)
+
+
+def train_demo_model(x_train: np.ndarray, y_train: np.ndarray,
+                     x_val: np.ndarray, y_val: np.ndarray, epochs: int = 8,
+                     batch_size: int = 128, seed: int = 0, keras=None, verbose=2):
+    """Trains `resnet_demo` with shift augmentation and a cosine learning rate."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    k = keras or _default_keras()
+    k.utils.set_random_seed(seed)
+    model = resnet_demo(input_shape=x_train.shape[1:],
+                        num_classes=int(y_train.max()) + 1, keras=k)
+    steps = epochs * int(np.ceil(len(x_train) / batch_size))
+    schedule = k.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps)
+    model.compile(optimizer=k.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+             .shuffle(len(x_train), seed=seed).batch(batch_size)
+             .map(lambda x, y: (shift_augment(x), y),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+             .prefetch(tf.data.AUTOTUNE))
+    model.fit(train, validation_data=(x_val, y_val), epochs=epochs, verbose=verbose)
+    return model
+
+
+def save_model_atomic(model, path: str) -> None:
+    """Saves a Keras model so that `path` is either complete or untouched."""
+    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+
+    with io_utils.atomic_path(path) as tmp:
+        os.remove(tmp)  # Keras refuses to overwrite without asking.
+        model.save(tmp, **_save_kwargs(model))
+
+
+def _save_kwargs(model) -> dict:
+    # tf_keras keeps the optimizer state by default (3x the weights' size);
+    # a model saved for conversion does not need it.
+    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
+    return {"include_optimizer": False} if kerascompat.flavour_of(model) == "tf_keras" else {}

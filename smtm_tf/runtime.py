@@ -1,0 +1,127 @@
+"""The reference host runtime: runs an SMTM .tflite frame by frame.
+
+For each frame it runs stage 0, 1, ... and after each stage applies the
+descriptor's cache-lookup operator to the stage's similarities: when the exit
+rule passes it returns the nearest class, else it goes on, and after the last
+stage it runs the head. Each stage compares with the centres of ALL classes
+(the whole memory), so a frame of any class is judged against every class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from converters import metadata
+from smtm_tf import descriptor as desc
+from smtm_tf import exit_policy
+
+
+class ModelFileError(ValueError):
+    """Raised when a file is not an SMTM .tflite."""
+
+
+def read_descriptor(model_content: bytes) -> desc.Descriptor:
+    """Reads the descriptor embedded in an SMTM .tflite."""
+    try:
+        raw = metadata.read_metadata(model_content, desc.METADATA_NAME)
+    except Exception as e:  # pylint: disable=broad-except
+        raise ModelFileError(f"Not a .tflite flatbuffer ({type(e).__name__}: {e}).") from e
+    if raw is None:
+        raise ModelFileError(
+            f"The model has no '{desc.METADATA_NAME}' metadata: it is a plain .tflite, "
+            "not one made by smtm_tf's converter. Convert it with scripts/convert.py.")
+    return desc.Descriptor.from_json(raw)
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameResult:
+    class_id: int
+    exit_stage: int  # Stage index, or num_stages when the head ran.
+
+
+class SmtmRuntime:
+    """Runs an SMTM model on a backend (CPU by default).
+
+    Args:
+      model_content: the .tflite bytes.
+      backend: a backend from `delegates` (default: CPU, XNNPACK, 1 thread).
+    """
+
+    def __init__(self, model_content: bytes, backend=None):
+        if backend is None:
+            from delegates import cpu  # pylint: disable=import-outside-toplevel
+            backend = cpu.CpuBackend(num_threads=1)
+        self.descriptor = read_descriptor(model_content)
+        self.session = backend.load(model_content)
+        missing = [s.signature.key for s in self.descriptor.stages
+                   if s.signature.key not in self.session.signature_keys]
+        missing += [k for k in (self.descriptor.head.key, self.descriptor.full.key)
+                    if k not in self.session.signature_keys]
+        if missing:
+            raise ModelFileError(f"The model lacks the signatures {missing} its descriptor names.")
+        self._stages = [self.session.signature(s.signature.key) for s in self.descriptor.stages]
+        self._head = self.session.signature(self.descriptor.head.key)
+        self._full = self.session.signature(self.descriptor.full.key)
+        self._centres = [np.ascontiguousarray(s.centres, np.float32)
+                         for s in self.descriptor.stages]
+        self._thresholds = list(self.descriptor.exit_rule.thresholds)
+        self.num_stages = len(self._stages)
+        self._input_shape = self.descriptor.full.inputs[0].shape
+
+    @classmethod
+    def from_file(cls, path: str, backend=None) -> "SmtmRuntime":
+        with open(path, "rb") as f:
+            return cls(f.read(), backend)
+
+    def _frame(self, frame: np.ndarray) -> np.ndarray:
+        frame = np.asarray(frame, np.float32)
+        if frame.shape != self._input_shape:
+            frame = frame.reshape(self._input_shape)
+        return frame
+
+    def classify(self, frame: np.ndarray) -> FrameResult:
+        """Classifies one frame `[1, H, W, C]` (or `[H, W, C]`) with early exits."""
+        return FrameResult(*self.classify_fast(self._frame(frame)))
+
+    def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
+        """`classify` for a float32 frame already shaped `[1, H, W, C]`.
+
+        Returns:
+          (class_id, exit_stage).
+        """
+        activation = frame
+        for s, stage in enumerate(self._stages):
+            stage.set_input("activation", activation)
+            # Re-fed every frame: input buffers are not guaranteed to survive
+            # between invocations, and K x D floats cost nothing to copy.
+            stage.set_input("centres", self._centres[s])
+            stage.invoke()
+            threshold = self._thresholds[s]
+            if threshold is not None:
+                top1, margin = exit_policy.margins(stage.output_view("similarities"))
+                if margin >= threshold:
+                    return int(top1), s
+            activation = stage.output_view("next_activation")
+        self._head.set_input("activation", activation)
+        self._head.invoke()
+        return int(self._head.output_view("probabilities").argmax()), self.num_stages
+
+    def classify_full(self, frame: np.ndarray) -> int:
+        """Runs the `full` signature on a float32 `[1, H, W, C]` frame."""
+        self._full.set_input("image", frame)
+        self._full.invoke()
+        return int(self._full.output_view("probabilities").argmax())
+
+    def stage_similarities(self, frame: np.ndarray) -> list[np.ndarray]:
+        """Similarities to all centres at every stage (no exits), for analysis."""
+        activation = self._frame(frame)
+        out = []
+        for s, stage in enumerate(self._stages):
+            stage.set_input("activation", activation)
+            stage.set_input("centres", self._centres[s])
+            stage.invoke()
+            out.append(stage.output("similarities"))
+            activation = stage.output("next_activation")
+        return out

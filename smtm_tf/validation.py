@@ -1,0 +1,115 @@
+"""Side-by-side measurement of SMTM and the plain full model on one stream.
+
+Both run in the same process on the same frames, interleaved frame by frame
+with the order alternating, so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import numpy as np
+
+from smtm_tf.runtime import SmtmRuntime
+
+
+@dataclasses.dataclass(frozen=True)
+class RunStats:
+    """Figures for one method on one stream."""
+
+    method: str
+    frames: int
+    accuracy: float  # Top-1 against labels.
+    agreement: float  # Share of frames with the full model's class.
+    mean_us: float
+    p95_us: float
+    exit_shares: tuple[float, ...]  # Per stage, then the head (frames that ran everything).
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class Comparison:
+    full: RunStats
+    smtm: RunStats
+
+    @property
+    def speedup(self) -> float:
+        return self.full.mean_us / self.smtm.mean_us
+
+    @property
+    def accuracy_drop(self) -> float:
+        """Top-1 points lost against the full model on the same frames."""
+        return 100.0 * (self.full.accuracy - self.smtm.accuracy)
+
+
+def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
+            warmup: int = 50) -> Comparison:
+    """Runs `full` and SMTM on every frame, interleaved, and measures both.
+
+    Args:
+      runtime: the loaded SMTM model.
+      images: frames `[N, H, W, C]` in stream order.
+      labels: their true classes.
+      warmup: frames run (untimed) before measuring.
+    """
+    n = len(images)
+    frames = np.ascontiguousarray(images, np.float32).reshape(
+        (n,) + tuple(runtime.descriptor.full.inputs[0].shape))
+    full_pred = np.empty(n, np.int64)
+    smtm_pred = np.empty(n, np.int64)
+    exit_stage = np.empty(n, np.int64)
+    full_ns = np.empty(n, np.int64)
+    smtm_ns = np.empty(n, np.int64)
+    for i in range(min(warmup, n)):
+        runtime.classify_full(frames[i])
+        runtime.classify_fast(frames[i])
+    clock = time.perf_counter_ns
+    for i in range(n):
+        frame = frames[i]
+        if i % 2:
+            t0 = clock()
+            full_pred[i] = runtime.classify_full(frame)
+            t1 = clock()
+            smtm_pred[i], exit_stage[i] = runtime.classify_fast(frame)
+            t2 = clock()
+            full_ns[i], smtm_ns[i] = t1 - t0, t2 - t1
+        else:
+            t0 = clock()
+            smtm_pred[i], exit_stage[i] = runtime.classify_fast(frame)
+            t1 = clock()
+            full_pred[i] = runtime.classify_full(frame)
+            t2 = clock()
+            smtm_ns[i], full_ns[i] = t1 - t0, t2 - t1
+    shares = np.bincount(exit_stage, minlength=runtime.num_stages + 1) / n
+    no_exit = np.zeros(runtime.num_stages + 1)
+    no_exit[-1] = 1.0
+    return Comparison(
+        full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
+        smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares))
+
+
+def _stats(method, pred, full_pred, labels, ns, shares) -> RunStats:
+    us = ns / 1e3
+    return RunStats(method, len(pred), float((pred == labels).mean()),
+                    float((pred == full_pred).mean()), float(us.mean()),
+                    float(np.percentile(us, 95)), tuple(float(s) for s in shares))
+
+
+def format_table(rows: list[tuple[str, Comparison]]) -> str:
+    """A markdown table: one SMTM row and one full row per stream."""
+    num_stages = len(rows[0][1].smtm.exit_shares) - 1
+    exits = " | ".join(f"exit s{s}" for s in range(num_stages)) + " | head"
+    lines = [f"| stream | method | frames | top-1 | agree w/ full | mean us | p95 us | "
+             f"speed-up | {exits} |",
+             "|" + "---|" * (9 + num_stages)]
+    for stream, c in rows:
+        for stats, speedup in ((c.full, 1.0), (c.smtm, c.speedup)):
+            shares = " | ".join(f"{100 * s:.1f}%" for s in stats.exit_shares)
+            lines.append(
+                f"| {stream} | {stats.method} | {stats.frames} | {100 * stats.accuracy:.2f}% | "
+                f"{100 * stats.agreement:.2f}% | {stats.mean_us:.0f} | {stats.p95_us:.0f} | "
+                f"{speedup:.2f}x | {shares} |")
+    return "\n".join(lines)
