@@ -41,8 +41,16 @@ class Signature:
         return self._wrapper.GetTensor(self._outputs[name], self._subgraph)
 
     def output_view(self, name: str) -> np.ndarray:
-        """A view of an output's buffer: valid until the next invoke of any signature."""
+        """A numpy view of an output's buffer; each invoke overwrites it in place."""
         return self._wrapper.tensor(self._interpreter, self._outputs[name], self._subgraph)
+
+    def input_view(self, name: str) -> np.ndarray:
+        """A writable numpy view of an input's buffer.
+
+        Tensors are allocated once (shapes are fixed), so the buffers do not
+        move and views stay valid for the life of the interpreter.
+        """
+        return self._wrapper.tensor(self._interpreter, self._inputs[name], self._subgraph)
 
     def __call__(self, **inputs) -> dict[str, np.ndarray]:
         for name, value in inputs.items():

@@ -4,7 +4,8 @@ Each stage's encoder is `pool -> Dense(D) -> L2 normalise`. The pooling has no
 weights, so the features it yields are extracted once, streaming the data
 through the frozen backbone in batches, and the Dense projection is trained on
 them with a cosine-margin (CosFace) loss. A class's semantic centre at a stage
-is the normalised mean of its training vectors there.
+is the normalised mean of its training vectors there, or the class's weight
+vector in that cosine classifier (the default).
 """
 
 from __future__ import annotations
@@ -22,6 +23,17 @@ class Pooling(str, enum.Enum):
 
     AVG = "avg"  # Global average: [C].
     AVG_MAX = "avg_max"  # Global average and max, concatenated: [2C].
+
+
+class Centres(str, enum.Enum):
+    """What stands for a class at a stage."""
+
+    # The normalised class weights of the cosine classifier trained with the
+    # encoder: nearest-centre lookup then is that classifier (closer to a
+    # softmax head's accuracy than class means; see docs/).
+    CLASS_WEIGHTS = "class_weights"
+    # The normalised mean semantic vector of the class's training frames.
+    MEAN = "mean"
 
 
 def pool(activation, pooling: Pooling | str):
@@ -108,14 +120,18 @@ class Encoder:
 
 
 def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
-                  dim: int = 32, epochs: int = 15, scale: float = 16.0,
+                  dim: int = 32, epochs: int = 30, scale: float = 16.0,
                   margin: float = 0.2, batch_size: int = 256,
-                  learning_rate: float = 3e-3, seed: int = 0) -> Encoder:
+                  learning_rate: float = 3e-3, seed: int = 0) -> tuple[Encoder, np.ndarray]:
     """Trains a projection with the CosFace loss on pooled features.
 
     CosFace: logits = scale * (cos(v, w_y) - margin) for the true class and
     scale * cos(v, w_j) otherwise, with v and the class weights w normalised,
     so classes separate by angle: what the nearest-centre lookup relies on.
+
+    Returns:
+      (encoder, class weights): the weights are unit vectors `[C, D]`, the
+      classifier's own view of where each class lies.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import tf_keras  # pylint: disable=import-outside-toplevel
@@ -161,7 +177,8 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
             step(xb, yb)
     k = kernel.numpy() / std[:, None]
     b = bias.numpy() - (mean / std) @ kernel.numpy()
-    return Encoder(k.astype(np.float32), b.astype(np.float32))
+    class_weights = l2_normalize_np(weights.numpy().T)
+    return Encoder(k.astype(np.float32), b.astype(np.float32)), class_weights
 
 
 def class_centres(semantic: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -120,7 +120,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         class_names: tuple[str, ...] | None = None,
                         num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
                         pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
-                        target_agreement: float = 0.99, encoder_epochs: int = 15,
+                        centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
+                        target_agreement: float = 0.99, encoder_epochs: int = 30,
                         batch_size: int = 256, seed: int = 0) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
@@ -138,6 +139,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size D of the semantic vectors.
       pooling: pooling before each encoder.
+      centres: class weights of the cosine classifier, or class means.
       target_agreement: share of exits that must agree with the full model.
       encoder_epochs: epochs of encoder training.
       batch_size: batch size for feature extraction and training.
@@ -161,12 +163,17 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         raise ValueError(
             f"{len(class_names)} class names for a model with {num_classes} outputs.")
     targets = train.predictions
+    centres_kind = enc.Centres(centres)
     encoders, centres = [], []
     for s, pooled in enumerate(train.pooled):
-        e = enc.train_encoder(pooled, targets, num_classes, dim=embedding_dim,
-                              epochs=encoder_epochs, batch_size=batch_size, seed=seed + s)
+        e, weights = enc.train_encoder(pooled, targets, num_classes, dim=embedding_dim,
+                                       epochs=encoder_epochs, batch_size=batch_size,
+                                       seed=seed + s)
         encoders.append(e)
-        centres.append(enc.class_centres(e.encode(pooled), targets, num_classes))
+        if centres_kind is enc.Centres.CLASS_WEIGHTS:
+            centres.append(weights)
+        else:
+            centres.append(enc.class_centres(e.encode(pooled), targets, num_classes))
         logging.info("Trained the stage %d encoder.", s)
     memory = SemanticMemory(plan, pooling, tuple(encoders), tuple(centres),
                             exit_policy.ExitRule(exit_policy.Metric.MARGIN,

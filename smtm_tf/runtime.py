@@ -64,11 +64,22 @@ class SmtmRuntime:
         self._stages = [self.session.signature(s.signature.key) for s in self.descriptor.stages]
         self._head = self.session.signature(self.descriptor.head.key)
         self._full = self.session.signature(self.descriptor.full.key)
-        self._centres = [np.ascontiguousarray(s.centres, np.float32)
-                         for s in self.descriptor.stages]
         self._thresholds = list(self.descriptor.exit_rule.thresholds)
         self.num_stages = len(self._stages)
         self._input_shape = self.descriptor.full.inputs[0].shape
+        # Graph inputs keep their values between invocations, so the centres
+        # are copied in once here, not per frame.
+        for stage, spec in zip(self._stages, self.descriptor.stages):
+            stage.set_input("centres", np.ascontiguousarray(spec.centres, np.float32))
+        # Per stage: (invoke, activation input, similarities, next activation),
+        # bound once so the per-frame loop does no lookups or allocations.
+        self._plan = [(st.invoke, st.input_view("activation"), st.output_view("similarities"),
+                       st.output_view("next_activation"), t)
+                      for st, t in zip(self._stages, self._thresholds)]
+        self._head_in = self._head.input_view("activation")
+        self._head_out = self._head.output_view("probabilities")
+        self._full_in = self._full.input_view("image")
+        self._full_out = self._full.output_view("probabilities")
 
     @classmethod
     def from_file(cls, path: str, backend=None) -> "SmtmRuntime":
@@ -92,35 +103,32 @@ class SmtmRuntime:
           (class_id, exit_stage).
         """
         activation = frame
-        for s, stage in enumerate(self._stages):
-            stage.set_input("activation", activation)
-            # Re-fed every frame: input buffers are not guaranteed to survive
-            # between invocations, and K x D floats cost nothing to copy.
-            stage.set_input("centres", self._centres[s])
-            stage.invoke()
-            threshold = self._thresholds[s]
+        margins = exit_policy.margins
+        copyto = np.copyto
+        for s, (invoke, act_in, sims, next_act, threshold) in enumerate(self._plan):
+            copyto(act_in, activation)
+            invoke()
             if threshold is not None:
-                top1, margin = exit_policy.margins(stage.output_view("similarities"))
+                top1, margin = margins(sims)
                 if margin >= threshold:
                     return int(top1), s
-            activation = stage.output_view("next_activation")
-        self._head.set_input("activation", activation)
+            activation = next_act
+        copyto(self._head_in, activation)
         self._head.invoke()
-        return int(self._head.output_view("probabilities").argmax()), self.num_stages
+        return int(self._head_out.argmax()), self.num_stages
 
     def classify_full(self, frame: np.ndarray) -> int:
         """Runs the `full` signature on a float32 `[1, H, W, C]` frame."""
-        self._full.set_input("image", frame)
+        np.copyto(self._full_in, frame)
         self._full.invoke()
-        return int(self._full.output_view("probabilities").argmax())
+        return int(self._full_out.argmax())
 
     def stage_similarities(self, frame: np.ndarray) -> list[np.ndarray]:
         """Similarities to all centres at every stage (no exits), for analysis."""
         activation = self._frame(frame)
         out = []
-        for s, stage in enumerate(self._stages):
+        for stage in self._stages:
             stage.set_input("activation", activation)
-            stage.set_input("centres", self._centres[s])
             stage.invoke()
             out.append(stage.output("similarities"))
             activation = stage.output("next_activation")
