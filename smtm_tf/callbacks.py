@@ -68,6 +68,19 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
         self.memory: memory_lib.SemanticMemory | None = None
         self._fits = 0
 
+    # tf_keras's CallbackList asks every callback these before `fit`; Keras 3
+    # callbacks lack them. With them the same callback serves both `fit`s.
+    _supports_tf_logs = False
+
+    def _implements_train_batch_hooks(self):
+        return False
+
+    def _implements_test_batch_hooks(self):
+        return False
+
+    def _implements_predict_batch_hooks(self):
+        return False
+
     def on_train_begin(self, logs=None):
         self.memory = None
         self._fits = 0

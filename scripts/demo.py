@@ -1,0 +1,77 @@
+"""The demo: demo model -> SMTM .tflite -> side-by-side speed-up table.
+
+Loads the committed demo model (trains it first if it is missing), converts it
+(reusing its committed semantic memory), and validates the .tflite on
+Fashion-MNIST test streams, printing the table.
+
+Example:
+  python scripts/demo.py
+"""
+
+import os
+
+from absl import app
+from absl import flags
+
+from converters import smtm_converter
+from delegates import make_backend
+from smtm_tf import data as data_lib
+from smtm_tf import kerascompat
+from smtm_tf import memory as memory_lib
+from smtm_tf import models
+from smtm_tf import streams
+from smtm_tf import validation
+from smtm_tf.runtime import SmtmRuntime
+
+_MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "Demo Keras model.")
+_OUTPUT = flags.DEFINE_string("output", "out/demo_resnet.smtm.tflite", "Converted model.")
+_STREAMS = flags.DEFINE_list("stream", ["video", "uniform", "zipf"], "Streams to run.")
+_FRAMES = flags.DEFINE_integer("frames", 3000, "Frames per stream.")
+_SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
+
+
+def main(argv):
+    del argv
+    data = data_lib.load_fashion_mnist()
+    if os.path.exists(_MODEL.value):
+        model = kerascompat.load_model(_MODEL.value)
+        print(f"[1/3] demo model: {_MODEL.value}")
+    else:
+        print(f"[1/3] {_MODEL.value} is missing: training the demo model (~8 min on 2 cores)")
+        (x_fit, y_fit), (x_val, y_val) = data.holdout(0.1)
+        model = models.train_demo_model(x_fit, y_fit, x_val, y_val)
+        models.save_model_atomic(model, _MODEL.value)
+    memory_file = smtm_converter.memory_path_for(_MODEL.value)
+    memory = (memory_lib.SemanticMemory.load(memory_file)
+              if os.path.exists(memory_file) else None)
+    print(f"[2/3] converting to {_OUTPUT.value} "
+          + ("(semantic memory: " + memory_file + ")" if memory else
+             "(fitting the semantic memory first)"), flush=True)
+    memory, report = smtm_converter.convert_model(model, data, _OUTPUT.value, memory=memory,
+                                                  memory_output=memory_file)
+    print(f"      {report.size_bytes} bytes; full vs Keras max diff "
+          f"{report.full_max_abs_diff:.1e}, stage chain {report.chain_max_abs_diff:.1e}")
+    print("      nearest-centre agreement with full per stage: "
+          + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
+    runtime = SmtmRuntime.from_file(_OUTPUT.value, make_backend("cpu", num_threads=1))
+    rows = []
+    for kind in _STREAMS.value:
+        stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=_SEED.value)
+        print(f"[3/3] {kind}: {len(stream)} frames, full and SMTM interleaved (XNNPACK, "
+              "1 thread)", flush=True)
+        rows.append((kind, validation.compare(runtime, data.x_test[stream.indices],
+                                              stream.labels)))
+    print()
+    print(validation.format_table(rows))
+    print()
+    for kind, c in rows:
+        print(f"{kind}: {c.speedup:.2f}x faster than full, top-1 "
+              f"{c.accuracy_drop:+.2f} points below full")
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
