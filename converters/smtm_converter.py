@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 
 from converters import metadata
+from delegates.compiled import run_compiled
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
 from smtm_tf import io_utils
@@ -38,6 +39,7 @@ class ConversionReport:
     full_max_abs_diff: float  # `full` vs Keras.
     chain_max_abs_diff: float  # stage_0..head vs Keras.
     similarity_max_abs_diff: float  # stage similarities vs the memory's numpy encoders.
+    compiled_max_abs_diff: float  # `full` in LiteRT's CompiledModel vs the Interpreter.
     num_check_images: int
 
 
@@ -226,26 +228,32 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
         x = image[None]
         got = runners["full"](image=x)["probabilities"]
         full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
-        a = x
+        a = keras_a = x
         for s, stage_model in enumerate(stage_models):
             out = runners[f"stage_{s}"](activation=a, centres=memory.centres[s])
             a = out["next_activation"]
-            keras_a = np.asarray(stage_model(x if s == 0 else keras_prev, training=False))
-            keras_prev = keras_a
+            keras_a = np.asarray(stage_model(keras_a, training=False))
             pooled = np.asarray(enc.pool(keras_a, memory.pooling))
             sims = memory.encoders[s].encode(pooled)[0] @ memory.centres[s].T
             sim_diff = max(sim_diff, float(np.max(np.abs(out["similarities"] - sims))))
         got = runners["head"](activation=a)["probabilities"]
         chain_diff = max(chain_diff, float(np.max(np.abs(got - want[i]))))
-    report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, len(images))
+    # Newer apps load models with CompiledModel: check it runs this one too.
+    first = images[:1].astype(np.float32)
+    compiled = run_compiled(flat, "full", {"image": first})["probabilities"]
+    compiled_diff = float(np.max(np.abs(compiled - runners["full"](image=first)["probabilities"])))
+    report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, compiled_diff,
+                              len(images))
     # Similarities pass through a whole stage of float32 convolutions and a
     # projection before the dot product: allow more there than on probabilities.
     sim_atol = max(100 * atol, 1e-4)
-    if not (full_diff <= atol and chain_diff <= atol and sim_diff <= sim_atol):
+    if not (full_diff <= atol and chain_diff <= atol and sim_diff <= sim_atol
+            and compiled_diff <= atol):
         raise ConversionError(
             f"The converted model does not match Keras: full differs by {full_diff:.3g}, "
             f"the stage chain by {chain_diff:.3g} (tolerance {atol}), similarities by "
-            f"{sim_diff:.3g} (tolerance {sim_atol}). Nothing was written.")
+            f"{sim_diff:.3g} (tolerance {sim_atol}), CompiledModel's full from the "
+            f"Interpreter's by {compiled_diff:.3g}. Nothing was written.")
     return report
 
 

@@ -71,7 +71,8 @@ def main(argv):
                       for t in memory.exit_rule.thresholds))
     print(f"checks on {report.num_check_images} images: full vs Keras "
           f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
-          f"{report.chain_max_abs_diff:.2e}, similarities {report.similarity_max_abs_diff:.2e}")
+          f"{report.chain_max_abs_diff:.2e}, similarities {report.similarity_max_abs_diff:.2e}, "
+          f"CompiledModel vs Interpreter {report.compiled_max_abs_diff:.2e}")
     print(f"wrote {_OUTPUT.value}: {report.size_bytes} bytes "
           f"({100 * (report.size_bytes / plain - 1):+.1f}% vs a plain conversion, "
           f"{plain} bytes)")

@@ -18,6 +18,7 @@ _HOLDOUT = flags.DEFINE_float(
     "holdout", 0.1, "Tail fraction of the train split kept out of training "
     "(used for validation here and for calibration by the converter).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
+_BLOCKS = flags.DEFINE_integer("blocks_per_stage", 1, "Residual blocks per stage.")
 
 
 def main(argv):
@@ -25,7 +26,8 @@ def main(argv):
     data = data_lib.load_fashion_mnist()
     (x_fit, y_fit), (x_val, y_val) = data.holdout(_HOLDOUT.value)
     model = models.train_demo_model(x_fit, y_fit, x_val, y_val,
-                                  epochs=_EPOCHS.value, seed=_SEED.value)
+                                  epochs=_EPOCHS.value, seed=_SEED.value,
+                                    blocks_per_stage=_BLOCKS.value)
     _, acc = model.evaluate(data.x_test, data.y_test, verbose=0)
     logging.info("Test accuracy: %.4f", acc)
     print(f"test accuracy: {acc:.4f}")

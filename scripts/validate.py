@@ -42,6 +42,9 @@ def main(argv):
         rows.append((kind, validation.compare(runtime, data.x_test[stream.indices],
                                               stream.labels)))
     print(validation.format_table(rows))
+    overhead = validation.host_overhead_us(runtime, data.x_test[:500])
+    print(f"host work per frame (copies, lookup, decision): {overhead:.1f} us, "
+          f"{100 * overhead / rows[0][1].full.mean_us:.1f}% of full")
     for kind, c in rows:
         print(f"{kind}: speed-up {c.speedup:.2f}x, top-1 drop {c.accuracy_drop:+.2f} points")
     if _JSON.value:

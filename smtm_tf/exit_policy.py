@@ -122,6 +122,8 @@ def _best_threshold(margin, exit_value, stay_value):
     Frames with margin >= threshold take `exit_value`, the others `stay_value`.
     Returns None when no exit at all is best.
     """
+    if margin.size == 0:
+        return None
     order = np.argsort(-margin, kind="stable")
     m = margin[order]
     gain = np.cumsum(exit_value[order] - stay_value[order])

@@ -14,18 +14,20 @@ def _default_keras():
 
 
 def resnet_demo(input_shape=(28, 28, 1), num_classes: int = 10,
-                widths=(24, 48, 96, 192), bn_momentum: float = 0.9,
-                keras: types.ModuleType | None = None):
+                widths=(24, 48, 96, 192), blocks_per_stage: int = 1,
+                bn_momentum: float = 0.9, keras: types.ModuleType | None = None):
     """A ResNet-style CNN with one basic block per stage.
 
     Inputs are raw pixel values (0..255); the model rescales them itself, so a
-    .tflite made from it takes camera pixels as they come. Each stage ends in a
-    layer named `stage{i}_out`, the natural cut points of the model.
+    .tflite made from it takes camera pixels as they come. Each residual block
+    ends in a layer named `stage{i}_out` (`stage{i}_{j}_out` with several
+    blocks per stage), the natural cut points of the model.
 
     Args:
       input_shape: image shape `(H, W, C)`.
       num_classes: number of output classes.
       widths: channels of the four stages; stages 2.. halve the resolution.
+      blocks_per_stage: basic blocks in each stage.
       bn_momentum: BatchNorm momentum (0.9 trains reliably in few epochs).
       keras: the Keras module to build with (`tf_keras` by default, or `keras`).
 
@@ -45,17 +47,19 @@ def resnet_demo(input_shape=(28, 28, 1), num_classes: int = 10,
     x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
     x = conv_bn(x, widths[0], 1, "stem")
     for i, width in enumerate(widths):
-        stride = 1 if i == 0 else 2
-        shortcut = x
-        y = conv_bn(x, width, stride, f"stage{i}_a")
-        y = conv_bn(y, width, 1, f"stage{i}_b", relu=False)
-        if stride != 1 or shortcut.shape[-1] != width:
-            shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False,
-                                     name=f"stage{i}_proj")(shortcut)
-            shortcut = layers.BatchNormalization(
-                momentum=bn_momentum, name=f"stage{i}_proj_bn")(shortcut)
-        x = layers.Add(name=f"stage{i}_add")([y, shortcut])
-        x = layers.ReLU(name=f"stage{i}_out")(x)
+        for j in range(blocks_per_stage):
+            name = f"stage{i}" if blocks_per_stage == 1 else f"stage{i}_{j}"
+            stride = 2 if i > 0 and j == 0 else 1
+            shortcut = x
+            y = conv_bn(x, width, stride, f"{name}_a")
+            y = conv_bn(y, width, 1, f"{name}_b", relu=False)
+            if stride != 1 or shortcut.shape[-1] != width:
+                shortcut = layers.Conv2D(width, 1, strides=stride, use_bias=False,
+                                         name=f"{name}_proj")(shortcut)
+                shortcut = layers.BatchNormalization(
+                    momentum=bn_momentum, name=f"{name}_proj_bn")(shortcut)
+            x = layers.Add(name=f"{name}_add")([y, shortcut])
+            x = layers.ReLU(name=f"{name}_out")(x)
     x = layers.GlobalAveragePooling2D(name="pool")(x)
     outputs = layers.Dense(num_classes, activation="softmax", name="logits")(x)
     return k.Model(inputs, outputs, name="smtm_resnet_demo")
@@ -79,14 +83,15 @@ def shift_augment(images, max_shift: int = 2, seed: int | None = None):
 
 def train_demo_model(x_train: np.ndarray, y_train: np.ndarray,
                      x_val: np.ndarray, y_val: np.ndarray, epochs: int = 8,
-                     batch_size: int = 128, seed: int = 0, keras=None, verbose=2):
+                     batch_size: int = 128, seed: int = 0, blocks_per_stage: int = 1,
+                     keras=None, verbose=2):
     """Trains `resnet_demo` with shift augmentation and a cosine learning rate."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     k = keras or _default_keras()
     k.utils.set_random_seed(seed)
-    model = resnet_demo(input_shape=x_train.shape[1:],
-                        num_classes=int(y_train.max()) + 1, keras=k)
+    model = resnet_demo(input_shape=x_train.shape[1:], num_classes=int(y_train.max()) + 1,
+                        blocks_per_stage=blocks_per_stage, keras=k)
     steps = epochs * int(np.ceil(len(x_train) / batch_size))
     schedule = k.optimizers.schedules.CosineDecay(2e-3, decay_steps=steps)
     model.compile(optimizer=k.optimizers.Adam(schedule),

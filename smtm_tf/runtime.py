@@ -81,6 +81,15 @@ class SmtmRuntime:
         self._full_in = self._full.input_view("image")
         self._full_out = self._full.output_view("probabilities")
 
+    @property
+    def stage_invokes(self) -> list:
+        """The bare invoke of each stage signature (for overhead measurements)."""
+        return [p[0] for p in self._plan]
+
+    @property
+    def head_invoke(self):
+        return self._head.invoke
+
     @classmethod
     def from_file(cls, path: str, backend=None) -> "SmtmRuntime":
         with open(path, "rb") as f:

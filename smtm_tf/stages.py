@@ -139,7 +139,7 @@ def find_cut_points(model) -> list[CutPoint]:
       output shape. The model's input itself is not a cut point.
     """
     check_supported(model)
-    layers = [l for l in model.layers if not kerascompat.is_input_layer(l)]
+    layers = [layer for layer in model.layers if not kerascompat.is_input_layer(layer)]
     model_input = model.inputs[0]
     producer = {id(model_input): -1}
     tensors = {id(model_input): model_input}
@@ -159,7 +159,7 @@ def find_cut_points(model) -> list[CutPoint]:
     for t in model.outputs:
         last_use[id(t)] = len(layers)
 
-    macs = np.array([_layer_macs(l) for l in layers], dtype=np.float64)
+    macs = np.array([_layer_macs(layer) for layer in layers], dtype=np.float64)
     total = macs.sum()
     if total <= 0:
         raise StagePlanError("The model has no convolution or dense layers to split.")
@@ -196,7 +196,7 @@ def plan_stages(model, num_stages: int = 4,
     by_name = {c.layer: c for c in cuts}
     total_backbone = None
     if cut_layers:
-        names = [l.name for l in model.layers]
+        names = [layer.name for layer in model.layers]
         chosen = []
         for name in cut_layers:
             if name not in names:
