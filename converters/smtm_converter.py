@@ -139,13 +139,13 @@ class _SmtmModule:
             "full", (desc.TensorSpec("image", (1,) + self.input_shape),),
             (desc.TensorSpec("probabilities", (k,)),))
         rule = self.memory.exit_rule
-        lookup = desc.LookupOpSpec(attributes={
-            "metric": rule.metric.value,
-            "thresholds": list(rule.thresholds),
-            "compare_with": "all_classes",
-        })
+        # The operator's attributes are the exit rule and the cache policy, as
+        # stored in the descriptor's exit_rule and cache fields.
+        lookup = desc.LookupOpSpec(attributes={"compare_with": "all_classes",
+                                               "exit_rule": "exit_rule", "cache": "cache"})
         return desc.Descriptor(model_name, self.memory.class_names, self.memory.pooling.value,
-                               tuple(stages), head, full, rule, lookup)
+                               tuple(stages), head, full, rule, lookup,
+                               cache=self.memory.cache_policy)
 
 
 def convert_keras(model) -> bytes:
@@ -265,6 +265,7 @@ def memory_path_for(model_path: str) -> str:
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
                   holdout: float = 0.1, num_stages: int = 4, cut_layers=None,
                   embedding_dim: int = 32, target_agreement: float = 0.99,
+                  metric: str = "layer_aware", cache_policy=None,
                   num_check_images: int = 64, memory_output: str | None = None,
                   seed: int = 0) -> tuple[SemanticMemory, ConversionReport]:
     """Fits a semantic memory if none is given, then converts and checks.
@@ -293,7 +294,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         memory = memory_lib.fit_semantic_memory(
             model, x_fit, x_cal, class_names=data.class_names, num_stages=num_stages,
             cut_layers=cut_layers, embedding_dim=embedding_dim,
-            target_agreement=target_agreement, seed=seed)
+            target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
+            seed=seed)
         if memory_output:
             memory.save(memory_output)
     _, report = convert(model, memory, data.x_test[:num_check_images], output_path)

@@ -17,7 +17,9 @@ from absl import flags
 from absl import logging
 
 from converters import smtm_converter
+from smtm_tf import cache as cache_lib
 from smtm_tf import data as data_lib
+from smtm_tf import exit_policy
 from smtm_tf import kerascompat
 from smtm_tf import memory as memory_lib
 
@@ -34,8 +36,17 @@ _RETRAIN = flags.DEFINE_bool("retrain", False,
 _NUM_STAGES = flags.DEFINE_integer("num_stages", 4, "Stages when --cut_layers is not set.")
 _CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
 _EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 32, "Semantic vector size.")
-_TARGET = flags.DEFINE_float("target_agreement", 0.99,
-                             "Share of exits that must agree with the full model.")
+_BUDGET = flags.DEFINE_float(
+    "max_accuracy_drop", 1.0, "Budget: points of top-1 agreement with the full model the "
+    "early exits may lose (calibrated with a 95% lower confidence bound).")
+_TARGET = flags.DEFINE_float("target_agreement", None,
+                             "Share of frames that must agree with the full model; "
+                             "overrides --max_accuracy_drop.")
+_METRIC = flags.DEFINE_enum("metric", "layer_aware", ["top1", "margin", "layer_aware"],
+                            "Exit metric.")
+_CACHE = flags.DEFINE_bool(
+    "cache", False, "Calibrate with a cache of hot classes in the loop (relaxed threshold "
+    "for hot classes, stricter for others).")
 _HOLDOUT = flags.DEFINE_float("holdout", 0.1,
                               "Tail share of the train split used for calibration.")
 
@@ -46,6 +57,8 @@ def main(argv):
     image_size = tuple(int(d) for d in model.inputs[0].shape[1:3])
     channels = int(model.inputs[0].shape[-1])
     data = data_lib.load_data(_DATA.value, image_size=image_size, channels=channels)
+    target = (_TARGET.value if _TARGET.value is not None
+              else exit_policy.budget_to_target(_BUDGET.value))
     memory_file = _MEMORY.value or smtm_converter.memory_path_for(_MODEL.value)
     memory = None
     if os.path.exists(memory_file) and not _RETRAIN.value:
@@ -58,7 +71,8 @@ def main(argv):
     memory, report = smtm_converter.convert_model(
         model, data, _OUTPUT.value, memory=memory, holdout=_HOLDOUT.value,
         num_stages=_NUM_STAGES.value, cut_layers=_CUT_LAYERS.value,
-        embedding_dim=_EMBEDDING_DIM.value, target_agreement=_TARGET.value,
+        embedding_dim=_EMBEDDING_DIM.value, target_agreement=target, metric=_METRIC.value,
+        cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
         memory_output=memory_file)
     plain = len(smtm_converter.convert_keras(model))
     print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
@@ -66,9 +80,13 @@ def main(argv):
           + ", ".join(f"{100 * c:.1f}%" for c in memory.plan.stage_costs))
     print("nearest-centre agreement with full per stage (calibration set): "
           + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
-    print(f"exit thresholds ({memory.exit_rule.metric.value}): "
-          + ", ".join("never" if t is None else f"{t:.4f}"
-                      for t in memory.exit_rule.thresholds))
+    rule = memory.exit_rule
+    print(f"exit thresholds ({rule.metric.value}"
+          + (", hot top-1 class" if rule.uses_cache else "") + "): "
+          + ", ".join("never" if t is None else f"{t:.4f}" for t in rule.thresholds))
+    if rule.uses_cache:
+        print("exit thresholds (cold top-1 class): "
+              + ", ".join("never" if t is None else f"{t:.4f}" for t in rule.cold_thresholds))
     print(f"checks on {report.num_check_images} images: full vs Keras "
           f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
           f"{report.chain_max_abs_diff:.2e}, similarities {report.similarity_max_abs_diff:.2e}, "

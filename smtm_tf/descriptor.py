@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from smtm_tf import cache as cache_lib
 from smtm_tf import exit_policy
 
 SCHEMA_VERSION = 1
@@ -173,6 +174,7 @@ class Descriptor:
     exit_rule: exit_policy.ExitRule
     lookup_op: LookupOpSpec
     quantization: str = "float32"
+    cache: cache_lib.CachePolicy | None = None
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
@@ -183,6 +185,8 @@ class Descriptor:
                 "with this version of smtm_tf, or upgrade smtm_tf.")
         if not self.stages:
             raise DescriptorError("A descriptor needs at least one stage.")
+        if self.exit_rule.uses_cache and self.cache is None:
+            raise DescriptorError("exit_rule has cold thresholds but the descriptor no cache.")
         if len(self.exit_rule.thresholds) != len(self.stages):
             raise DescriptorError(
                 f"exit_rule has {len(self.exit_rule.thresholds)} thresholds for "
@@ -209,6 +213,7 @@ class Descriptor:
             "exit_rule": self.exit_rule.to_dict(),
             "lookup_op": self.lookup_op.to_dict(),
             "quantization": self.quantization,
+            "cache": None if self.cache is None else self.cache.to_dict(),
         }
 
     @classmethod
@@ -226,13 +231,17 @@ class Descriptor:
             rule = exit_policy.ExitRule.from_dict(d["exit_rule"])
         except (ValueError, KeyError) as e:
             raise DescriptorError(f"Invalid exit_rule: {e}") from e
+        try:
+            cache = None if d.get("cache") is None else cache_lib.CachePolicy.from_dict(d["cache"])
+        except (ValueError, TypeError) as e:
+            raise DescriptorError(f"Invalid cache policy: {e}") from e
         return cls(
             model_name=d["model_name"], class_names=tuple(d["class_names"]),
             pooling=d["pooling"],
             stages=tuple(StageSpec.from_dict(s) for s in d["stages"]),
             head=SignatureSpec.from_dict(d["head"]), full=SignatureSpec.from_dict(d["full"]),
             exit_rule=rule, lookup_op=LookupOpSpec.from_dict(d["lookup_op"]),
-            quantization=d["quantization"], schema_version=version)
+            quantization=d["quantization"], cache=cache, schema_version=version)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -1,7 +1,14 @@
-"""Exit rules: when a stage's match with the semantic memory is safe to return.
+"""Exit metrics and rules: when a stage's match with the memory is safe to return.
 
-The harness and the calibration share `margins` and `ExitRule.exits`, so a
-rule decides on a converted model exactly as it was calibrated.
+Every frame is scored against the centres of ALL classes; the metric turns a
+stage's similarities into the class it points at and a score. A frame exits at
+the first stage whose score reaches that stage's threshold. With a cache of
+hot classes, the threshold depends on whether the pointed-at class is hot:
+the cache is a prior that relaxes the rule for its classes, and the memory of
+all classes stays the safety net for the others.
+
+Calibration and the harness share `score` and `ExitRule.threshold_for`, so a
+rule decides on the same similarities exactly as it was calibrated.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -16,8 +24,25 @@ import numpy as np
 class Metric(str, enum.Enum):
     """What is compared with a stage's threshold."""
 
+    # The top-1 cosine similarity.
+    TOP1 = "top1"
     # Top-1 minus top-2 cosine similarity over all classes in memory.
     MARGIN = "margin"
+    # Layer- and class-aware: the log-odds that the stage's top-1 class agrees
+    # with the full model, from a logistic fit of agreement on the margin for
+    # that class at that stage (intercept a[c], slope b[c]), so a margin
+    # counts for what it is worth for this class at this depth.
+    LAYER_AWARE = "layer_aware"
+
+
+def _check_thresholds(name: str, values) -> tuple[float | None, ...]:
+    out = []
+    for s, t in enumerate(values):
+        if t is not None and not (isinstance(t, (int, float, np.floating))
+                                  and math.isfinite(float(t))):
+            raise ValueError(f"{name}[{s}] must be a finite number or None, got {t!r}.")
+        out.append(None if t is None else float(t))
+    return tuple(out)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,38 +51,102 @@ class ExitRule:
 
     Attributes:
       metric: the metric the thresholds apply to.
-      thresholds: one per stage; a frame exits at the first stage whose metric
-        is >= its threshold. None means the stage never exits.
+      thresholds: one per stage; a frame exits at the first stage whose score
+        is >= its threshold. None means the stage never exits. With a cache,
+        these apply when the frame's top-1 class is hot.
       target_agreement: the agreement with the full model the thresholds were
-        calibrated for (share of exits that return the full model's class).
+        calibrated for.
+      cold_thresholds: with a cache, the thresholds when the top-1 class is
+        not hot (None: the same as `thresholds`).
+      metric_params: for LAYER_AWARE, one `[C, 2]` float32 array per stage
+        holding (intercept, slope) per class.
     """
 
     metric: Metric
     thresholds: tuple[float | None, ...]
     target_agreement: float
+    cold_thresholds: tuple[float | None, ...] | None = None
+    metric_params: tuple[np.ndarray, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "metric", Metric(self.metric))
         if not 0.0 < self.target_agreement <= 1.0:
             raise ValueError(
                 f"target_agreement must be in (0, 1], got {self.target_agreement}.")
-        for s, t in enumerate(self.thresholds):
-            if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t)):
+        object.__setattr__(self, "thresholds", _check_thresholds("thresholds", self.thresholds))
+        if self.cold_thresholds is not None:
+            cold = _check_thresholds("cold_thresholds", self.cold_thresholds)
+            if len(cold) != len(self.thresholds):
+                raise ValueError(f"cold_thresholds has {len(cold)} entries for "
+                                 f"{len(self.thresholds)} stages.")
+            object.__setattr__(self, "cold_thresholds", cold)
+        if self.metric is Metric.LAYER_AWARE:
+            if self.metric_params is None or len(self.metric_params) != len(self.thresholds):
                 raise ValueError(
-                    f"thresholds[{s}] must be a finite number or None, got {t!r}.")
+                    "The layer_aware metric needs metric_params: one [C, 2] array per stage.")
+            params = tuple(np.asarray(p, np.float32) for p in self.metric_params)
+            for s, p in enumerate(params):
+                if p.ndim != 2 or p.shape[1] != 2 or not np.isfinite(p).all():
+                    raise ValueError(
+                        f"metric_params[{s}] must be a finite [C, 2] array, got shape {p.shape}.")
+            object.__setattr__(self, "metric_params", params)
+        elif self.metric_params is not None:
+            raise ValueError(f"The {self.metric.value} metric takes no metric_params.")
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.thresholds)
+
+    @property
+    def uses_cache(self) -> bool:
+        return self.cold_thresholds is not None
+
+    def threshold_for(self, stage: int, hot: bool) -> float | None:
+        if hot or self.cold_thresholds is None:
+            return self.thresholds[stage]
+        return self.cold_thresholds[stage]
+
+    def stage_params(self, stage: int) -> np.ndarray | None:
+        return None if self.metric_params is None else self.metric_params[stage]
+
+    def __eq__(self, other):
+        if not isinstance(other, ExitRule):
+            return NotImplemented
+        same_params = (self.metric_params is None) == (other.metric_params is None) and (
+            self.metric_params is None or all(
+                np.array_equal(a, b) for a, b in zip(self.metric_params, other.metric_params)))
+        return (self.metric == other.metric and self.thresholds == other.thresholds
+                and self.target_agreement == other.target_agreement
+                and self.cold_thresholds == other.cold_thresholds and same_params)
 
     def to_dict(self) -> dict:
-        return {"metric": self.metric.value, "thresholds": list(self.thresholds),
-                "target_agreement": self.target_agreement}
+        d = {"metric": self.metric.value, "thresholds": list(self.thresholds),
+             "target_agreement": self.target_agreement}
+        if self.cold_thresholds is not None:
+            d["cold_thresholds"] = list(self.cold_thresholds)
+        if self.metric_params is not None:
+            d["metric_params"] = [[[float(str(v)) for v in row] for row in p]
+                                  for p in self.metric_params]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "ExitRule":
-        unknown = set(d) - {"metric", "thresholds", "target_agreement"}
+        known = {"metric", "thresholds", "target_agreement", "cold_thresholds",
+                 "metric_params"}
+        unknown = set(d) - known
         if unknown:
             raise ValueError(f"Unknown exit rule fields: {sorted(unknown)}.")
-        return cls(Metric(d["metric"]),
-                   tuple(None if t is None else float(t) for t in d["thresholds"]),
-                   float(d["target_agreement"]))
+        try:
+            metric = Metric(d["metric"])
+        except ValueError as e:
+            raise ValueError(f"Unknown exit metric {d['metric']!r}; known: "
+                             f"{[m.value for m in Metric]}.") from e
+        cold = d.get("cold_thresholds")
+        params = d.get("metric_params")
+        return cls(metric, tuple(d["thresholds"]), float(d["target_agreement"]),
+                   None if cold is None else tuple(cold),
+                   None if params is None else tuple(np.asarray(p, np.float32)
+                                                     for p in params))
 
 
 def margins(similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,14 +160,73 @@ def margins(similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return sims.argmax(axis=-1), (top2[..., 1] - top2[..., 0]).astype(np.float32)
 
 
-def simulate(rule: ExitRule, similarities: list[np.ndarray],
-             fallback: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def score(metric: Metric, similarities: np.ndarray,
+          params: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The metric's (top-1 class, float32 score) for `[..., K]` similarities."""
+    sims = np.asarray(similarities, np.float32)
+    if metric is Metric.TOP1:
+        top1 = sims.argmax(axis=-1)
+        return top1, np.take_along_axis(sims, np.expand_dims(top1, -1), -1)[..., 0]
+    top1, margin = margins(sims)
+    if metric is Metric.MARGIN:
+        return top1, margin
+    p = np.asarray(params, np.float32)
+    return top1, (p[top1, 0] + p[top1, 1] * margin).astype(np.float32)
+
+
+def fit_layer_aware(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
+                    l2: float = 1e-3, iterations: int = 25) -> tuple[np.ndarray, ...]:
+    """Fits the LAYER_AWARE parameters on frames the encoders were trained on.
+
+    Per stage and class: a logistic regression of "the stage's top-1 class is
+    the full model's" on the margin, over the frames whose top-1 is that class
+    (Newton's method, small L2 penalty). A class with no frames gets (0, 0):
+    its score is 0 whatever the margin.
+    """
+    full_predictions = np.asarray(full_predictions)
+    params = []
+    for sims in similarities:
+        top1, margin = margins(sims)
+        agree = (top1 == full_predictions).astype(np.float64)
+        p = np.zeros((sims.shape[-1], 2), np.float32)
+        for c in range(sims.shape[-1]):
+            mask = top1 == c
+            if not mask.any():
+                continue
+            x = np.stack([np.ones(mask.sum()), margin[mask].astype(np.float64)], axis=1)
+            y = agree[mask]
+            w = np.zeros(2)
+            for _ in range(iterations):
+                prob = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+                grad = x.T @ (prob - y) + l2 * w
+                hess = (x * (prob * (1 - prob))[:, None]).T @ x + l2 * np.eye(2)
+                w -= np.linalg.solve(hess, grad)
+            p[c] = w
+        params.append(p)
+    return tuple(params)
+
+
+def stage_scores(rule_or_metric, similarities: Sequence[np.ndarray],
+                 metric_params=None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(top-1, score) per stage for `[N, K]` similarities."""
+    if isinstance(rule_or_metric, ExitRule):
+        metric, metric_params = rule_or_metric.metric, rule_or_metric.metric_params
+    else:
+        metric = Metric(rule_or_metric)
+    return [score(metric, s, None if metric_params is None else metric_params[i])
+            for i, s in enumerate(similarities)]
+
+
+def simulate(rule: ExitRule, similarities: Sequence[np.ndarray], fallback: np.ndarray,
+             hot: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Applies `rule` to per-stage similarities `[N, K]` of N frames.
 
     Args:
       rule: the exit rule.
       similarities: one `[N, K]` array per stage.
       fallback: the class returned when no stage exits (the full model's).
+      hot: for a rule with a cache, one bool array per stage: whether the
+        frame's top-1 class at that stage was hot. None: all hot.
 
     Returns:
       (exit_stage, prediction): exit_stage is the stage index, or the number of
@@ -89,15 +237,22 @@ def simulate(rule: ExitRule, similarities: list[np.ndarray],
     exit_stage = np.full(n, num_stages, np.int64)
     prediction = np.asarray(fallback).copy()
     pending = np.ones(n, bool)
-    for s, (sims, threshold) in enumerate(zip(similarities, rule.thresholds)):
-        if threshold is None:
-            continue
-        top1, margin = margins(sims)
-        go = pending & (margin >= threshold)
+    for s, (top1, value) in enumerate(stage_scores(rule, similarities)):
+        hot_t, cold_t = rule.threshold_for(s, True), rule.threshold_for(s, False)
+        go = _passes(value, hot_t)
+        if hot is not None:
+            go = np.where(hot[s], go, _passes(value, cold_t))
+        go &= pending
         exit_stage[go] = s
         prediction[go] = top1[go]
         pending &= ~go
     return exit_stage, prediction
+
+
+def _passes(value: np.ndarray, threshold: float | None) -> np.ndarray:
+    if threshold is None:
+        return np.zeros(value.shape, bool)
+    return value >= threshold
 
 
 def wilson_lower_bound(successes: int, trials: int, z: float = 1.645) -> float:
@@ -116,60 +271,71 @@ def wilson_lower_bound(successes: int, trials: int, z: float = 1.645) -> float:
     return float((centre - spread) / denom)
 
 
-def _best_threshold(margin, exit_value, stay_value):
-    """The threshold on `margin` that minimises the summed value of the frames.
+def _best_threshold(value, exit_value, stay_value):
+    """The threshold on `value` that minimises the summed cost of the frames.
 
-    Frames with margin >= threshold take `exit_value`, the others `stay_value`.
+    Frames with value >= threshold cost `exit_value`, the others `stay_value`.
     Returns None when no exit at all is best.
     """
-    if margin.size == 0:
+    if value.size == 0:
         return None
-    order = np.argsort(-margin, kind="stable")
-    m = margin[order]
+    order = np.argsort(-value, kind="stable")
+    v = value[order]
     gain = np.cumsum(exit_value[order] - stay_value[order])
-    # Only cut between distinct margins: tied frames exit together.
-    valid = np.flatnonzero(np.append(m[1:] < m[:-1], True))
-    if valid.size == 0:
-        return None
+    # Only cut between distinct values: tied frames exit together.
+    valid = np.flatnonzero(np.append(v[1:] < v[:-1], True))
     k = valid[np.argmin(gain[valid])]
-    return float(m[k]) if gain[k] < 0 else None
+    return float(v[k]) if gain[k] < 0 else None
 
 
-def _lagrangian_thresholds(tops, full_predictions, cumulative, allowed, lam, rounds=4):
-    """Coordinate descent on mean(cost) + lam * mean(disagreement) over thresholds."""
+def _lagrangian_thresholds(tops, full_predictions, cumulative, allowed, lam, groups=None,
+                           rounds=4):
+    """Coordinate descent on mean(cost) + lam * mean(disagreement).
+
+    `groups[s]` (bool per frame: top-1 hot at stage s) splits each stage's
+    threshold in two (hot, cold); None keeps one threshold per stage. Returns
+    thresholds[s] = [hot, cold].
+    """
     num_stages = len(tops)
-    thresholds = [None] * num_stages
+    n = len(full_predictions)
+    thresholds = [[None, None] for _ in range(num_stages)]
     wrong = [(t != full_predictions).astype(np.float64) for t, _ in tops]
+    hot = groups if groups is not None else [np.ones(n, bool)] * num_stages
+
+    def exits(s):
+        h, c = thresholds[s]
+        return np.where(hot[s], _passes(tops[s][1], h), _passes(tops[s][1], c))
+
     for _ in range(rounds):
         changed = False
         for s in range(num_stages):
             if not allowed[s]:
                 continue
-            # Value of a frame that reaches stage s+1 and goes on from there.
-            stay = np.ones(len(full_predictions))  # Full model: cost 1, no error.
+            stay = np.ones(n)  # The full model: cost 1, never disagrees.
             for later in range(num_stages - 1, s, -1):
-                t = thresholds[later]
-                if t is not None:
-                    go = tops[later][1] >= t
-                    stay = np.where(go, cumulative[later] + lam * wrong[later], stay)
-            pending = np.ones(len(full_predictions), bool)
+                stay = np.where(exits(later), cumulative[later] + lam * wrong[later], stay)
+            pending = np.ones(n, bool)
             for earlier in range(s):
-                t = thresholds[earlier]
-                if t is not None:
-                    pending &= tops[earlier][1] < t
+                pending &= ~exits(earlier)
             exit_value = cumulative[s] + lam * wrong[s]
-            new = _best_threshold(tops[s][1][pending], exit_value[pending], stay[pending])
-            if new != thresholds[s]:
-                thresholds[s], changed = new, True
+            for g, members in ((0, hot[s]), (1, ~hot[s])):
+                m = pending & members
+                new = _best_threshold(tops[s][1][m], exit_value[m], stay[m])
+                if groups is None and g == 1:
+                    new = thresholds[s][0]
+                if new != thresholds[s][g]:
+                    thresholds[s][g], changed = new, True
         if not changed:
             break
-    return tuple(thresholds)
+    return thresholds
 
 
-def calibrate(similarities: list[np.ndarray], full_predictions: np.ndarray,
-              stage_costs: tuple[float, ...], target_agreement: float = 0.99,
-              min_saving: float = 0.02, confidence_z: float = 1.645) -> ExitRule:
-    """Picks per-stage margin thresholds on held-out frames.
+def calibrate(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
+              stage_costs: Sequence[float], target_agreement: float = 0.99,
+              min_saving: float = 0.02, confidence_z: float = 1.645,
+              metric: Metric | str = Metric.MARGIN, metric_params=None,
+              hot: Sequence[np.ndarray] | None = None) -> ExitRule:
+    """Picks per-stage thresholds on held-out frames.
 
     Finds the cheapest cascade (mean compute per frame) whose answers agree
     with the full model on at least `target_agreement` of the calibration
@@ -187,6 +353,10 @@ def calibrate(similarities: list[np.ndarray], full_predictions: np.ndarray,
       min_saving: stages after which less than this share of compute remains
         never exit: an exit there saves nothing and can only be wrong.
       confidence_z: z-score of the one-sided bound (1.645: 95%; 0: raw ratio).
+      metric: the exit metric.
+      metric_params: the metric's parameters (LAYER_AWARE: from `fit_layer_aware`).
+      hot: per stage, whether each frame's top-1 class was hot; given, the rule
+        gets separate thresholds for hot and cold top-1 classes.
 
     Returns:
       The calibrated rule.
@@ -198,16 +368,21 @@ def calibrate(similarities: list[np.ndarray], full_predictions: np.ndarray,
     if len(similarities) != len(stage_costs):
         raise ValueError(
             f"{len(similarities)} stages of similarities for {len(stage_costs)} costs.")
+    metric = Metric(metric)
     full_predictions = np.asarray(full_predictions)
     n = len(full_predictions)
     cumulative = np.cumsum(stage_costs)
     allowed = [1.0 - c >= min_saving for c in cumulative]
-    tops = [margins(s) for s in similarities]
+    tops = stage_scores(metric, similarities, metric_params)
+
+    def make_rule(t):
+        return ExitRule(metric, tuple(h for h, _ in t), target_agreement,
+                        None if hot is None else tuple(c for _, c in t), metric_params)
 
     def solve(lam):
-        thresholds = _lagrangian_thresholds(tops, full_predictions, cumulative, allowed, lam)
-        rule = ExitRule(Metric.MARGIN, thresholds, target_agreement)
-        _, pred = simulate(rule, similarities, full_predictions)
+        rule = make_rule(_lagrangian_thresholds(tops, full_predictions, cumulative,
+                                                allowed, lam, hot))
+        _, pred = simulate(rule, similarities, full_predictions, hot)
         return rule, wilson_lower_bound(int((pred == full_predictions).sum()), n, confidence_z)
 
     # Agreement grows with lambda (the price of a disagreement). The largest
@@ -215,7 +390,7 @@ def calibrate(similarities: list[np.ndarray], full_predictions: np.ndarray,
     lo, hi = 0.0, float(n)
     best, agreement = solve(hi)
     if agreement < target_agreement:  # Too few frames to show the target: no exits.
-        return ExitRule(Metric.MARGIN, (None,) * len(similarities), target_agreement)
+        return make_rule([[None, None]] * len(similarities))
     for _ in range(40):
         mid = np.sqrt(max(lo, 1e-3) * hi) if lo > 0 else hi / 16
         rule, agreement = solve(mid)
@@ -226,3 +401,18 @@ def calibrate(similarities: list[np.ndarray], full_predictions: np.ndarray,
         if hi - lo < 1e-3 * hi:
             break
     return best
+
+
+def budget_to_target(max_accuracy_drop: float) -> float:
+    """Turns a budget in points of agreement with the full model into a target share.
+
+    Raises:
+      ValueError: for a budget outside (0, 100) points.
+    """
+    if not (isinstance(max_accuracy_drop, (int, float)) and math.isfinite(max_accuracy_drop)
+            and 0.0 < max_accuracy_drop < 100.0):
+        raise ValueError(
+            f"max_accuracy_drop must be a number of points in (0, 100), got "
+            f"{max_accuracy_drop!r}; e.g. 1.0 allows 1 point less agreement with the "
+            "full model.")
+    return 1.0 - max_accuracy_drop / 100.0

@@ -13,8 +13,10 @@ import logging
 
 import numpy as np
 
+from smtm_tf import cache as cache_lib
 from smtm_tf import encoders as enc
 from smtm_tf import exit_policy
+from smtm_tf import streams as streams_lib
 from smtm_tf import io_utils
 from smtm_tf import stages as stages_lib
 
@@ -38,6 +40,8 @@ class SemanticMemory:
       class_names: one name per class.
       stage_accuracy: nearest-centre agreement with the full model per stage,
         measured on the calibration frames (for reports).
+      cache_policy: the hot-class cache the exit rule was calibrated with, or
+        None for a rule without a cache.
     """
 
     plan: stages_lib.StagePlan
@@ -47,6 +51,7 @@ class SemanticMemory:
     exit_rule: exit_policy.ExitRule
     class_names: tuple[str, ...]
     stage_accuracy: tuple[float, ...] = ()
+    cache_policy: cache_lib.CachePolicy | None = None
 
     def __post_init__(self):
         n = self.plan.num_stages
@@ -81,6 +86,7 @@ class SemanticMemory:
             "exit_rule": self.exit_rule.to_dict(),
             "class_names": list(self.class_names),
             "stage_accuracy": list(self.stage_accuracy),
+            "cache_policy": None if self.cache_policy is None else self.cache_policy.to_dict(),
         }
         arrays = {"meta": np.array(json.dumps(meta))}
         for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
@@ -113,7 +119,39 @@ class SemanticMemory:
             centres=tuple(arrays[f"centres_{s}"] for s in range(n)),
             exit_rule=exit_policy.ExitRule.from_dict(meta["exit_rule"]),
             class_names=tuple(meta["class_names"]),
-            stage_accuracy=tuple(meta["stage_accuracy"]))
+            stage_accuracy=tuple(meta["stage_accuracy"]),
+            cache_policy=(None if meta.get("cache_policy") is None
+                          else cache_lib.CachePolicy.from_dict(meta["cache_policy"])))
+
+
+def calibration_streams(full_predictions: np.ndarray, num_frames: int = 3000,
+                        seed: int = 0) -> list[np.ndarray]:
+    """Streams to calibrate a cached rule on, from held-out frames.
+
+    Four `video` streams (scenes of 1-3 hot classes) and one `uniform`
+    stream, so cold thresholds also face frames of classes not in the cache.
+    Scenes are built from the full model's answers: no labels are needed.
+    """
+    kinds = [streams_lib.video(full_predictions, num_frames, seed=seed + k) for k in range(4)]
+    kinds.append(streams_lib.uniform(full_predictions, num_frames, seed=seed + 4))
+    return [k.indices for k in kinds]
+
+
+def calibrate_rule(similarities: list[np.ndarray], full_predictions: np.ndarray,
+                   stage_costs, target_agreement: float = 0.99,
+                   metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
+                   metric_params=None,
+                   cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
+                   seed: int = 0) -> exit_policy.ExitRule:
+    """Calibrates an exit rule on held-out similarities, with or without a cache."""
+    if cache_policy is None or cache_policy.max_hot == 0:
+        return exit_policy.calibrate(similarities, full_predictions, stage_costs,
+                                     target_agreement, metric=metric,
+                                     metric_params=metric_params)
+    return cache_lib.calibrate_with_cache(
+        similarities, full_predictions, stage_costs,
+        calibration_streams(full_predictions, seed=seed), cache_policy, target_agreement,
+        metric=metric, metric_params=metric_params)
 
 
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
@@ -122,6 +160,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
+                        metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
+                        cache_policy: cache_lib.CachePolicy | None = None,
                         batch_size: int = 256, seed: int = 0) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
@@ -140,7 +180,12 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       embedding_dim: size D of the semantic vectors.
       pooling: pooling before each encoder.
       centres: class weights of the cosine classifier, or class means.
-      target_agreement: share of exits that must agree with the full model.
+      target_agreement: share of frames whose answer must agree with the full
+        model (1 - max accuracy drop / 100).
+      metric: the exit metric.
+      cache_policy: the hot-class cache to calibrate with (None: no cache,
+        the default: calibrated with a cache, the rule gains on scene-like
+        streams but missed the budget on uniform test streams; see docs/).
       encoder_epochs: epochs of encoder training.
       batch_size: batch size for feature extraction and training.
       seed: random seed.
@@ -182,7 +227,14 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     sims = memory.similarities(calib)
     full = calib.predictions
     accuracy = tuple(float((s.argmax(axis=1) == full).mean()) for s in sims)
-    rule = exit_policy.calibrate(sims, full, plan.stage_costs, target_agreement)
-    logging.info("Nearest-centre agreement per stage %s; thresholds %s.",
-                 [round(a, 3) for a in accuracy], rule.thresholds)
-    return dataclasses.replace(memory, exit_rule=rule, stage_accuracy=accuracy)
+    metric = exit_policy.Metric(metric)
+    params = None
+    if metric is exit_policy.Metric.LAYER_AWARE:
+        params = exit_policy.fit_layer_aware(memory.similarities(train), targets)
+    rule = calibrate_rule(sims, full, plan.stage_costs, target_agreement, metric, params,
+                          cache_policy, seed)
+    logging.info("Nearest-centre agreement per stage %s; %s thresholds %s (cold %s).",
+                 [round(a, 3) for a in accuracy], rule.metric.value, rule.thresholds,
+                 rule.cold_thresholds)
+    return dataclasses.replace(memory, exit_rule=rule, stage_accuracy=accuracy,
+                               cache_policy=cache_policy if rule.uses_cache else None)

@@ -106,16 +106,17 @@ def train_demo_model(x_train: np.ndarray, y_train: np.ndarray,
 
 
 def save_model_atomic(model, path: str) -> None:
-    """Saves a Keras model so that `path` is either complete or untouched."""
-    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+    """Saves a Keras model so that `path` is either complete or untouched.
 
+    The model is saved without its optimizer state (3x the weights' size in
+    tf_keras), which converting it does not need.
+    """
+    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
+
+    k = kerascompat.keras_of(model)
+    bare = k.models.clone_model(model)
+    bare.set_weights(model.get_weights())
     with io_utils.atomic_path(path) as tmp:
         os.remove(tmp)  # Keras refuses to overwrite without asking.
-        model.save(tmp, **_save_kwargs(model))
-
-
-def _save_kwargs(model) -> dict:
-    # tf_keras keeps the optimizer state by default (3x the weights' size);
-    # a model saved for conversion does not need it.
-    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
-    return {"include_optimizer": False} if kerascompat.flavour_of(model) == "tf_keras" else {}
+        bare.save(tmp)

@@ -1,10 +1,13 @@
 """The reference host runtime: runs an SMTM .tflite frame by frame.
 
 For each frame it runs stage 0, 1, ... and after each stage applies the
-descriptor's cache-lookup operator to the stage's similarities: when the exit
-rule passes it returns the nearest class, else it goes on, and after the last
-stage it runs the head. Each stage compares with the centres of ALL classes
-(the whole memory), so a frame of any class is judged against every class.
+descriptor's cache-lookup operator to the stage's similarities: it scores
+them with the exit metric, takes the hot or cold threshold depending on
+whether the top-1 class is in the cache of hot classes, and when the score
+passes returns that class; else it goes on, and after the last stage it runs
+the head. Each stage compares with the centres of ALL classes (the whole
+memory), so a frame of any class is judged against every class; the cache
+only relaxes the rule for its classes. Answers then update the cache.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import numpy as np
 
 from converters import metadata
+from smtm_tf import cache as cache_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import exit_policy
 
@@ -64,22 +68,38 @@ class SmtmRuntime:
         self._stages = [self.session.signature(s.signature.key) for s in self.descriptor.stages]
         self._head = self.session.signature(self.descriptor.head.key)
         self._full = self.session.signature(self.descriptor.full.key)
-        self._thresholds = list(self.descriptor.exit_rule.thresholds)
+        rule = self.descriptor.exit_rule
+        self.rule = rule
         self.num_stages = len(self._stages)
         self._input_shape = self.descriptor.full.inputs[0].shape
         # Graph inputs keep their values between invocations, so the centres
         # are copied in once here, not per frame.
         for stage, spec in zip(self._stages, self.descriptor.stages):
             stage.set_input("centres", np.ascontiguousarray(spec.centres, np.float32))
-        # Per stage: (invoke, activation input, similarities, next activation),
-        # bound once so the per-frame loop does no lookups or allocations.
-        self._plan = [(st.invoke, st.input_view("activation"), st.output_view("similarities"),
-                       st.output_view("next_activation"), t)
-                      for st, t in zip(self._stages, self._thresholds)]
+        policy = self.descriptor.cache if rule.uses_cache else None
+        self.cache = cache_lib.HotSet(policy or cache_lib.CachePolicy(max_hot=0),
+                                      self.descriptor.num_classes)
+        self._use_cache = policy is not None and policy.max_hot > 0
+        # Per stage: (invoke, activation input, similarities, next activation,
+        # hot threshold, cold threshold, metric parameters), bound once so the
+        # per-frame loop does no lookups or allocations. inf never passes.
+        inf = float("inf")
+        self._plan = []
+        for s, st in enumerate(self._stages):
+            hot_t, cold_t = rule.threshold_for(s, True), rule.threshold_for(s, False)
+            self._plan.append((
+                st.invoke, st.input_view("activation"), st.output_view("similarities"),
+                st.output_view("next_activation"), inf if hot_t is None else hot_t,
+                inf if cold_t is None else cold_t, rule.stage_params(s),
+                hot_t is None and cold_t is None))
         self._head_in = self._head.input_view("activation")
         self._head_out = self._head.output_view("probabilities")
         self._full_in = self._full.input_view("image")
         self._full_out = self._full.output_view("probabilities")
+
+    def reset_cache(self) -> None:
+        """Empties the cache of hot classes (e.g. before a new stream)."""
+        self.cache.reset()
 
     @property
     def stage_invokes(self) -> list:
@@ -112,19 +132,27 @@ class SmtmRuntime:
           (class_id, exit_stage).
         """
         activation = frame
-        margins = exit_policy.margins
+        score, metric = exit_policy.score, self.rule.metric
+        hot = self.cache.hot
         copyto = np.copyto
-        for s, (invoke, act_in, sims, next_act, threshold) in enumerate(self._plan):
+        for s, (invoke, act_in, sims, next_act, hot_t, cold_t, params,
+                never) in enumerate(self._plan):
             copyto(act_in, activation)
             invoke()
-            if threshold is not None:
-                top1, margin = margins(sims)
-                if margin >= threshold:
-                    return int(top1), s
+            if not never:
+                top1, value = score(metric, sims, params)
+                if value >= (hot_t if hot[top1] else cold_t):
+                    top1 = int(top1)
+                    if self._use_cache:
+                        self.cache.update(top1, confirmed=False)
+                    return top1, s
             activation = next_act
         copyto(self._head_in, activation)
         self._head.invoke()
-        return int(self._head_out.argmax()), self.num_stages
+        answer = int(self._head_out.argmax())
+        if self._use_cache:
+            self.cache.update(answer, confirmed=True)
+        return answer, self.num_stages
 
     def classify_full(self, frame: np.ndarray) -> int:
         """Runs the `full` signature on a float32 `[1, H, W, C]` frame."""

@@ -66,9 +66,10 @@ def zipf(labels: np.ndarray, num_frames: int, exponent: float = 1.2,
         raise ValueError(f"zipf exponent must be >= 0, got {exponent}.")
     rng = np.random.default_rng(seed)
     groups = _by_class(labels)
-    ranking = rng.permutation(len(groups))
-    p = np.arange(1, len(groups) + 1, dtype=np.float64) ** -exponent
-    classes = ranking[rng.choice(len(groups), num_frames, p=p / p.sum())]
+    present = np.flatnonzero([len(g) > 0 for g in groups])
+    ranking = rng.permutation(present)
+    p = np.arange(1, len(present) + 1, dtype=np.float64) ** -exponent
+    classes = ranking[rng.choice(len(present), num_frames, p=p / p.sum())]
     idx = _draw(groups, classes, rng)
     return Stream(StreamKind.ZIPF, idx, np.asarray(labels)[idx])
 
@@ -92,17 +93,18 @@ def video(labels: np.ndarray, num_frames: int, seed: int = 0,
         raise ValueError(f"background must be in [0, 1], got {background}.")
     rng = np.random.default_rng(seed)
     groups = _by_class(labels)
-    num_classes = len(groups)
+    present = np.flatnonzero([len(g) > 0 for g in groups])  # Classes with frames.
+    num_classes = len(present)
     classes = np.empty(num_frames, np.int64)
     start = 0
     while start < num_frames:
         length = int(rng.integers(scene_length[0], scene_length[1] + 1))
         k = int(rng.integers(hot_classes[0], min(hot_classes[1], num_classes) + 1))
-        hot = rng.choice(num_classes, k, replace=False)
+        hot = present[rng.choice(num_classes, k, replace=False)]
         end = min(num_frames, start + length)
         scene = hot[rng.integers(0, k, end - start)]
         passing = rng.random(end - start) < background
-        scene[passing] = rng.integers(0, num_classes, passing.sum())
+        scene[passing] = present[rng.integers(0, num_classes, passing.sum())]
         classes[start:end] = scene
         start = end
     idx = _draw(groups, classes, rng)
