@@ -44,7 +44,11 @@ class ConversionReport:
 
 
 def _outputs_probabilities(model) -> bool:
-    activation = getattr(model.layers[-1], "activation", None)
+    """True when the model's last layer is a softmax (a layer or an activation)."""
+    last = model.layers[-1]
+    if type(last).__name__ == "Softmax":
+        return True
+    activation = getattr(last, "activation", None)
     return getattr(activation, "__name__", "") == "softmax"
 
 
@@ -217,6 +221,10 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
 
+    # Feed the centres the model carries, as a host runtime will: a descriptor
+    # whose centres differ from the memory's fails the similarity check.
+    embedded = desc.Descriptor.from_json(metadata.read_metadata(flat, desc.METADATA_NAME))
+    centres = [st.centres for st in embedded.stages]
     interp = litert.Interpreter(model_content=flat, num_threads=1)
     runners = {k: interp.get_signature_runner(k) for k in interp.get_signature_list()}
     stage_models, head_model = stages_lib.split_model(model, memory.plan)
@@ -230,7 +238,7 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
         full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
         a = keras_a = x
         for s, stage_model in enumerate(stage_models):
-            out = runners[f"stage_{s}"](activation=a, centres=memory.centres[s])
+            out = runners[f"stage_{s}"](activation=a, centres=centres[s])
             a = out["next_activation"]
             keras_a = np.asarray(stage_model(keras_a, training=False))
             pooled = np.asarray(enc.pool(keras_a, memory.pooling))

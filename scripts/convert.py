@@ -40,8 +40,8 @@ _BUDGET = flags.DEFINE_float(
     "max_accuracy_drop", 1.0, "Budget: points of top-1 agreement with the full model the "
     "early exits may lose (calibrated with a 95% lower confidence bound).")
 _TARGET = flags.DEFINE_float("target_agreement", None,
-                             "Share of frames that must agree with the full model; "
-                             "overrides --max_accuracy_drop.")
+                             "Share of all frames whose answer must agree with the full "
+                             "model; overrides --max_accuracy_drop.")
 _METRIC = flags.DEFINE_enum("metric", "layer_aware", ["top1", "margin", "layer_aware"],
                             "Exit metric.")
 _CACHE = flags.DEFINE_bool(

@@ -40,7 +40,8 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size of the semantic vectors.
       pooling: pooling before each encoder ("avg" or "avg_max").
-      target_agreement: share of exits that must agree with the full model.
+      target_agreement: share of all frames whose answer must agree with the full
+        model (frames that run the whole model agree): 1 - budget / 100.
       every_n_epochs: also refit every this many epochs (0: only at the end).
       output_path: where to save the memory (.npz), or None.
     """

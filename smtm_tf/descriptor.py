@@ -228,6 +228,16 @@ class Descriptor:
                 "version of smtm_tf, or upgrade smtm_tf.")
         _check_fields(cls, d)
         try:
+            return cls._from_checked_dict(d, version)
+        except DescriptorError:
+            raise
+        except (TypeError, ValueError, KeyError, AttributeError) as e:
+            raise DescriptorError(
+                f"Malformed descriptor ({type(e).__name__}: {e}). Re-convert the model.") from e
+
+    @classmethod
+    def _from_checked_dict(cls, d: dict, version: int) -> "Descriptor":
+        try:
             rule = exit_policy.ExitRule.from_dict(d["exit_rule"])
         except (ValueError, KeyError) as e:
             raise DescriptorError(f"Invalid exit_rule: {e}") from e

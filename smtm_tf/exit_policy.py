@@ -55,7 +55,8 @@ class ExitRule:
         is >= its threshold. None means the stage never exits. With a cache,
         these apply when the frame's top-1 class is hot.
       target_agreement: the agreement with the full model the thresholds were
-        calibrated for.
+        calibrated for: the share of ALL frames (those that run the whole model
+        agree by construction) answered as the full model does.
       cold_thresholds: with a cache, the thresholds when the top-1 class is
         not hot (None: the same as `thresholds`).
       metric_params: for LAYER_AWARE, one `[C, 2]` float32 array per stage
@@ -416,3 +417,41 @@ def budget_to_target(max_accuracy_drop: float) -> float:
             f"{max_accuracy_drop!r}; e.g. 1.0 allows 1 point less agreement with the "
             "full model.")
     return 1.0 - max_accuracy_drop / 100.0
+
+
+def calibrate_global(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
+                     stage_costs: Sequence[float], target_agreement: float = 0.99,
+                     metric: Metric | str = Metric.MARGIN, min_saving: float = 0.02,
+                     confidence_z: float = 1.645) -> ExitRule:
+    """The baseline: one threshold shared by every stage, the lowest that meets the target.
+
+    Agreement falls as the shared threshold falls, so it is found by bisection
+    over the observed scores.
+    """
+    if not 0.0 < target_agreement <= 1.0:
+        raise ValueError(f"target_agreement must be in (0, 1], got {target_agreement}.")
+    metric = Metric(metric)
+    if metric is Metric.LAYER_AWARE:
+        raise ValueError("A single global threshold is a baseline for top1 or margin.")
+    full_predictions = np.asarray(full_predictions)
+    allowed = [1.0 - c >= min_saving for c in np.cumsum(stage_costs)]
+    values = np.unique(np.concatenate([v for _, v in stage_scores(metric, similarities)]))
+
+    def rule_at(t):
+        return ExitRule(metric, tuple(t if a else None for a in allowed), target_agreement)
+
+    def ok(t):
+        _, pred = simulate(rule_at(t), similarities, full_predictions)
+        return wilson_lower_bound(int((pred == full_predictions).sum()), len(pred),
+                                  confidence_z) >= target_agreement
+
+    lo, hi = 0, len(values) - 1  # Search the lowest passing index.
+    if not ok(float(values[hi])):
+        return ExitRule(metric, (None,) * len(similarities), target_agreement)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if ok(float(values[mid])):
+            hi = mid
+        else:
+            lo = mid + 1
+    return rule_at(float(values[lo]))

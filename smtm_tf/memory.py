@@ -98,30 +98,40 @@ class SemanticMemory:
 
     @classmethod
     def load(cls, path: str) -> "SemanticMemory":
+        """Reads a memory file.
+
+        Raises:
+          MemoryFileError: for a missing, damaged or incomplete file, or one of
+            another format version.
+        """
         try:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
             meta = json.loads(str(arrays["meta"]))
-        except (OSError, ValueError, KeyError) as e:
+            if meta.get("format_version") != MEMORY_FORMAT_VERSION:
+                raise MemoryFileError(
+                    f"{path} has memory format version {meta.get('format_version')!r}; this "
+                    f"smtm_tf reads version {MEMORY_FORMAT_VERSION}. Recreate the file.")
+            plan = stages_lib.StagePlan.from_dict(meta["plan"])
+            n = plan.num_stages
+            return cls(
+                plan=plan, pooling=enc.Pooling(meta["pooling"]),
+                encoders=tuple(enc.Encoder(arrays[f"kernel_{s}"], arrays[f"bias_{s}"])
+                               for s in range(n)),
+                centres=tuple(arrays[f"centres_{s}"] for s in range(n)),
+                exit_rule=exit_policy.ExitRule.from_dict(meta["exit_rule"]),
+                class_names=tuple(meta["class_names"]),
+                stage_accuracy=tuple(meta["stage_accuracy"]),
+                cache_policy=(None if meta.get("cache_policy") is None
+                              else cache_lib.CachePolicy.from_dict(meta["cache_policy"])))
+        except MemoryFileError:
+            raise
+        except Exception as e:  # pylint: disable=broad-except
+            # A damaged zip, a truncated file or a missing array: all mean the
+            # file cannot be trusted, whatever the exception.
             raise MemoryFileError(
                 f"{path} is not a semantic memory file ({type(e).__name__}: {e}). "
                 "Recreate it with the SemanticMemoryCallback or scripts/convert.py.") from e
-        if meta.get("format_version") != MEMORY_FORMAT_VERSION:
-            raise MemoryFileError(
-                f"{path} has memory format version {meta.get('format_version')!r}; this "
-                f"smtm_tf reads version {MEMORY_FORMAT_VERSION}. Recreate the file.")
-        plan = stages_lib.StagePlan.from_dict(meta["plan"])
-        n = plan.num_stages
-        return cls(
-            plan=plan, pooling=enc.Pooling(meta["pooling"]),
-            encoders=tuple(enc.Encoder(arrays[f"kernel_{s}"], arrays[f"bias_{s}"])
-                           for s in range(n)),
-            centres=tuple(arrays[f"centres_{s}"] for s in range(n)),
-            exit_rule=exit_policy.ExitRule.from_dict(meta["exit_rule"]),
-            class_names=tuple(meta["class_names"]),
-            stage_accuracy=tuple(meta["stage_accuracy"]),
-            cache_policy=(None if meta.get("cache_policy") is None
-                          else cache_lib.CachePolicy.from_dict(meta["cache_policy"])))
 
 
 def calibration_streams(full_predictions: np.ndarray, num_frames: int = 3000,
@@ -180,8 +190,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       embedding_dim: size D of the semantic vectors.
       pooling: pooling before each encoder.
       centres: class weights of the cosine classifier, or class means.
-      target_agreement: share of frames whose answer must agree with the full
-        model (1 - max accuracy drop / 100).
+      target_agreement: share of all frames whose answer must agree with the
+        full model (frames that run the whole model agree): 1 - budget / 100.
       metric: the exit metric.
       cache_policy: the hot-class cache to calibrate with (None: no cache,
         the default: calibrated with a cache, the rule gains on scene-like

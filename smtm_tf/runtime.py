@@ -68,15 +68,32 @@ class SmtmRuntime:
         self._stages = [self.session.signature(s.signature.key) for s in self.descriptor.stages]
         self._head = self.session.signature(self.descriptor.head.key)
         self._full = self.session.signature(self.descriptor.full.key)
-        rule = self.descriptor.exit_rule
-        self.rule = rule
         self.num_stages = len(self._stages)
         self._input_shape = self.descriptor.full.inputs[0].shape
         # Graph inputs keep their values between invocations, so the centres
         # are copied in once here, not per frame.
         for stage, spec in zip(self._stages, self.descriptor.stages):
             stage.set_input("centres", np.ascontiguousarray(spec.centres, np.float32))
-        policy = self.descriptor.cache if rule.uses_cache else None
+        self._head_in = self._head.input_view("activation")
+        self._head_out = self._head.output_view("probabilities")
+        self._full_in = self._full.input_view("image")
+        self._full_out = self._full.output_view("probabilities")
+        self.set_exit_rule(self.descriptor.exit_rule, self.descriptor.cache)
+
+    def set_exit_rule(self, rule: exit_policy.ExitRule,
+                      cache_policy: cache_lib.CachePolicy | None = None) -> None:
+        """Switches to another exit rule (and cache policy); empties the cache.
+
+        The descriptor's rule is the one calibrated for the model; other rules
+        serve comparisons on the same loaded model.
+        """
+        if rule.num_stages != self.num_stages:
+            raise ValueError(f"The rule has {rule.num_stages} stages, the model "
+                             f"{self.num_stages}.")
+        if rule.uses_cache and cache_policy is None:
+            raise ValueError("A rule with cold thresholds needs a cache policy.")
+        self.rule = rule
+        policy = cache_policy if rule.uses_cache else None
         self.cache = cache_lib.HotSet(policy or cache_lib.CachePolicy(max_hot=0),
                                       self.descriptor.num_classes)
         self._use_cache = policy is not None and policy.max_hot > 0
@@ -92,10 +109,6 @@ class SmtmRuntime:
                 st.output_view("next_activation"), inf if hot_t is None else hot_t,
                 inf if cold_t is None else cold_t, rule.stage_params(s),
                 hot_t is None and cold_t is None))
-        self._head_in = self._head.input_view("activation")
-        self._head_out = self._head.output_view("probabilities")
-        self._full_in = self._full.input_view("image")
-        self._full_out = self._full.output_view("probabilities")
 
     def reset_cache(self) -> None:
         """Empties the cache of hot classes (e.g. before a new stream)."""

@@ -207,6 +207,12 @@ def plan_stages(model, num_stages: int = 4,
                     "output carry the model forward there (e.g. a residual "
                     "shortcut). Valid cut layers: "
                     + ", ".join(c.layer for c in cuts))
+            if len(by_name[name].shape) != 3:
+                raise StagePlanError(
+                    f"Layer {name!r} outputs shape {by_name[name].shape}, not a feature map "
+                    "[H, W, C]: stages must end on spatial layers (the encoders pool "
+                    "over H and W). Valid spatial cut layers: "
+                    + ", ".join(c.layer for c in cuts if len(c.shape) == 3))
             chosen.append(by_name[name])
         order = [c.layer for c in cuts]
         if [order.index(c.layer) for c in chosen] != sorted(

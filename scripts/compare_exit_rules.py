@@ -1,0 +1,63 @@
+"""Compares exit metrics and calibrations on a converted model.
+
+For each budget (points of agreement with the full model) every rule is
+calibrated on the same held-out frames and measured with the harness on the
+same test streams, side by side with `full`.
+
+Example:
+  python scripts/compare_exit_rules.py --model=models/demo_resnet.keras \
+      --tflite=out/demo_resnet.smtm.tflite
+"""
+
+from absl import app
+from absl import flags
+
+from converters import smtm_converter
+from delegates import make_backend
+from smtm_tf import data as data_lib
+from smtm_tf import io_utils
+from smtm_tf import kerascompat
+from smtm_tf import memory as memory_lib
+from smtm_tf import rule_comparison
+from smtm_tf import streams as streams_lib
+from smtm_tf.runtime import SmtmRuntime
+
+_MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "The Keras model.")
+_TFLITE = flags.DEFINE_string("tflite", "out/demo_resnet.smtm.tflite",
+                              "Its SMTM .tflite (converted with the memory beside the model).")
+_DATA = flags.DEFINE_string("data", "fashion_mnist", "Data (see convert.py).")
+_BUDGETS = flags.DEFINE_list("budgets", ["0.5", "1", "2"], "Budgets in points.")
+_STREAMS = flags.DEFINE_list("stream", ["video", "zipf", "uniform"], "Streams.")
+_FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
+_HOLDOUT = flags.DEFINE_float("holdout", 0.1, "Calibration share of the train split.")
+_OUTPUT = flags.DEFINE_string("output", None, "Also write the table (markdown) here.")
+
+
+def main(argv):
+    del argv
+    model = kerascompat.load_model(_MODEL.value)
+    memory = memory_lib.SemanticMemory.load(smtm_converter.memory_path_for(_MODEL.value))
+    data = data_lib.load_data(_DATA.value, image_size=tuple(model.inputs[0].shape[1:3]),
+                              channels=int(model.inputs[0].shape[-1]))
+    (x_fit, _), (x_cal, _) = data.holdout(_HOLDOUT.value)
+    budgets = [float(b) for b in _BUDGETS.value]
+    print(f"calibrating {len(rule_comparison.RULES)} rules x {len(budgets)} budgets ...",
+          flush=True)
+    rules = rule_comparison.fit_rules(model, memory, x_fit, x_cal, budgets)
+    runtime = SmtmRuntime.from_file(_TFLITE.value, make_backend("cpu", num_threads=1))
+    streams = {k: streams_lib.make_stream(k, data.y_test, _FRAMES.value, seed=0)
+               for k in _STREAMS.value}
+    print(f"measuring on {', '.join(streams)} ({_FRAMES.value} frames each) ...", flush=True)
+    results = rule_comparison.measure_rules(runtime, rules, streams, data.x_test, data.y_test)
+    table = rule_comparison.format_rule_table(results)
+    print(table)
+    if _OUTPUT.value:
+        io_utils.write_bytes_atomic(_OUTPUT.value, (table + "\n").encode())
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

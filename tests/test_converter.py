@@ -1,0 +1,349 @@
+"""Tests for converters.smtm_converter and converters.metadata."""
+
+import dataclasses
+import os
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+from ai_edge_litert import interpreter as litert
+from ai_edge_litert import schema_py_generated as schema
+import numpy as np
+
+from converters import metadata
+from converters import smtm_converter
+from smtm_tf import data as data_lib
+from smtm_tf import descriptor as desc
+from smtm_tf import encoders as enc
+from smtm_tf import memory as memory_lib
+from smtm_tf import runtime
+from smtm_tf import stages
+import testing_utils as tu
+
+SIGNATURES = {"stage_0", "stage_1", "stage_2", "head", "full"}
+
+
+def _interpreter(flat):
+    return litert.Interpreter(model_content=flat, num_threads=1)
+
+
+def _with_other_encoders(mem):
+    return dataclasses.replace(mem, encoders=tuple(
+        enc.Encoder(e.kernel * 1.5 + 0.05, e.bias) for e in mem.encoders))
+
+
+def _with_other_centres(mem):
+    # Every class's centre swapped with another class's: same unit vectors,
+    # different memory.
+    return dataclasses.replace(mem, centres=tuple(np.roll(c, 1, axis=0) for c in mem.centres))
+
+
+class ConvertTest(parameterized.TestCase):
+    """The tf_keras model (the default flavour of the demo models)."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tu.trained_residual("tf_keras")
+        cls.memory = tu.fitted_memory("tf_keras")
+        cls.flat, cls.report = tu.converted("tf_keras")
+        cls.images = tu.check_images()
+
+    def test_report(self):
+        r = self.report
+        self.assertLessEqual(r.full_max_abs_diff, 1e-5)
+        self.assertLessEqual(r.chain_max_abs_diff, 1e-5)
+        # Similarities go through a stage of convolutions and a projection.
+        self.assertLessEqual(r.similarity_max_abs_diff, 1e-4)
+        self.assertEqual(r.size_bytes, len(self.flat))
+        self.assertEqual(r.num_check_images, len(self.images))
+
+    def test_output_file_is_written_atomically(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "tiny.smtm.tflite")
+        flat, report = smtm_converter.convert(self.model, self.memory, self.images[:4],
+                                              output_path=path)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), flat)
+        self.assertEqual(os.listdir(directory), ["tiny.smtm.tflite"])
+        self.assertEqual(report.num_check_images, 4)
+        self.assertEqual(report.size_bytes, os.path.getsize(path))
+
+    def test_descriptor_reads_back(self):
+        d = runtime.read_descriptor(self.flat)
+        mem = self.memory
+        self.assertEqual(d.model_name, self.model.name)
+        self.assertEqual(d.class_names, tu.CLASS_NAMES)
+        self.assertEqual(d.pooling, "avg_max")
+        self.assertEqual(tuple(s.cut_layer for s in d.stages), mem.plan.cut_layers)
+        self.assertEqual(tuple(s.cost for s in d.stages), mem.plan.stage_costs)
+        for s, stage in enumerate(d.stages):
+            np.testing.assert_array_equal(stage.centres, mem.centres[s])
+        self.assertEqual(d.exit_rule, mem.exit_rule)
+        self.assertEqual(d.lookup_op.name, desc.LOOKUP_OP_NAME)
+        self.assertEqual(d.full.inputs[0].shape, (1, 12, 12, 1))
+        self.assertEqual(d.stages[0].signature.inputs[1].shape, (4, 8))
+        self.assertEqual(d.stages[1].signature.inputs[0].shape, (1, 12, 12, 8))
+        self.assertEqual(d.head.inputs[0].shape, (1, 6, 6, 16))
+        self.assertEqual(d.head.outputs[0].shape, (4,))
+
+    def test_model_name_can_be_set(self):
+        flat, _ = smtm_converter.convert(self.model, self.memory, self.images[:1],
+                                         model_name="my model")
+        self.assertEqual(runtime.read_descriptor(flat).model_name, "my model")
+
+    def test_signatures_match_the_descriptor(self):
+        interp = _interpreter(self.flat)
+        sigs = interp.get_signature_list()
+        self.assertEqual(set(sigs), SIGNATURES)
+        d = runtime.read_descriptor(self.flat)
+        for spec in [s.signature for s in d.stages] + [d.head, d.full]:
+            runner = interp.get_signature_runner(spec.key)
+            inputs = runner.get_input_details()
+            outputs = runner.get_output_details()
+            self.assertEqual(set(inputs), {t.name for t in spec.inputs}, spec.key)
+            self.assertEqual(set(outputs), {t.name for t in spec.outputs}, spec.key)
+            for t in spec.inputs:
+                self.assertEqual(tuple(inputs[t.name]["shape"]), t.shape, (spec.key, t.name))
+            for t in spec.outputs:
+                self.assertEqual(tuple(outputs[t.name]["shape"]), t.shape, (spec.key, t.name))
+
+    def test_signatures_compute_what_keras_and_the_memory_compute(self):
+        # Independent of check_conversion: run every signature by hand.
+        interp = _interpreter(self.flat)
+        stage_models, head_model = stages.split_model(self.model, self.memory.plan)
+        want = self.model.predict(self.images[:4], verbose=0)
+        for i in range(4):
+            x = self.images[i:i + 1]
+            a_lite, a_keras = x, x
+            for s, stage_model in enumerate(stage_models):
+                out = interp.get_signature_runner(f"stage_{s}")(
+                    activation=a_lite, centres=self.memory.centres[s])
+                a_keras = np.asarray(stage_model(a_keras, training=False))
+                np.testing.assert_allclose(out["next_activation"], a_keras, atol=1e-5)
+                semantic = self.memory.encoders[s].encode(
+                    np.asarray(enc.pool(a_keras, self.memory.pooling)))[0]
+                np.testing.assert_allclose(out["semantic"], semantic, atol=1e-4)
+                self.assertAlmostEqual(float(np.linalg.norm(out["semantic"])), 1.0, places=5)
+                np.testing.assert_allclose(out["similarities"],
+                                           self.memory.centres[s] @ out["semantic"], atol=1e-5)
+                a_lite = out["next_activation"]
+            head = interp.get_signature_runner("head")(activation=a_lite)["probabilities"]
+            full = interp.get_signature_runner("full")(image=x)["probabilities"]
+            np.testing.assert_allclose(head, want[i], atol=1e-5)
+            np.testing.assert_allclose(full, want[i], atol=1e-5)
+
+    def test_check_conversion_rejects_other_encoders(self):
+        with self.assertRaisesRegex(smtm_converter.ConversionError,
+                                    "does not match Keras.*similarities by"):
+            smtm_converter.check_conversion(self.flat, self.model,
+                                            _with_other_encoders(self.memory), self.images[:4],
+                                            apply_softmax=False)
+
+    def test_check_conversion_passes_for_the_converted_memory(self):
+        report = smtm_converter.check_conversion(self.flat, self.model, self.memory,
+                                                 self.images[:4], apply_softmax=False)
+        self.assertLessEqual(report.full_max_abs_diff, 1e-5)
+
+    def test_check_conversion_rejects_other_centres(self):
+        # The centres are part of the converted model (its descriptor holds
+        # them, and the runtime feeds them to the stages). A memory whose
+        # centres differ from the converted ones must fail the check.
+        with self.assertRaises(smtm_converter.ConversionError):
+            smtm_converter.check_conversion(self.flat, self.model,
+                                            _with_other_centres(self.memory), self.images[:4],
+                                            apply_softmax=False)
+
+    @parameterized.named_parameters(("new_file", False), ("existing_file", True))
+    def test_failed_check_writes_nothing(self, existing):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "model.tflite")
+        if existing:
+            with open(path, "wb") as f:
+                f.write(b"previous model")
+        real_check = smtm_converter.check_conversion
+        other = _with_other_encoders(self.memory)
+
+        def check_with_other_memory(flat, model, memory, *args, **kwargs):
+            del memory
+            return real_check(flat, model, other, *args, **kwargs)
+
+        with mock.patch.object(smtm_converter, "check_conversion",
+                               side_effect=check_with_other_memory):
+            with self.assertRaisesRegex(smtm_converter.ConversionError, "Nothing was written"):
+                smtm_converter.convert(self.model, self.memory, self.images[:2],
+                                       output_path=path)
+        if existing:
+            self.assertEqual(os.listdir(directory), ["model.tflite"])
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(), b"previous model")
+        else:
+            self.assertEqual(os.listdir(directory), [])
+
+    def test_needs_check_images(self):
+        with self.assertRaisesRegex(ValueError, "at least one check image"):
+            smtm_converter.convert(self.model, self.memory, self.images[:0])
+
+
+class ConvertKeras3Test(absltest.TestCase):
+    """Keras 3 models: the converter must track their variables explicitly."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tu.trained_residual("keras")
+        cls.memory = tu.fitted_memory("keras")
+        cls.flat, cls.report = tu.converted("keras")
+
+    def test_report(self):
+        self.assertLessEqual(self.report.full_max_abs_diff, 1e-5)
+        self.assertLessEqual(self.report.chain_max_abs_diff, 1e-5)
+        self.assertLessEqual(self.report.similarity_max_abs_diff, 1e-4)
+
+    def test_full_and_stages_are_finite_and_match_keras(self):
+        interp = _interpreter(self.flat)
+        self.assertEqual(set(interp.get_signature_list()), SIGNATURES)
+        images, _ = tu.stripes(10, seed=9)
+        want = np.asarray(self.model.predict(images, verbose=0))
+        full = interp.get_signature_runner("full")
+        stage_0 = interp.get_signature_runner("stage_0")
+        for i in range(len(images)):
+            got = full(image=images[i:i + 1])["probabilities"]
+            self.assertTrue(np.all(np.isfinite(got)))
+            np.testing.assert_allclose(got, want[i], atol=1e-5)
+            out = stage_0(activation=images[i:i + 1], centres=self.memory.centres[0])
+            for name, value in out.items():
+                self.assertTrue(np.all(np.isfinite(value)), name)
+            # Weights really are in the model: the activation is not all zeros.
+            self.assertGreater(float(np.abs(out["next_activation"]).max()), 0.0)
+
+    def test_descriptor(self):
+        d = runtime.read_descriptor(self.flat)
+        self.assertEqual(tuple(s.cut_layer for s in d.stages), ("r0", "out1", "r2"))
+        self.assertEqual(d.exit_rule, self.memory.exit_rule)
+
+
+class OutputActivationTest(absltest.TestCase):
+    """`probabilities` outputs must be probabilities whatever the model's last layer."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # Same architecture and layer names as the fitted model: its memory fits.
+        cls.memory = tu.fitted_memory("tf_keras")
+        cls.images = tu.check_images()[:4]
+
+    def _full(self, model):
+        flat, report = smtm_converter.convert(model, self.memory, self.images)
+        runner = _interpreter(flat).get_signature_runner("full")
+        return np.stack([runner(image=x[None])["probabilities"] for x in self.images]), report
+
+    def test_logits_model_gets_a_softmax(self):
+        k = tu.keras_module("tf_keras")
+        k.utils.set_random_seed(1)
+        model = tu.residual_cnn(k, output="logits")
+        got, report = self._full(model)
+        logits = np.asarray(model(self.images))
+        want = np.exp(logits - logits.max(axis=1, keepdims=True))
+        want /= want.sum(axis=1, keepdims=True)
+        np.testing.assert_allclose(got, want, atol=1e-5)
+        np.testing.assert_allclose(got.sum(axis=1), 1.0, atol=1e-5)
+        self.assertLessEqual(report.full_max_abs_diff, 1e-5)
+
+    def test_softmax_layer_model_is_not_softmaxed_twice(self):
+        # A model ending in keras.layers.Softmax already outputs probabilities.
+        k = tu.keras_module("tf_keras")
+        k.utils.set_random_seed(1)
+        model = tu.residual_cnn(k, output="softmax_layer")
+        got, _ = self._full(model)
+        np.testing.assert_allclose(got, np.asarray(model(self.images)), atol=1e-5)
+
+
+class ConvertModelTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tu.trained_residual("tf_keras")
+        x, y = tu.stripes(300, seed=20)
+        xt, yt = tu.stripes(40, seed=21)
+        cls.data = data_lib.LabelledData(x, y, xt, yt, tu.CLASS_NAMES)
+
+    def test_fits_saves_and_converts(self):
+        directory = self.create_tempdir().full_path
+        out = os.path.join(directory, "m.tflite")
+        mem_path = os.path.join(directory, "m.smtm.npz")
+        mem, report = smtm_converter.convert_model(
+            self.model, self.data, out, holdout=0.2, num_stages=2, embedding_dim=4,
+            num_check_images=8, memory_output=mem_path)
+        self.assertEqual(mem.plan.num_stages, 2)
+        self.assertEqual(mem.class_names, tu.CLASS_NAMES)
+        self.assertEqual(report.num_check_images, 8)
+        self.assertLessEqual(report.full_max_abs_diff, 1e-5)
+        self.assertEqual(sorted(os.listdir(directory)), ["m.smtm.npz", "m.tflite"])
+        loaded = memory_lib.SemanticMemory.load(mem_path)
+        self.assertEqual(loaded.exit_rule, mem.exit_rule)
+        with open(out, "rb") as f:
+            d = runtime.read_descriptor(f.read())
+        self.assertEqual(d.exit_rule, mem.exit_rule)
+        # With a memory given, it is used as is (no refit, no save).
+        out2 = os.path.join(directory, "again.tflite")
+        mem2, _ = smtm_converter.convert_model(self.model, self.data, out2, memory=loaded,
+                                               num_check_images=2)
+        self.assertIs(mem2, loaded)
+        with open(out2, "rb") as f:
+            self.assertEqual(runtime.read_descriptor(f.read()), d)
+
+    def test_rejects_data_of_another_shape(self):
+        x, y = tu.stripes(20, seed=0, size=8)
+        data = data_lib.LabelledData(x, y, x, y, tu.CLASS_NAMES)
+        out = os.path.join(self.create_tempdir().full_path, "m.tflite")
+        with self.assertRaisesRegex(ValueError, r"\(8, 8, 1\) but the model takes \(12, 12, 1\)"):
+            smtm_converter.convert_model(self.model, data, out)
+        self.assertFalse(os.path.exists(out))
+
+    def test_memory_path_for(self):
+        self.assertEqual(smtm_converter.memory_path_for("a/b/model.keras"),
+                         "a/b/model.smtm.npz")
+        self.assertEqual(smtm_converter.memory_path_for("model.h5"), "model.smtm.npz")
+
+    def test_convert_keras_is_a_plain_model(self):
+        flat = smtm_converter.convert_keras(self.model)
+        interp = _interpreter(flat)
+        self.assertEqual(list(interp.get_signature_list()), ["serving_default"])
+        x = tu.check_images()[:1]
+        got = interp.get_signature_runner("serving_default")(image=x)["output"]
+        np.testing.assert_allclose(got, np.asarray(self.model(x)), atol=1e-5)
+        with self.assertRaisesRegex(runtime.ModelFileError, "no 'smtm_descriptor' metadata"):
+            runtime.read_descriptor(flat)
+
+
+class MetadataTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.plain = smtm_converter.convert_keras(tu.trained_residual("tf_keras"))
+
+    def _entries(self, flat, name):
+        model = schema.Model.GetRootAs(flat, 0)
+        return [model.Metadata(i) for i in range(model.MetadataLength())
+                if model.Metadata(i).Name().decode() == name]
+
+    def test_add_read_replace(self):
+        self.assertIsNone(metadata.read_metadata(self.plain, "note"))
+        flat = metadata.add_metadata(self.plain, "note", b"first")
+        self.assertEqual(metadata.read_metadata(flat, "note"), b"first")
+        flat = metadata.add_metadata(flat, "other", b"")
+        flat = metadata.add_metadata(flat, "note", b"second \x00 binary")
+        self.assertEqual(metadata.read_metadata(flat, "note"), b"second \x00 binary")
+        self.assertEqual(metadata.read_metadata(flat, "other"), b"")
+        self.assertLen(self._entries(flat, "note"), 1)
+        # The model still loads and runs.
+        x = tu.check_images()[:1]
+        runner = _interpreter(flat).get_signature_runner("serving_default")
+        self.assertEqual(runner(image=x)["output"].shape, (1, tu.NUM_CLASSES))
+
+
+if __name__ == "__main__":
+    absltest.main()

@@ -1,0 +1,341 @@
+"""Tests for smtm_tf.memory, smtm_tf.encoders and smtm_tf.io_utils."""
+
+import dataclasses
+import io
+import json
+import os
+import stat
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+import tensorflow as tf
+
+from smtm_tf import encoders as enc
+from smtm_tf import exit_policy
+from smtm_tf import io_utils
+from smtm_tf import memory as memory_lib
+from smtm_tf import stages
+import testing_utils as tu
+
+
+def make_memory(seed=0, num_classes=3, dims=(4, 6)):
+    rng = np.random.default_rng(seed)
+    plan = stages.StagePlan(tuple(f"cut{s}" for s in range(len(dims))),
+                            tuple(0.3 for _ in dims), 1.0 - 0.3 * len(dims))
+    encoders = tuple(enc.Encoder(rng.normal(size=(10, d)).astype(np.float32),
+                                 rng.normal(size=d).astype(np.float32)) for d in dims)
+    centres = tuple(enc.l2_normalize_np(rng.normal(size=(num_classes, d))) for d in dims)
+    rule = exit_policy.ExitRule(exit_policy.Metric.MARGIN,
+                                (0.1 + seed,) + (None,) * (len(dims) - 1), 0.97)
+    return memory_lib.SemanticMemory(plan, enc.Pooling.AVG_MAX, encoders, centres, rule,
+                                     tuple(f"c{i}" for i in range(num_classes)),
+                                     tuple(0.5 + 0.1 * s for s in range(len(dims))))
+
+
+def assert_memory_equal(test, a, b):
+    test.assertEqual(a.plan, b.plan)
+    test.assertEqual(a.pooling, b.pooling)
+    test.assertEqual(a.exit_rule, b.exit_rule)
+    test.assertEqual(a.class_names, b.class_names)
+    test.assertEqual(a.stage_accuracy, b.stage_accuracy)
+    test.assertLen(a.encoders, len(b.encoders))
+    for ea, eb in zip(a.encoders, b.encoders):
+        np.testing.assert_array_equal(ea.kernel, eb.kernel)
+        np.testing.assert_array_equal(ea.bias, eb.bias)
+    for ca, cb in zip(a.centres, b.centres):
+        np.testing.assert_array_equal(ca, cb)
+        test.assertEqual(ca.dtype, cb.dtype)
+
+
+class SaveLoadTest(parameterized.TestCase):
+
+    def test_round_trip(self):
+        mem = make_memory()
+        path = os.path.join(self.create_tempdir().full_path, "m.smtm.npz")
+        mem.save(path)
+        assert_memory_equal(self, memory_lib.SemanticMemory.load(path), mem)
+
+    def test_save_leaves_only_the_file(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "m.smtm.npz")
+        make_memory(seed=0).save(path)
+        make_memory(seed=1).save(path)  # Overwrites in place.
+        self.assertEqual(os.listdir(directory), ["m.smtm.npz"])
+        assert_memory_equal(self, memory_lib.SemanticMemory.load(path), make_memory(seed=1))
+
+    def test_failed_save_keeps_the_old_file(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "m.smtm.npz")
+        make_memory(seed=0).save(path)
+        with open(path, "rb") as f:
+            before = f.read()
+        with mock.patch.object(io_utils.os, "replace", side_effect=OSError("disk full")):
+            with self.assertRaisesRegex(OSError, "disk full"):
+                make_memory(seed=1).save(path)
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), before)
+        self.assertEqual(os.listdir(directory), ["m.smtm.npz"])
+
+    def test_save_creates_the_directory(self):
+        path = os.path.join(self.create_tempdir().full_path, "a", "b", "m.npz")
+        make_memory().save(path)
+        assert_memory_equal(self, memory_lib.SemanticMemory.load(path), make_memory())
+
+    def _write(self, content: bytes) -> str:
+        path = os.path.join(self.create_tempdir().full_path, "bad.smtm.npz")
+        with open(path, "wb") as f:
+            f.write(content)
+        return path
+
+    def _valid_bytes(self) -> bytes:
+        path = os.path.join(self.create_tempdir().full_path, "m.npz")
+        make_memory().save(path)
+        with open(path, "rb") as f:
+            return f.read()
+
+    def _npz_bytes(self, **arrays) -> bytes:
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        return buf.getvalue()
+
+    def test_not_a_memory_file(self):
+        path = self._write(b"this is not a memory file" * 20)
+        with self.assertRaisesRegex(memory_lib.MemoryFileError,
+                                    "is not a semantic memory file.*Recreate it"):
+            memory_lib.SemanticMemory.load(path)
+
+    def test_missing_file(self):
+        with self.assertRaisesRegex(memory_lib.MemoryFileError, "not a semantic memory file"):
+            memory_lib.SemanticMemory.load(
+                os.path.join(self.create_tempdir().full_path, "absent.npz"))
+
+    def test_npz_without_meta(self):
+        path = self._write(self._npz_bytes(x=np.zeros(3)))
+        with self.assertRaisesRegex(memory_lib.MemoryFileError, "KeyError"):
+            memory_lib.SemanticMemory.load(path)
+
+    def test_meta_not_json(self):
+        path = self._write(self._npz_bytes(meta=np.array("{not json")))
+        with self.assertRaisesRegex(memory_lib.MemoryFileError, "not a semantic memory file"):
+            memory_lib.SemanticMemory.load(path)
+
+    @parameterized.named_parameters(("newer", 2), ("older", 0), ("absent", None))
+    def test_wrong_format_version(self, version):
+        valid = self._valid_bytes()
+        with np.load(io.BytesIO(valid)) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays["meta"]))
+        if version is None:
+            del meta["format_version"]
+        else:
+            meta["format_version"] = version
+        arrays["meta"] = np.array(json.dumps(meta))
+        path = self._write(self._npz_bytes(**arrays))
+        with self.assertRaises(memory_lib.MemoryFileError) as cm:
+            memory_lib.SemanticMemory.load(path)
+        message = str(cm.exception)
+        self.assertIn(f"memory format version {version!r}", message)
+        self.assertIn(f"reads version {memory_lib.MEMORY_FORMAT_VERSION}", message)
+
+    # Damaged files must raise MemoryFileError too (the documented error, and
+    # what callers such as scripts/convert.py can report cleanly).
+    @parameterized.named_parameters(
+        ("truncated", lambda b: b[: len(b) // 2]),
+        ("empty", lambda b: b""),
+        ("corrupted_bytes", lambda b: b[:200] + bytes(300) + b[500:]),
+    )
+    def test_damaged_file_raises_memory_file_error(self, damage):
+        path = self._write(damage(self._valid_bytes()))
+        with self.assertRaisesRegex(memory_lib.MemoryFileError, "not a semantic memory file"):
+            memory_lib.SemanticMemory.load(path)
+
+    def test_file_missing_an_array_raises_memory_file_error(self):
+        valid = self._valid_bytes()
+        with np.load(io.BytesIO(valid)) as f:
+            arrays = {k: f[k] for k in f.files if k != "kernel_1"}
+        path = self._write(self._npz_bytes(**arrays))
+        with self.assertRaises(memory_lib.MemoryFileError):
+            memory_lib.SemanticMemory.load(path)
+
+
+class ValidationTest(absltest.TestCase):
+
+    def test_counts_and_shapes(self):
+        mem = make_memory()
+        with self.assertRaisesRegex(ValueError, "encoders has 1 entries for 2 stages"):
+            dataclasses.replace(mem, encoders=mem.encoders[:1])
+        with self.assertRaisesRegex(ValueError, "centres has 1 entries for 2 stages"):
+            dataclasses.replace(mem, centres=mem.centres[:1])
+        with self.assertRaisesRegex(ValueError, "1 thresholds for 2 stages"):
+            dataclasses.replace(mem, exit_rule=exit_policy.ExitRule("margin", (None,), 0.9))
+        with self.assertRaisesRegex(ValueError, r"centres\[1\] has shape \(3, 5\)"):
+            dataclasses.replace(mem, centres=(mem.centres[0], np.zeros((3, 5), np.float32)))
+        with self.assertRaisesRegex(ValueError, r"expected \(4, 4\)"):
+            dataclasses.replace(mem, class_names=("a", "b", "c", "d"))
+        self.assertEqual(mem.embedding_dims, (4, 6))
+
+
+class EncodersTest(parameterized.TestCase):
+
+    def test_l2_normalize(self):
+        v = np.random.default_rng(0).normal(size=(5, 7)).astype(np.float32)
+        got = enc.l2_normalize_np(v)
+        np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, rtol=1e-6)
+        np.testing.assert_allclose(got, v / np.linalg.norm(v, axis=1, keepdims=True), rtol=1e-5)
+        np.testing.assert_allclose(np.asarray(enc.l2_normalize(tf.constant(v))), got, rtol=1e-5)
+        self.assertTrue(np.all(np.isfinite(enc.l2_normalize_np(np.zeros((2, 3))))))
+
+    def test_pool(self):
+        a = np.arange(2 * 3 * 3 * 2, dtype=np.float32).reshape(2, 3, 3, 2)
+        avg = np.asarray(enc.pool(a, "avg"))
+        np.testing.assert_allclose(avg, a.mean(axis=(1, 2)))
+        both = np.asarray(enc.pool(a, enc.Pooling.AVG_MAX))
+        np.testing.assert_allclose(both, np.concatenate([a.mean(axis=(1, 2)),
+                                                         a.max(axis=(1, 2))], axis=1))
+        with self.assertRaises(ValueError):
+            enc.pool(a, "median")
+
+    def test_encoder_encode(self):
+        rng = np.random.default_rng(1)
+        e = enc.Encoder(rng.normal(size=(6, 3)).astype(np.float32), np.ones(3, np.float32))
+        x = rng.normal(size=(4, 6)).astype(np.float32)
+        got = e.encode(x)
+        want = x @ e.kernel + e.bias
+        np.testing.assert_allclose(got, want / np.linalg.norm(want, axis=1, keepdims=True),
+                                   rtol=1e-5)
+        self.assertEqual(e.dim, 3)
+
+    def test_class_centres(self):
+        semantic = np.array([[1, 0], [0.6, 0.8], [0, 1], [0, -1]], np.float32)
+        labels = np.array([0, 0, 1, 1])
+        centres = enc.class_centres(semantic, labels, 3)
+        mean0 = np.array([0.8, 0.4]) / np.linalg.norm([0.8, 0.4])
+        np.testing.assert_allclose(centres[0], mean0, rtol=1e-6)
+        # Class 1's members cancel out and class 2 has none: zero centres.
+        np.testing.assert_array_equal(centres[1], [0, 0])
+        np.testing.assert_array_equal(centres[2], [0, 0])
+        self.assertEqual(centres.dtype, np.float32)
+
+    def test_train_encoder_separates_classes(self):
+        rng = np.random.default_rng(2)
+        labels = rng.integers(0, 3, 600)
+        means = rng.normal(scale=3.0, size=(3, 10))
+        pooled = (means[labels] + rng.normal(size=(600, 10)) + 50.0).astype(np.float32)
+        encoder, weights = enc.train_encoder(pooled, labels, 3, dim=4, epochs=10,
+                                             batch_size=32)
+        self.assertEqual(encoder.kernel.shape, (10, 4))
+        self.assertEqual(weights.shape, (3, 4))
+        np.testing.assert_allclose(np.linalg.norm(weights, axis=1), 1.0, rtol=1e-5)
+        # The standardisation is folded into the kernel: raw features go in.
+        nearest = (encoder.encode(pooled) @ weights.T).argmax(axis=1)
+        self.assertGreater((nearest == labels).mean(), 0.95)
+
+    def test_train_encoder_rejects_bad_inputs(self):
+        with self.assertRaisesRegex(ValueError, "3 feature rows for 2 labels"):
+            enc.train_encoder(np.zeros((3, 4), np.float32), np.zeros(2, np.int64), 2)
+        with self.assertRaisesRegex(ValueError, "dim must be >= 2"):
+            enc.train_encoder(np.zeros((3, 4), np.float32), np.zeros(3, np.int64), 2, dim=1)
+
+
+class FitSemanticMemoryTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.model = tu.trained_residual("tf_keras")
+        cls.memory = tu.fitted_memory("tf_keras")
+
+    def test_fitted_memory(self):
+        mem = self.memory
+        self.assertEqual(mem.plan.cut_layers, ("r0", "out1", "r2"))
+        self.assertEqual(mem.class_names, tu.CLASS_NAMES)
+        self.assertEqual(mem.embedding_dims, (8, 8, 8))
+        self.assertIs(mem.pooling, enc.Pooling.AVG_MAX)
+        for c in mem.centres:
+            self.assertEqual(c.shape, (tu.NUM_CLASSES, 8))
+            np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
+        for e in mem.encoders:
+            self.assertEqual(e.kernel.shape, (16 if e is not mem.encoders[2] else 32, 8))
+        self.assertLen(mem.stage_accuracy, 3)
+        # The last stage is the whole backbone: its nearest centre is (almost)
+        # always the model's class.
+        self.assertGreater(mem.stage_accuracy[2], 0.9)
+        self.assertEqual(mem.exit_rule.target_agreement, 0.95)
+
+    def test_stage_accuracy_is_measured_on_calibration_frames(self):
+        sims, full = tu.calibration_similarities("tf_keras")
+        got = tuple(float((s.argmax(axis=1) == full).mean()) for s in sims)
+        np.testing.assert_allclose(got, self.memory.stage_accuracy, atol=1e-6)
+
+    def test_calibrated_rule_meets_its_target_on_calibration_frames(self):
+        sims, full = tu.calibration_similarities("tf_keras")
+        _, pred = exit_policy.simulate(self.memory.exit_rule, sims, full)
+        self.assertGreaterEqual((pred == full).mean(), self.memory.exit_rule.target_agreement)
+
+    def test_mean_centres_and_class_name_check(self):
+        x, _ = tu.train_data()
+        xc, _ = tu.calibration_data()
+        mem = memory_lib.fit_semantic_memory(self.model, x[:300], xc[:100], num_stages=2,
+                                             embedding_dim=4, centres="mean",
+                                             encoder_epochs=2, pooling="avg")
+        self.assertEqual(mem.class_names, ("0", "1", "2", "3"))
+        self.assertIs(mem.pooling, enc.Pooling.AVG)
+        self.assertEqual(mem.encoders[0].kernel.shape, (8, 4))
+        for c in mem.centres:
+            np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
+        with self.assertRaisesRegex(ValueError, "2 class names for a model with 4 outputs"):
+            memory_lib.fit_semantic_memory(self.model, x[:64], xc[:16], class_names=("a", "b"),
+                                           num_stages=1, embedding_dim=2, encoder_epochs=1)
+
+    def test_saved_fitted_memory_round_trips(self):
+        path = os.path.join(self.create_tempdir().full_path, "fitted.smtm.npz")
+        self.memory.save(path)
+        assert_memory_equal(self, memory_lib.SemanticMemory.load(path), self.memory)
+
+
+class AtomicWriteTest(absltest.TestCase):
+
+    def test_failure_inside_leaves_nothing(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "out.bin")
+        with self.assertRaisesRegex(RuntimeError, "boom"):
+            with io_utils.atomic_path(path) as tmp:
+                self.assertEqual(os.path.dirname(tmp), directory)
+                self.assertTrue(tmp.endswith(".bin"))
+                with open(tmp, "wb") as f:
+                    f.write(b"partial")
+                raise RuntimeError("boom")
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_write_bytes(self):
+        directory = self.create_tempdir().full_path
+        path = os.path.join(directory, "out.bin")
+        io_utils.write_bytes_atomic(path, b"one")
+        io_utils.write_bytes_atomic(path, b"two")
+        with open(path, "rb") as f:
+            self.assertEqual(f.read(), b"two")
+        self.assertEqual(os.listdir(directory), ["out.bin"])
+
+    def test_atomic_write_keeps_normal_file_permissions(self):
+        # A file written atomically should be as readable as one written with
+        # open(): mkstemp's private 0600 mode must not leak into the result
+        # (a .tflite or memory file shared with another user or a web server
+        # would otherwise be unreadable to it).
+        directory = self.create_tempdir().full_path
+        old = os.umask(0o022)
+        try:
+            plain = os.path.join(directory, "plain.bin")
+            with open(plain, "wb") as f:
+                f.write(b"x")
+            atomic = os.path.join(directory, "atomic.bin")
+            io_utils.write_bytes_atomic(atomic, b"x")
+        finally:
+            os.umask(old)
+        self.assertEqual(oct(stat.S_IMODE(os.stat(atomic).st_mode)),
+                         oct(stat.S_IMODE(os.stat(plain).st_mode)))
+
+
+if __name__ == "__main__":
+    absltest.main()

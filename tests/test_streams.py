@@ -1,0 +1,113 @@
+"""Tests for smtm_tf.streams: seeded frame streams with class statistics."""
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import numpy as np
+
+from smtm_tf import streams
+
+NUM_CLASSES = 10
+LABELS = np.repeat(np.arange(NUM_CLASSES), 100)
+np.random.default_rng(0).shuffle(LABELS)
+
+KINDS = (("uniform", "uniform"), ("zipf", "zipf"), ("video", "video"))
+
+
+def _mean_distinct_per_window(labels, window=50):
+    return np.mean([len(np.unique(labels[i:i + window]))
+                    for i in range(0, len(labels) - window + 1, window)])
+
+
+class StreamsTest(parameterized.TestCase):
+
+    @parameterized.named_parameters(*KINDS)
+    def test_reproducible_with_a_seed(self, kind):
+        a = streams.make_stream(kind, LABELS, 500, seed=3)
+        b = streams.make_stream(kind, LABELS, 500, seed=3)
+        np.testing.assert_array_equal(a.indices, b.indices)
+        self.assertEqual(a.kind, streams.StreamKind(kind))
+        self.assertLen(a, 500)
+
+    @parameterized.named_parameters(*KINDS)
+    def test_differs_across_seeds(self, kind):
+        a = streams.make_stream(kind, LABELS, 500, seed=3)
+        b = streams.make_stream(kind, LABELS, 500, seed=4)
+        self.assertGreater(np.mean(a.indices != b.indices), 0.5)
+
+    @parameterized.named_parameters(*KINDS)
+    def test_labels_are_those_of_the_indices(self, kind):
+        s = streams.make_stream(kind, LABELS, 800, seed=1)
+        self.assertEqual(s.indices.shape, (800,))
+        self.assertTrue(np.all((s.indices >= 0) & (s.indices < len(LABELS))))
+        np.testing.assert_array_equal(s.labels, LABELS[s.indices])
+
+    def test_uniform_covers_all_classes_evenly(self):
+        s = streams.uniform(LABELS, 20000, seed=0)
+        shares = np.bincount(s.labels, minlength=NUM_CLASSES) / len(s)
+        np.testing.assert_allclose(shares, 0.1, atol=0.015)
+
+    def test_video_has_long_runs_of_few_classes(self):
+        video = streams.video(LABELS, 3000, seed=0)
+        uniform = streams.uniform(LABELS, 3000, seed=0)
+        v = _mean_distinct_per_window(video.labels)
+        u = _mean_distinct_per_window(uniform.labels)
+        self.assertGreater(u, 9.0)  # 50 uniform frames over 10 classes: ~9.9 distinct.
+        self.assertLess(v, 4.5)  # 1-3 hot classes per scene plus 5% passers-by.
+        # Consecutive frames repeat the class far more often than by chance.
+        self.assertGreater(np.mean(video.labels[1:] == video.labels[:-1]), 0.4)
+
+    def test_video_single_hot_class(self):
+        s = streams.video(LABELS, 2000, seed=1, hot_classes=(1, 1), scene_length=(100, 100),
+                          background=0.0)
+        for start in range(0, 2000, 100):
+            self.assertLen(np.unique(s.labels[start:start + 100]), 1)
+
+    def test_video_background(self):
+        s = streams.video(LABELS, 4000, seed=2, hot_classes=(1, 1), scene_length=(200, 200),
+                          background=0.2)
+        off_scene = []
+        for start in range(0, 4000, 200):
+            scene = s.labels[start:start + 200]
+            off_scene.append(np.mean(scene != np.bincount(scene).argmax()))
+        # A passer-by draws any class, the scene's own included: 0.2 * 0.9.
+        self.assertAlmostEqual(float(np.mean(off_scene)), 0.18, delta=0.03)
+
+    def test_zipf_skew(self):
+        s = streams.zipf(LABELS, 20000, exponent=1.2, seed=0)
+        shares = np.sort(np.bincount(s.labels, minlength=NUM_CLASSES))[::-1] / len(s)
+        p = np.arange(1, NUM_CLASSES + 1) ** -1.2
+        np.testing.assert_allclose(shares, p / p.sum(), atol=0.01)
+        self.assertGreater(shares[0], 3 * 1 / NUM_CLASSES)
+
+    def test_zipf_exponent_zero_is_uniform(self):
+        s = streams.zipf(LABELS, 20000, exponent=0.0, seed=0)
+        shares = np.bincount(s.labels, minlength=NUM_CLASSES) / len(s)
+        np.testing.assert_allclose(shares, 0.1, atol=0.015)
+
+    def test_make_stream_passes_the_zipf_exponent(self):
+        a = streams.make_stream("zipf", LABELS, 300, seed=5, zipf_exponent=2.0)
+        b = streams.zipf(LABELS, 300, exponent=2.0, seed=5)
+        np.testing.assert_array_equal(a.indices, b.indices)
+
+    @parameterized.named_parameters(
+        ("no_frames", lambda: streams.uniform(LABELS, 0), "at least one frame"),
+        ("zipf_no_frames", lambda: streams.zipf(LABELS, -1), "at least one frame"),
+        ("negative_exponent", lambda: streams.zipf(LABELS, 10, exponent=-1.0),
+         "exponent must be >= 0"),
+        ("hot_zero", lambda: streams.video(LABELS, 10, hot_classes=(0, 2)), "hot_classes"),
+        ("hot_reversed", lambda: streams.video(LABELS, 10, hot_classes=(3, 2)), "hot_classes"),
+        ("scene_zero", lambda: streams.video(LABELS, 10, scene_length=(0, 5)), "scene_length"),
+        ("scene_reversed", lambda: streams.video(LABELS, 10, scene_length=(9, 5)),
+         "scene_length"),
+        ("background", lambda: streams.video(LABELS, 10, background=1.5), "background"),
+        ("video_no_frames", lambda: streams.video(LABELS, 0), "at least one frame"),
+        ("unknown_kind", lambda: streams.make_stream("random", LABELS, 10),
+         r"Unknown stream 'random'; choose one of \['uniform', 'zipf', 'video'\]"),
+    )
+    def test_invalid_arguments(self, make, pattern):
+        with self.assertRaisesRegex(ValueError, pattern):
+            make()
+
+
+if __name__ == "__main__":
+    absltest.main()
