@@ -18,7 +18,7 @@ _HOLDOUT = flags.DEFINE_float(
     "holdout", 0.1, "Tail fraction of the train split kept out of training "
     "(used for validation here and for calibration by the converter).")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
-_BLOCKS = flags.DEFINE_integer("blocks_per_stage", 1, "Residual blocks per stage.")
+_BLOCKS = flags.DEFINE_integer("blocks_per_stage", 2, "Residual blocks per stage.")
 
 
 def main(argv):

@@ -37,6 +37,14 @@ class CachePolicy:
     max_hot: int = 4
 
     def __post_init__(self):
+        for name in ("decay", "exit_weight", "hot_min"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise ValueError(f"{name} must be a number, got {value!r}.")
+            object.__setattr__(self, name, float(value))  # numpy scalars -> JSON-safe.
+        if (isinstance(self.max_hot, bool) or not isinstance(self.max_hot, (int, np.integer))):
+            raise ValueError(f"max_hot must be a whole number, got {self.max_hot!r}.")
+        object.__setattr__(self, "max_hot", int(self.max_hot))
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}.")
         if not 0.0 <= self.exit_weight <= 1.0:

@@ -191,6 +191,12 @@ class Descriptor:
             raise DescriptorError(
                 f"exit_rule has {len(self.exit_rule.thresholds)} thresholds for "
                 f"{len(self.stages)} stages.")
+        params = self.exit_rule.metric_params or ()
+        for s, p in enumerate(params):
+            if p.shape[0] != len(self.class_names):
+                raise DescriptorError(
+                    f"exit_rule.metric_params[{s}] covers {p.shape[0]} classes, the "
+                    f"descriptor has {len(self.class_names)}.")
         for s, stage in enumerate(self.stages):
             if stage.centres.shape[0] != len(self.class_names):
                 raise DescriptorError(

@@ -138,11 +138,14 @@ def calibration_streams(full_predictions: np.ndarray, num_frames: int = 3000,
                         seed: int = 0) -> list[np.ndarray]:
     """Streams to calibrate a cached rule on, from held-out frames.
 
-    Four `video` streams (scenes of 1-3 hot classes) and one `uniform`
-    stream, so cold thresholds also face frames of classes not in the cache.
-    Scenes are built from the full model's answers: no labels are needed.
+    Two `video` streams (scenes of 1-3 hot classes), two `zipf` streams (a
+    long tail with no scenes: the hot set is a weaker prior there) and one
+    `uniform` stream, so cold thresholds also face frames of classes not in
+    the cache. Built from the full model's answers: no labels are needed.
     """
-    kinds = [streams_lib.video(full_predictions, num_frames, seed=seed + k) for k in range(4)]
+    kinds = [streams_lib.video(full_predictions, num_frames, seed=seed + k) for k in range(2)]
+    kinds += [streams_lib.zipf(full_predictions, num_frames, exponent=e, seed=seed + 2 + k)
+              for k, e in enumerate((1.2, 0.8))]
     kinds.append(streams_lib.uniform(full_predictions, num_frames, seed=seed + 4))
     return [k.indices for k in kinds]
 
