@@ -19,6 +19,7 @@ import numpy as np
 
 from converters import metadata
 from delegates.compiled import run_compiled
+from smtm_tf import cache as cache_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
 from smtm_tf import io_utils
@@ -273,7 +274,8 @@ def memory_path_for(model_path: str) -> str:
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
                   holdout: float = 0.1, num_stages: int = 4, cut_layers=None,
                   embedding_dim: int = 32, target_agreement: float = 0.99,
-                  metric: str = "layer_aware", cache_policy=None,
+                  metric: str = "layer_aware",
+                  cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                   num_check_images: int = 64, memory_output: str | None = None,
                   seed: int = 0) -> tuple[SemanticMemory, ConversionReport]:
     """Fits a semantic memory if none is given, then converts and checks.

@@ -43,13 +43,32 @@ def main(argv):
     budgets = [float(b) for b in _BUDGETS.value]
     print(f"calibrating {len(rule_comparison.RULES)} rules x {len(budgets)} budgets ...",
           flush=True)
-    rules = rule_comparison.fit_rules(model, memory, x_fit, x_cal, budgets)
+    rules, (train, calib) = rule_comparison.fit_rules(model, memory, x_fit, x_cal, budgets)
     runtime = SmtmRuntime.from_file(_TFLITE.value, make_backend("cpu", num_threads=1))
     streams = {k: streams_lib.make_stream(k, data.y_test, _FRAMES.value, seed=0)
                for k in _STREAMS.value}
     print(f"measuring on {', '.join(streams)} ({_FRAMES.value} frames each) ...", flush=True)
     results = rule_comparison.measure_rules(runtime, rules, streams, data.x_test, data.y_test)
-    table = rule_comparison.format_rule_table(results)
+    table = rule_comparison.format_rule_table(results, memory.plan.stage_costs)
+    softmax = rule_comparison.softmax_head_agreement(train, calib)
+    lines = [table, "", "Agreement with the full model per stage (calibration frames):", "",
+             "| stage | " + " | ".join(f"s{s}" for s in range(len(softmax))) + " |",
+             "|---|" + "---|" * len(softmax),
+             "| nearest centre | " + " | ".join(f"{100 * a:.1f}%"
+                                               for a in memory.stage_accuracy) + " |",
+             "| softmax head, same features | " + " | ".join(f"{100 * a:.1f}%"
+                                                             for a in softmax) + " |"]
+    rule, policy = rules[("layer-aware + cache", 1.0)] if ("layer-aware + cache",
+                                                            1.0) in rules else (None, None)
+    if rule is not None and "video" in streams:
+        lines += ["", "Lock-in guard: the budget-1 cached rule on `video`, with early exits "
+                  "counting w in the cache (1 = like a full-model answer):", "",
+                  "| w | speed-up | top-1 vs full | agree w/ full |", "|---|---|---|---|"]
+        for w, c in rule_comparison.lock_in_study(runtime, rule, policy, streams["video"],
+                                                  data.x_test, data.y_test):
+            lines.append(f"| {w:g} | {c.speedup:.2f}x | {-c.accuracy_drop:+.2f} | "
+                         f"{100 * c.smtm.agreement:.2f}% |")
+    table = "\n".join(lines)
     print(table)
     if _OUTPUT.value:
         io_utils.write_bytes_atomic(_OUTPUT.value, (table + "\n").encode())

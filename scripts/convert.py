@@ -45,8 +45,8 @@ _TARGET = flags.DEFINE_float("target_agreement", None,
 _METRIC = flags.DEFINE_enum("metric", "layer_aware", ["top1", "margin", "layer_aware"],
                             "Exit metric.")
 _CACHE = flags.DEFINE_bool(
-    "cache", False, "Calibrate with a cache of hot classes in the loop (relaxed threshold "
-    "for hot classes, stricter for others).")
+    "cache", True, "Calibrate with a cache of hot classes in the loop (relaxed threshold "
+    "for hot classes, stricter for others); --nocache for one threshold per stage.")
 _HOLDOUT = flags.DEFINE_float("holdout", 0.1,
                               "Tail share of the train split used for calibration.")
 

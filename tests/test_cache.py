@@ -18,7 +18,6 @@ import numpy as np
 
 from converters import smtm_converter
 from smtm_tf import cache
-from smtm_tf import data as data_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
 from smtm_tf import exit_policy as ep
@@ -34,33 +33,16 @@ COSTS = (0.2, 0.3, 0.45)
 # --- Synthetic frames and streams --------------------------------------------
 
 def frame_pool(n, seed, num_classes=10, spreads=(0.3, 0.5, 0.8), attract=0.5):
-    """A pool of frames with per-stage similarities from a known process.
-
-    At every stage a frame's margin m is uniform on [0, spread) and its top-1
-    class is the full model's with probability min(1, 0.4 + 2 m). A wrong
-    top-1 of a frame of another class than 0 points at class 0 with
-    probability `attract`: when class 0 is hot, frames of other classes are
-    the ones a relaxed hot threshold would wrongly let out.
+    """tu.synthetic_cascade with 10 classes, where wrong answers of frames of
+    other classes than 0 point at class 0 with probability `attract`: when
+    class 0 is hot, those are the frames a relaxed hot threshold would wrongly
+    let out.
 
     Returns:
       (similarities: one [n, K] float32 array per stage, full predictions [n]).
     """
-    rng = np.random.default_rng(seed)
-    full = rng.integers(0, num_classes, n)
-    rows = np.arange(n)
-    sims = []
-    for spread in spreads:
-        margin = rng.uniform(0.0, spread, n)
-        right = rng.random(n) < np.clip(0.4 + 2.0 * margin, 0.0, 1.0)
-        other = (full + rng.integers(1, num_classes, n)) % num_classes
-        to_zero = (full != 0) & (rng.random(n) < attract)
-        top1 = np.where(right, full, np.where(to_zero, 0, other))
-        second = (top1 + rng.integers(1, num_classes, n)) % num_classes
-        sim = rng.uniform(-0.5, 0.45, (n, num_classes)).astype(np.float32)
-        sim[rows, second] = 0.5
-        sim[rows, top1] = 0.5 + margin
-        sims.append(sim)
-    return sims, full
+    return tu.synthetic_cascade(n, seed, num_classes=num_classes, spreads=spreads,
+                                attract=attract)
 
 
 def open_set_stream(full, num_frames, seed, hot_class=0):
@@ -510,29 +492,16 @@ class SemanticMemoryCacheTest(absltest.TestCase):
             memory_lib.SemanticMemory.load(path)
 
 
+def l2_centres(rng, num_classes, dim):
+    """Random unit centres, normalised as the encoders normalise."""
+    return enc.l2_normalize_np(rng.normal(size=(num_classes, dim))).astype(np.float32)
+
+
 def make_descriptor(rule, cache_policy, num_classes=3, dims=(4, 5, 6)):
-    rng = np.random.default_rng(0)
-    shapes = [(1, 8, 8, 1), (1, 8, 8, 4), (1, 4, 4, 8), (1, 2, 2, 8)]
-    stage_specs = []
-    for s, d in enumerate(dims):
-        centres = enc.l2_normalize_np(rng.normal(size=(num_classes, d))).astype(np.float32)
-        sig = desc.SignatureSpec(
-            f"stage_{s}",
-            (desc.TensorSpec("activation", shapes[s]),
-             desc.TensorSpec("centres", (num_classes, d))),
-            (desc.TensorSpec("next_activation", shapes[s + 1]),
-             desc.TensorSpec("semantic", (d,)),
-             desc.TensorSpec("similarities", (num_classes,))))
-        stage_specs.append(desc.StageSpec(sig, f"cut{s}", 0.3, centres))
-    head = desc.SignatureSpec("head", (desc.TensorSpec("activation", shapes[len(dims)]),),
-                              (desc.TensorSpec("probabilities", (num_classes,)),))
-    full = desc.SignatureSpec("full", (desc.TensorSpec("image", shapes[0]),),
-                              (desc.TensorSpec("probabilities", (num_classes,)),))
-    return desc.Descriptor("tiny", tuple(f"class {i}" for i in range(num_classes)), "avg_max",
-                           tuple(stage_specs), head, full, rule,
-                           desc.LookupOpSpec(attributes={"exit_rule": "exit_rule",
-                                                         "cache": "cache"}),
-                           cache=cache_policy)
+    return tu.synthetic_descriptor(
+        rule, desc.LookupOpSpec(attributes={"exit_rule": "exit_rule", "cache": "cache"}),
+        num_classes=num_classes, dims=dims, seed=0, stage_cost=lambda s: 0.3,
+        make_centres=l2_centres, cache=cache_policy)
 
 
 class DescriptorCacheTest(absltest.TestCase):
@@ -715,9 +684,7 @@ class ConvertModelCacheTest(absltest.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.model = tu.trained_residual("tf_keras")
-        x, y = tu.stripes(600, seed=50)
-        xt, yt = tu.stripes(200, seed=51)
-        cls.data = data_lib.LabelledData(x, y, xt, yt, tu.CLASS_NAMES)
+        cls.data = tu.labelled_stripes(600, 200, train_seed=50, test_seed=51)
         cls.policy = cache.CachePolicy(decay=0.8, exit_weight=0.5, hot_min=0.6, max_hot=2)
 
     def test_memory_descriptor_and_runtime_carry_the_cache(self):

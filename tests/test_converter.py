@@ -265,9 +265,7 @@ class ConvertModelTest(absltest.TestCase):
     def setUpClass(cls):
         super().setUpClass()
         cls.model = tu.trained_residual("tf_keras")
-        x, y = tu.stripes(300, seed=20)
-        xt, yt = tu.stripes(40, seed=21)
-        cls.data = data_lib.LabelledData(x, y, xt, yt, tu.CLASS_NAMES)
+        cls.data = tu.labelled_stripes(300, 40, train_seed=20, test_seed=21)
 
     def test_fits_saves_and_converts(self):
         directory = self.create_tempdir().full_path

@@ -8,37 +8,21 @@ import numpy as np
 
 from smtm_tf import descriptor as desc
 from smtm_tf import exit_policy
+import testing_utils as tu
 
 
 def make_descriptor(num_classes=3, dims=(4, 5), seed=0, **overrides):
-    rng = np.random.default_rng(seed)
-    shapes = [(1, 8, 8, 1), (1, 8, 8, 4), (1, 4, 4, 8)]
-    stages = []
-    for s, d in enumerate(dims):
-        centres = rng.normal(size=(num_classes, d)).astype(np.float32)
-        centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-        sig = desc.SignatureSpec(
-            f"stage_{s}",
-            (desc.TensorSpec("activation", shapes[s]),
-             desc.TensorSpec("centres", (num_classes, d))),
-            (desc.TensorSpec("next_activation", shapes[s + 1]),
-             desc.TensorSpec("semantic", (d,)),
-             desc.TensorSpec("similarities", (num_classes,))))
-        stages.append(desc.StageSpec(sig, f"cut{s}", 0.3 + 0.1 * s, centres))
-    head = desc.SignatureSpec("head", (desc.TensorSpec("activation", shapes[len(dims)]),),
-                              (desc.TensorSpec("probabilities", (num_classes,)),))
-    full = desc.SignatureSpec("full", (desc.TensorSpec("image", shapes[0]),),
-                              (desc.TensorSpec("probabilities", (num_classes,)),))
     rule = exit_policy.ExitRule(exit_policy.Metric.MARGIN,
                                 (0.123456789,) + (None,) * (len(dims) - 1), 0.99)
-    kwargs = dict(model_name="tiny", class_names=tuple(f"class {i}" for i in range(num_classes)),
-                  pooling="avg_max", stages=tuple(stages), head=head, full=full,
-                  exit_rule=rule,
-                  lookup_op=desc.LookupOpSpec(attributes={
-                      "metric": "margin", "thresholds": list(rule.thresholds),
-                      "compare_with": "all_classes"}))
-    kwargs.update(overrides)
-    return desc.Descriptor(**kwargs)
+    lookup_op = desc.LookupOpSpec(attributes={
+        "metric": "margin", "thresholds": list(rule.thresholds),
+        "compare_with": "all_classes"})
+    # The lookup op keeps the default rule's thresholds even when the
+    # exit_rule is overridden.
+    return tu.synthetic_descriptor(overrides.pop("exit_rule", rule), lookup_op,
+                                   num_classes=num_classes, dims=dims,
+                                   seed=seed, stage_cost=lambda s: 0.3 + 0.1 * s,
+                                   make_centres=tu.unit_centres, **overrides)
 
 
 class RoundTripTest(absltest.TestCase):

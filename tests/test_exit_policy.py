@@ -7,36 +7,9 @@ from absl.testing import parameterized
 import numpy as np
 
 from smtm_tf import exit_policy as ep
+from testing_utils import synthetic_cascade
 
 COSTS = (0.2, 0.3, 0.45)
-
-
-def synthetic_cascade(n, seed, num_classes=5, spreads=(0.3, 0.5, 0.8)):
-    """Per-stage similarities from a process with a known margin/correctness law.
-
-    At every stage a frame's margin m is uniform on [0, spread) and its top-1
-    class is the full model's with probability min(1, 0.4 + 2 m): margins of
-    0.3 and more are always right, small ones are often wrong. Later stages
-    have larger margins (they are better). The similarities are built so that
-    `margins` recovers exactly that top-1 class and margin.
-
-    Returns:
-      (similarities: one [n, K] float32 array per stage, full predictions [n]).
-    """
-    rng = np.random.default_rng(seed)
-    full = rng.integers(0, num_classes, n)
-    rows = np.arange(n)
-    sims = []
-    for spread in spreads:
-        margin = rng.uniform(0.0, spread, n)
-        right = rng.random(n) < np.clip(0.4 + 2.0 * margin, 0.0, 1.0)
-        top1 = np.where(right, full, (full + rng.integers(1, num_classes, n)) % num_classes)
-        second = (top1 + rng.integers(1, num_classes, n)) % num_classes
-        sim = rng.uniform(-0.5, 0.45, (n, num_classes)).astype(np.float32)
-        sim[rows, second] = 0.5
-        sim[rows, top1] = 0.5 + margin
-        sims.append(sim)
-    return sims, full
 
 
 class MarginsTest(absltest.TestCase):

@@ -483,20 +483,30 @@ class FormatRuleTableTest(absltest.TestCase):
             self.result("layer-aware", 0.5, "video", (0.25, 0.25, 0.25, 0.25),
                         0.9, 0.9, 0.995, 300.0, 240.0),
         ]
-        lines = rule_comparison.format_rule_table(results).split("\n")
+        lines = rule_comparison.format_rule_table(results, (0.25, 0.25, 0.25)).split("\n")
         self.assertLen(lines, 2 + len(results))
-        self.assertIn("exits s0 / s1 / s2 / head", lines[0])
+        self.assertIn("exits % s0 / s1 / s2 / head", lines[0])
         rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[2:]]
         for row in rows:
-            self.assertLen(row, 7)
+            self.assertLen(row, 8)
         # Sorted by budget, then stream; every rule named in exactly one row.
         self.assertEqual([(r[0], r[1], r[2]) for r in rows],
                          [("0.5", "video", "layer-aware"),
                           ("1", "uniform", "margin global"),
                           ("1", "video", "layer-aware + cache")])
-        self.assertEqual(rows[0][3:], ["25 / 25 / 25 / 25", "+0.00", "99.50%", "1.25x"])
-        self.assertEqual(rows[1][3:], ["0 / 25 / 25 / 50", "+1.00", "98.50%", "1.50x"])
-        self.assertEqual(rows[2][3:], ["50 / 25 / 12 / 12", "+0.50", "99.00%", "2.00x"])
+        # Compute speed-up from the exit shares and cumulative costs .25/.5/.75/1.
+        self.assertEqual(rows[0][3:], ["25 / 25 / 25 / 25", "+0.00", "99.50%", "1.60x",
+                                       "1.25x"])
+        self.assertEqual(rows[1][3:], ["0 / 25 / 25 / 50", "+1.00", "98.50%", "1.23x",
+                                       "1.50x"])
+        self.assertEqual(rows[2][3:], ["50 / 25 / 12 / 12", "+0.50", "99.00%", "2.13x",
+                                       "2.00x"])
+
+    def test_compute_speedup(self):
+        self.assertAlmostEqual(rule_comparison.compute_speedup((0, 0, 1.0), (0.3, 0.5)), 1.0)
+        self.assertAlmostEqual(rule_comparison.compute_speedup((1.0, 0, 0), (0.25, 0.5)), 4.0)
+        self.assertAlmostEqual(
+            rule_comparison.compute_speedup((0.5, 0.5, 0.0), (0.2, 0.3)), 1 / 0.35)
 
 
 if __name__ == "__main__":

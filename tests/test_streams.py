@@ -102,7 +102,9 @@ class StreamsTest(parameterized.TestCase):
         ("background", lambda: streams.video(LABELS, 10, background=1.5), "background"),
         ("video_no_frames", lambda: streams.video(LABELS, 0), "at least one frame"),
         ("unknown_kind", lambda: streams.make_stream("random", LABELS, 10),
-         r"Unknown stream 'random'; choose one of \['uniform', 'zipf', 'video'\]"),
+         r"Unknown stream 'random'; choose one of \['uniform', 'zipf', 'video', "
+         r"'open_set'\]"),
+        ("outside", lambda: streams.video(LABELS, 10, outside=1.5), "outside"),
     )
     def test_invalid_arguments(self, make, pattern):
         with self.assertRaisesRegex(ValueError, pattern):

@@ -37,6 +37,103 @@ def stripes(n: int, seed: int, size: int = IMAGE_SIZE, noise: float = 0.35):
     return x[..., None].astype(np.float32), y.astype(np.int64)
 
 
+def labelled_stripes(num_train: int, num_test: int, train_seed: int, test_seed: int):
+    """A LabelledData of stripes: `num_train` and `num_test` images, own seeds."""
+    from smtm_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+    x, y = stripes(num_train, seed=train_seed)
+    xt, yt = stripes(num_test, seed=test_seed)
+    return data_lib.LabelledData(x, y, xt, yt, CLASS_NAMES)
+
+
+def synthetic_cascade(n, seed, num_classes=5, spreads=(0.3, 0.5, 0.8), attract=0.0):
+    """Per-stage similarities from a process with a known margin/correctness law.
+
+    At every stage a frame's margin m is uniform on [0, spread) and its top-1
+    class is the full model's with probability min(1, 0.4 + 2 m): margins of
+    0.3 and more are always right, small ones are often wrong. Later stages
+    have larger margins (they are better). The similarities are built so that
+    `margins` recovers exactly that top-1 class and margin.
+
+    With `attract` > 0, a wrong top-1 of a frame of another class than 0
+    points at class 0 with probability `attract`: when class 0 is hot, frames
+    of other classes are the ones a relaxed hot threshold would wrongly let
+    out. That takes one more random draw per stage, made only when `attract`
+    is not 0, so the default draws the same numbers as without the option.
+
+    Returns:
+      (similarities: one [n, K] float32 array per stage, full predictions [n]).
+    """
+    rng = np.random.default_rng(seed)
+    full = rng.integers(0, num_classes, n)
+    rows = np.arange(n)
+    sims = []
+    for spread in spreads:
+        margin = rng.uniform(0.0, spread, n)
+        right = rng.random(n) < np.clip(0.4 + 2.0 * margin, 0.0, 1.0)
+        other = (full + rng.integers(1, num_classes, n)) % num_classes
+        if attract:
+            to_zero = (full != 0) & (rng.random(n) < attract)
+            other = np.where(to_zero, 0, other)
+        top1 = np.where(right, full, other)
+        second = (top1 + rng.integers(1, num_classes, n)) % num_classes
+        sim = rng.uniform(-0.5, 0.45, (n, num_classes)).astype(np.float32)
+        sim[rows, second] = 0.5
+        sim[rows, top1] = 0.5 + margin
+        sims.append(sim)
+    return sims, full
+
+
+# Activation shapes around the stages of synthetic_descriptor: stage s maps
+# SYNTHETIC_SHAPES[s] to SYNTHETIC_SHAPES[s + 1] (so at most 3 stages).
+SYNTHETIC_SHAPES = ((1, 8, 8, 1), (1, 8, 8, 4), (1, 4, 4, 8), (1, 2, 2, 8))
+
+
+def unit_centres(rng, num_classes, dim):
+    """Random float32 unit centres [num_classes, dim], normalised in float32."""
+    centres = rng.normal(size=(num_classes, dim)).astype(np.float32)
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    return centres
+
+
+def synthetic_descriptor(exit_rule, lookup_op, num_classes=3, dims=(4, 5), seed=0,
+                         stage_cost=lambda s: 0.3, make_centres=unit_centres, **overrides):
+    """A Descriptor of a made-up model "tiny" with one stage per entry of `dims`.
+
+    Args:
+      exit_rule, lookup_op: the descriptor's.
+      num_classes: classes "class 0", "class 1", ...
+      dims: the semantic dimension of every stage.
+      seed: seeds the random generator passed to `make_centres`.
+      stage_cost: stage index -> the stage's relative cost.
+      make_centres: (rng, num_classes, dim) -> the stage's centres, called
+        once per stage in order.
+      **overrides: Descriptor fields that replace the ones built here.
+    """
+    from smtm_tf import descriptor as desc  # pylint: disable=import-outside-toplevel
+    rng = np.random.default_rng(seed)
+    shapes = SYNTHETIC_SHAPES
+    stage_specs = []
+    for s, d in enumerate(dims):
+        centres = make_centres(rng, num_classes, d)
+        sig = desc.SignatureSpec(
+            f"stage_{s}",
+            (desc.TensorSpec("activation", shapes[s]),
+             desc.TensorSpec("centres", (num_classes, d))),
+            (desc.TensorSpec("next_activation", shapes[s + 1]),
+             desc.TensorSpec("semantic", (d,)),
+             desc.TensorSpec("similarities", (num_classes,))))
+        stage_specs.append(desc.StageSpec(sig, f"cut{s}", stage_cost(s), centres))
+    head = desc.SignatureSpec("head", (desc.TensorSpec("activation", shapes[len(dims)]),),
+                              (desc.TensorSpec("probabilities", (num_classes,)),))
+    full = desc.SignatureSpec("full", (desc.TensorSpec("image", shapes[0]),),
+                              (desc.TensorSpec("probabilities", (num_classes,)),))
+    kwargs = dict(model_name="tiny", class_names=tuple(f"class {i}" for i in range(num_classes)),
+                  pooling="avg_max", stages=tuple(stage_specs), head=head, full=full,
+                  exit_rule=exit_rule, lookup_op=lookup_op)
+    kwargs.update(overrides)
+    return desc.Descriptor(**kwargs)
+
+
 def residual_cnn(k, input_shape=(IMAGE_SIZE, IMAGE_SIZE, 1), num_classes=NUM_CLASSES,
                  output: str = "softmax"):
     """A functional CNN with one residual block, built with Keras module `k`.
