@@ -53,23 +53,29 @@ def _outputs_probabilities(model) -> bool:
     return getattr(activation, "__name__", "") == "softmax"
 
 
+def _module_tracking(model):
+    """A tf.Module that tracks `model`'s variables, so they are saved."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    module = tf.Module()
+    if kerascompat.flavour_of(model) == "keras":
+        # Keras 3 variables are not found by tf.Module's tracking: without
+        # this the converter emits uninitialised variable reads (NaN).
+        module.tracked_variables = [v.value for v in model.weights]
+    else:
+        module.keras_model = model
+    return module
+
+
 class _SmtmModule:
     """Builds the tf.functions of every signature around the Keras models."""
 
     def __init__(self, model, memory: SemanticMemory):
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-
         self.stage_models, self.head_model = stages_lib.split_model(model, memory.plan)
         self.model = model
         self.memory = memory
         self.apply_softmax = not _outputs_probabilities(model)
-        self.module = tf.Module()
-        if kerascompat.flavour_of(model) == "keras":
-            # Keras 3 variables are not found by tf.Module's tracking: without
-            # this the converter emits uninitialised variable reads (NaN).
-            self.module.tracked_variables = [v.value for v in model.weights]
-        else:
-            self.module.keras_model = model
+        self.module = _module_tracking(model)
         self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         self.stage_shapes = [tuple(int(d) for d in m.outputs[0].shape[1:])
                              for m in self.stage_models]
@@ -157,11 +163,7 @@ def convert_keras(model) -> bytes:
     """A plain single-signature conversion of `model` (the size baseline)."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    module = tf.Module()
-    if kerascompat.flavour_of(model) == "keras":
-        module.tracked_variables = [v.value for v in model.weights]
-    else:
-        module.keras_model = model
+    module = _module_tracking(model)
     shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
     fn = tf.function(lambda image: {"output": model(image, training=False)},
                      input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])

@@ -194,7 +194,6 @@ def plan_stages(model, num_stages: int = 4,
     """
     cuts = find_cut_points(model)
     by_name = {c.layer: c for c in cuts}
-    total_backbone = None
     if cut_layers:
         names = [layer.name for layer in model.layers]
         chosen = []

@@ -48,6 +48,12 @@ class Comparison:
         return 100.0 * (self.full.accuracy - self.smtm.accuracy)
 
 
+def _frames(runtime: SmtmRuntime, images: np.ndarray) -> np.ndarray:
+    """Images as contiguous float32 frames shaped like the model's input."""
+    return np.ascontiguousarray(images, np.float32).reshape(
+        (len(images),) + tuple(runtime.descriptor.full.inputs[0].shape))
+
+
 def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
             warmup: int = 50, block: int = 100) -> Comparison:
     """Runs `full` and SMTM on every frame, interleaved, and measures both.
@@ -62,8 +68,7 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}.")
     n = len(images)
-    frames = np.ascontiguousarray(images, np.float32).reshape(
-        (n,) + tuple(runtime.descriptor.full.inputs[0].shape))
+    frames = _frames(runtime, images)
     full_pred = np.empty(n, np.int64)
     smtm_pred = np.empty(n, np.int64)
     exit_stage = np.empty(n, np.int64)
@@ -114,8 +119,7 @@ def host_overhead_us(runtime: SmtmRuntime, images: np.ndarray, repeats: int = 5)
     passes each.
     """
     n = len(images)
-    frames = np.ascontiguousarray(images, np.float32).reshape(
-        (n,) + tuple(runtime.descriptor.full.inputs[0].shape))
+    frames = _frames(runtime, images)
     # The cache makes decisions depend on the past: start each pass empty so
     # every pass takes the same decisions.
     runtime.reset_cache()
