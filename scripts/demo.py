@@ -62,7 +62,7 @@ def main(argv):
         stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=_SEED.value)
         print(f"[3/3] {kind}: {len(stream)} frames, full and SMTM interleaved (XNNPACK, "
               "1 thread)", flush=True)
-        rows.append((kind, validation.compare(runtime, data.x_test[stream.indices],
+        rows.append((kind, validation.compare(runtime, stream.render(data.x_test),
                                               stream.labels)))
     print()
     print(validation.format_table(rows))

@@ -19,7 +19,7 @@ from smtm_tf.runtime import SmtmRuntime
 _MODEL = flags.DEFINE_string("model", None, "SMTM .tflite to validate.", required=True)
 _DATA = flags.DEFINE_string("data", "fashion_mnist",
                             "Data whose test split the stream draws from.")
-_STREAMS = flags.DEFINE_list("stream", ["video"], "Stream kinds: uniform, zipf, video, open_set.")
+_STREAMS = flags.DEFINE_list("stream", ["video"], "Stream kinds: uniform, zipf, video, open_set, scene_change, drift, object.")
 _FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
 _SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
 _ZIPF_EXPONENT = flags.DEFINE_float("zipf_exponent", 1.2, "Exponent of the zipf stream.")
@@ -39,7 +39,7 @@ def main(argv):
                                      zipf_exponent=_ZIPF_EXPONENT.value)
         print(f"running {kind}: {len(stream)} frames, full and SMTM interleaved ...",
               flush=True)
-        rows.append((kind, validation.compare(runtime, data.x_test[stream.indices],
+        rows.append((kind, validation.compare(runtime, stream.render(data.x_test),
                                               stream.labels)))
     print(validation.format_table(rows))
     overhead = validation.host_overhead_us(runtime, data.x_test[:500])

@@ -233,12 +233,23 @@ def simulate(rule: ExitRule, similarities: Sequence[np.ndarray], fallback: np.nd
       (exit_stage, prediction): exit_stage is the stage index, or the number of
       stages for frames that ran the whole model.
     """
+    return simulate_scores(rule, stage_scores(rule, similarities), fallback, hot)
+
+
+def simulate_scores(rule: ExitRule, tops: Sequence[tuple[np.ndarray, np.ndarray]],
+                    fallback: np.ndarray,
+                    hot: Sequence[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """`simulate` on precomputed per-stage (top-1 class, score) pairs.
+
+    The rule's metric is not applied: `tops` already holds its scores (or
+    those of any other decision method, e.g. a baseline's confidence).
+    """
     n = len(fallback)
-    num_stages = len(similarities)
+    num_stages = len(tops)
     exit_stage = np.full(n, num_stages, np.int64)
     prediction = np.asarray(fallback).copy()
     pending = np.ones(n, bool)
-    for s, (top1, value) in enumerate(stage_scores(rule, similarities)):
+    for s, (top1, value) in enumerate(tops):
         hot_t, cold_t = rule.threshold_for(s, True), rule.threshold_for(s, False)
         go = _passes(value, hot_t)
         if hot is not None:
@@ -362,19 +373,39 @@ def calibrate(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
     Returns:
       The calibrated rule.
     """
+    if len(similarities) != len(stage_costs):
+        raise ValueError(
+            f"{len(similarities)} stages of similarities for {len(stage_costs)} costs.")
+    metric = Metric(metric)
+    return calibrate_scores(stage_scores(metric, similarities, metric_params),
+                            full_predictions, stage_costs, target_agreement, min_saving,
+                            confidence_z, hot, metric, metric_params)
+
+
+def calibrate_scores(tops: Sequence[tuple[np.ndarray, np.ndarray]],
+                     full_predictions: np.ndarray, stage_costs: Sequence[float],
+                     target_agreement: float = 0.99, min_saving: float = 0.02,
+                     confidence_z: float = 1.645,
+                     hot: Sequence[np.ndarray] | None = None,
+                     metric: Metric | str = Metric.MARGIN,
+                     metric_params=None) -> ExitRule:
+    """`calibrate` on precomputed per-stage (top-1 class, score) pairs.
+
+    Any decision method that turns a stage into a class and a confidence
+    (higher: safer) is calibrated the same way; `metric` and `metric_params`
+    only label the returned rule.
+    """
     if not 0.0 < target_agreement <= 1.0:
         raise ValueError(f"target_agreement must be in (0, 1], got {target_agreement}.")
     if confidence_z < 0:
         raise ValueError(f"confidence_z must be >= 0, got {confidence_z}.")
-    if len(similarities) != len(stage_costs):
-        raise ValueError(
-            f"{len(similarities)} stages of similarities for {len(stage_costs)} costs.")
+    if len(tops) != len(stage_costs):
+        raise ValueError(f"{len(tops)} stages of scores for {len(stage_costs)} costs.")
     metric = Metric(metric)
     full_predictions = np.asarray(full_predictions)
     n = len(full_predictions)
     cumulative = np.cumsum(stage_costs)
     allowed = [1.0 - c >= min_saving for c in cumulative]
-    tops = stage_scores(metric, similarities, metric_params)
 
     def make_rule(t):
         return ExitRule(metric, tuple(h for h, _ in t), target_agreement,
@@ -383,7 +414,7 @@ def calibrate(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
     def solve(lam):
         rule = make_rule(_lagrangian_thresholds(tops, full_predictions, cumulative,
                                                 allowed, lam, hot))
-        _, pred = simulate(rule, similarities, full_predictions, hot)
+        _, pred = simulate_scores(rule, tops, full_predictions, hot)
         return rule, wilson_lower_bound(int((pred == full_predictions).sum()), n, confidence_z)
 
     # Agreement grows with lambda (the price of a disagreement). The largest
@@ -391,7 +422,7 @@ def calibrate(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
     lo, hi = 0.0, float(n)
     best, agreement = solve(hi)
     if agreement < target_agreement:  # Too few frames to show the target: no exits.
-        return make_rule([[None, None]] * len(similarities))
+        return make_rule([[None, None]] * len(tops))
     for _ in range(40):
         mid = np.sqrt(max(lo, 1e-3) * hi) if lo > 0 else hi / 16
         rule, agreement = solve(mid)

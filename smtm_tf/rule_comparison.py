@@ -78,7 +78,7 @@ def measure_rules(runtime, rules: dict, streams: dict, images: np.ndarray,
         for (name, budget), (rule, policy) in rules.items():
             runtime.set_exit_rule(rule, policy)
             for kind, stream in streams.items():
-                c = validation.compare(runtime, images[stream.indices], labels[stream.indices])
+                c = validation.compare(runtime, stream.render(images), labels[stream.indices])
                 results.append(RuleResult(name, budget, kind, c))
     finally:
         runtime.set_exit_rule(runtime.descriptor.exit_rule, runtime.descriptor.cache)
@@ -144,7 +144,7 @@ def lock_in_study(runtime, rule, policy: cache_lib.CachePolicy, stream, images, 
     try:
         for w in exit_weights:
             runtime.set_exit_rule(rule, dataclasses.replace(policy, exit_weight=w))
-            results.append((w, validation.compare(runtime, images[stream.indices],
+            results.append((w, validation.compare(runtime, stream.render(images),
                                                   labels[stream.indices])))
     finally:
         runtime.set_exit_rule(runtime.descriptor.exit_rule, runtime.descriptor.cache)
