@@ -103,7 +103,7 @@ class StreamsTest(parameterized.TestCase):
         ("video_no_frames", lambda: streams.video(LABELS, 0), "at least one frame"),
         ("unknown_kind", lambda: streams.make_stream("random", LABELS, 10),
          r"Unknown stream 'random'; choose one of \['uniform', 'zipf', 'video', "
-         r"'open_set'\]"),
+         r"'open_set', 'scene_change', 'drift', 'object'\]"),
         ("outside", lambda: streams.video(LABELS, 10, outside=1.5), "outside"),
     )
     def test_invalid_arguments(self, make, pattern):
