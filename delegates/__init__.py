@@ -1,12 +1,38 @@
-"""Execution backends for SMTM models."""
+"""Execution backends for SMTM models, chosen in one place.
 
-from delegates.cpu import CpuBackend
+  cpu         the LiteRT interpreter with XNNPACK (`num_threads`).
+  gpu         LiteRT's CompiledModel on the GPU accelerator; ops it cannot
+              take (or a machine without a GPU) fall back to the CPU.
+  gpu_strict  the same, but loading fails unless every op runs on the GPU.
+  a delegate library by path (`delegate_library=`): the interpreter with
+              `load_delegate(path)`, as Android/Linux builds attach GPU delegates.
+"""
 
-BACKENDS = {"cpu": CpuBackend}
+from __future__ import annotations
+
+BACKEND_NAMES = ("cpu", "gpu", "gpu_strict")
 
 
-def make_backend(name: str = "cpu", **kwargs):
-    """Returns a backend by name (`--backend` flag)."""
-    if name not in BACKENDS:
-        raise ValueError(f"Unknown backend {name!r}; available: {sorted(BACKENDS)}.")
-    return BACKENDS[name](**kwargs)
+def make_backend(name: str = "cpu", *, num_threads: int = 1, precision: str = "fp32",
+                 delegate_library: str | None = None, delegate_options: dict | None = None):
+    """Returns a backend by name (the `--backend` flag).
+
+    Args:
+      name: "cpu", "gpu" or "gpu_strict".
+      num_threads: CPU threads (cpu, and a delegate library's CPU fallback).
+      precision: GPU precision, "fp32" or "fp16".
+      delegate_library: a delegate shared library; with it `name` picks
+        strict ("gpu_strict") or fallback ("cpu"/"gpu") delegation.
+      delegate_options: options passed to the delegate library.
+    """
+    if name not in BACKEND_NAMES:
+        raise ValueError(f"Unknown backend {name!r}; available: {list(BACKEND_NAMES)}.")
+    if delegate_library:
+        from delegates.external import DelegateBackend  # pylint: disable=import-outside-toplevel
+        return DelegateBackend(delegate_library, delegate_options, num_threads=num_threads,
+                               strict=name == "gpu_strict")
+    if name == "cpu":
+        from delegates.cpu import CpuBackend  # pylint: disable=import-outside-toplevel
+        return CpuBackend(num_threads=num_threads)
+    from delegates.gpu import GpuBackend  # pylint: disable=import-outside-toplevel
+    return GpuBackend(strict=name == "gpu_strict", precision=precision)

@@ -48,13 +48,16 @@ def pool(activation, pooling: Pooling | str):
 
 
 def l2_normalize(v):
-    """v / |v| written as v * rsqrt(sum(v^2) + eps): ops every GPU path supports.
+    """v / |v| written as v * rsqrt(sum(v * v) + eps): ops every GPU path supports.
 
-    (TFLite's L2_NORMALIZATION op is not supported by the GPU accelerator.)
+    TFLite's L2_NORMALIZATION op is not supported by the GPU accelerator, and
+    the converter fuses `v * rsqrt(sum(square(v)) + eps)` (and the `sqrt` and
+    `maximum` forms) back into it; with `v * v` instead of `square` it keeps
+    MUL, SUM, ADD and RSQRT. The converter's GPU gate checks the result.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    return v * tf.math.rsqrt(tf.reduce_sum(tf.square(v), axis=-1, keepdims=True) + EPSILON)
+    return v * tf.math.rsqrt(tf.reduce_sum(v * v, axis=-1, keepdims=True) + EPSILON)
 
 
 def l2_normalize_np(v: np.ndarray) -> np.ndarray:
