@@ -120,3 +120,137 @@ def save_model_atomic(model, path: str) -> None:
     with io_utils.atomic_path(path) as tmp:
         os.remove(tmp)  # Keras refuses to overwrite without asking.
         bare.save(tmp)
+
+
+def vgg_demo(input_shape=(28, 28, 1), num_classes: int = 10, widths=(32, 64, 128),
+             convs_per_block: int = 2, bn_momentum: float = 0.9,
+             keras: types.ModuleType | None = None):
+    """A VGG-style plain CNN: blocks of 3x3 convolutions, each block ending in
+    2x2 max pooling, then global average pooling and a dense softmax.
+
+    No shortcuts, so every layer is a cut point. BatchNorm after each
+    convolution (VGG-BN) lets it train in a few epochs. Layers are named
+    `block{i}_conv{j}` / `block{i}_pool`.
+
+    Args:
+      input_shape: image shape `(H, W, C)`; raw pixels (0..255), rescaled inside.
+      num_classes: number of output classes.
+      widths: channels of each block.
+      convs_per_block: 3x3 convolutions per block.
+      bn_momentum: BatchNorm momentum.
+      keras: the Keras module to build with (`tf_keras` by default).
+
+    Returns:
+      An uncompiled functional model with softmax outputs.
+    """
+    k = keras or _default_keras()
+    layers = k.layers
+    inputs = k.Input(input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    for i, width in enumerate(widths):
+        for j in range(convs_per_block):
+            name = f"block{i}_conv{j}"
+            x = layers.Conv2D(width, 3, padding="same", use_bias=False, name=name)(x)
+            x = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")(x)
+            x = layers.ReLU(name=f"{name}_relu")(x)
+        x = layers.MaxPooling2D(2, padding="same", name=f"block{i}_pool")(x)
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="logits")(x)
+    return k.Model(inputs, outputs, name="smtm_vgg_demo")
+
+
+# (expansion, channels, blocks, first stride) per group, MobileNetV2 Table 2
+# shrunk to 28x28 inputs: three stride-2 groups take 28 -> 4.
+MOBILENET_V2_BLOCKS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 3, 1),
+                       (6, 96, 2, 2))
+
+
+def mobilenet_v2_demo(input_shape=(28, 28, 1), num_classes: int = 10,
+                      blocks=MOBILENET_V2_BLOCKS, stem: int = 32, last: int = 320,
+                      bn_momentum: float = 0.9, keras: types.ModuleType | None = None):
+    """A MobileNetV2-style CNN: inverted residual blocks (1x1 expansion, 3x3
+    depthwise, linear 1x1 projection; shortcut when shapes match), ReLU6.
+
+    Built by hand rather than with `keras.applications.MobileNetV2`, whose
+    BatchNorm momentum (0.999) left validation accuracy at chance for 10
+    epochs here; `bn_momentum` defaults to 0.9. Each block ends in a layer
+    named `block{i}_out` (the Add, or the projection's BatchNorm when there is
+    no shortcut): the model's cut points.
+
+    Args:
+      input_shape: image shape `(H, W, C)`; raw pixels (0..255), rescaled inside.
+      num_classes: number of output classes.
+      blocks: (expansion, channels, repeats, first stride) per group.
+      stem: channels of the first 3x3 convolution.
+      last: channels of the final 1x1 convolution.
+      bn_momentum: BatchNorm momentum.
+      keras: the Keras module to build with (`tf_keras` by default).
+
+    Returns:
+      An uncompiled functional model with softmax outputs.
+    """
+    k = keras or _default_keras()
+    layers = k.layers
+
+    def bn(x, name):
+        return layers.BatchNormalization(momentum=bn_momentum, name=name)(x)
+
+    inputs = k.Input(input_shape, name="image")
+    x = layers.Rescaling(1.0 / 255.0, name="rescale")(inputs)
+    x = layers.Conv2D(stem, 3, padding="same", use_bias=False, name="stem_conv")(x)
+    x = layers.ReLU(6.0, name="stem_relu")(bn(x, "stem_bn"))
+    index = 0
+    for expansion, channels, repeats, first_stride in blocks:
+        for r in range(repeats):
+            name = f"block{index}"
+            stride = first_stride if r == 0 else 1
+            y = x
+            if expansion != 1:
+                y = layers.Conv2D(int(x.shape[-1]) * expansion, 1, use_bias=False,
+                                  name=f"{name}_expand")(y)
+                y = layers.ReLU(6.0, name=f"{name}_expand_relu")(bn(y, f"{name}_expand_bn"))
+            y = layers.DepthwiseConv2D(3, strides=stride, padding="same", use_bias=False,
+                                       name=f"{name}_dw")(y)
+            y = layers.ReLU(6.0, name=f"{name}_dw_relu")(bn(y, f"{name}_dw_bn"))
+            y = layers.Conv2D(channels, 1, use_bias=False, name=f"{name}_project")(y)
+            if stride == 1 and int(x.shape[-1]) == channels:
+                y = bn(y, f"{name}_project_bn")
+                x = layers.Add(name=f"{name}_out")([x, y])
+            else:
+                x = bn(y, f"{name}_out")
+            index += 1
+    x = layers.Conv2D(last, 1, use_bias=False, name="last_conv")(x)
+    x = layers.ReLU(6.0, name="last_relu")(bn(x, "last_bn"))
+    x = layers.GlobalAveragePooling2D(name="gap")(x)
+    outputs = layers.Dense(num_classes, activation="softmax", name="logits")(x)
+    return k.Model(inputs, outputs, name="smtm_mobilenet_v2_demo")
+
+
+def train_classifier(model, x_train: np.ndarray, y_train: np.ndarray,
+                     x_val: np.ndarray, y_val: np.ndarray, epochs: int = 5,
+                     batch_size: int = 128, learning_rate: float = 2e-3, seed: int = 0,
+                     verbose=2):
+    """Trains any built classifier as `train_demo_model` trains the ResNet:
+    Adam with a cosine learning rate and shift augmentation (up to 2 px).
+
+    Returns:
+      The trained model (the same object).
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
+
+    k = kerascompat.keras_of(model)
+    k.utils.set_random_seed(seed)
+    steps = epochs * int(np.ceil(len(x_train) / batch_size))
+    schedule = k.optimizers.schedules.CosineDecay(learning_rate, decay_steps=steps)
+    compile_args = {} if k.__name__ == "tf_keras" else {"jit_compile": False}
+    model.compile(optimizer=k.optimizers.Adam(schedule),
+                  loss="sparse_categorical_crossentropy", metrics=["accuracy"],
+                  **compile_args)
+    train = (tf.data.Dataset.from_tensor_slices((x_train, y_train))
+             .shuffle(len(x_train), seed=seed).batch(batch_size)
+             .map(lambda x, y: (shift_augment(x), y),
+                  num_parallel_calls=tf.data.AUTOTUNE)
+             .prefetch(tf.data.AUTOTUNE))
+    model.fit(train, validation_data=(x_val, y_val), epochs=epochs, verbose=verbose)
+    return model

@@ -1,0 +1,183 @@
+"""SMTM against the full model, BranchyNet exits and GATI learned caches.
+
+For each model (trained by scripts/train_models.py, with its semantic memory
+and baseline heads committed beside it), converts one .tflite holding every
+contender's signatures, calibrates every early-exit method to every budget on
+the same held-out frames, and runs all contenders interleaved block by block
+on the same test-split streams. Writes a markdown table, JSON and one PNG per
+model (speed-up against accuracy drop, one curve per method over budgets).
+
+Example:
+  python3 scripts/benchmark.py                 # the documented run
+  python3 scripts/benchmark.py --quick         # CI: every method produces numbers
+"""
+
+import os
+import time
+
+from absl import app
+from absl import flags
+
+_MODELS = flags.DEFINE_list("models", ["resnet", "mobilenet_v2", "vgg"],
+                            "Models (see scripts/train_models.py).")
+_MODEL_DIR = flags.DEFINE_string("model_dir", "models", "Where the trained models are.")
+_STREAMS = flags.DEFINE_list("streams", None, "Streams (default: all the benchmark's).")
+_BUDGETS = flags.DEFINE_list("budgets", ["0.5", "1", "2"],
+                             "Budgets in points of agreement with the full model.")
+_FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
+_WARMUP = flags.DEFINE_integer("warmup", 50, "Untimed frames per contender per stream.")
+_BLOCK = flags.DEFINE_integer("block", 100, "Frames a contender runs before the next.")
+_SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
+_HOLDOUT = flags.DEFINE_float("holdout", 0.1, "Calibration tail of the train split.")
+_THREADS = flags.DEFINE_integer("num_threads", 1, "Interpreter threads.")
+_CHECK_IMAGES = flags.DEFINE_integer("check_images", 32,
+                                     "Test images the conversion checks run on.")
+_OUTPUT_DIR = flags.DEFINE_string("output_dir", "out/benchmark",
+                                  "Where the table, JSON, plots and .tflite files go.")
+_QUICK = flags.DEFINE_bool(
+    "quick", False, "CI mode: 300 frames, the memories' own budget (1 point), 8 check "
+    "images; fails unless every method produced finite numbers.")
+
+
+def main(argv):
+    del argv
+    import numpy as np  # pylint: disable=import-outside-toplevel
+
+    from converters import smtm_converter  # pylint: disable=import-outside-toplevel
+    from scripts import train_models  # pylint: disable=import-outside-toplevel
+    from smtm_tf import baselines  # pylint: disable=import-outside-toplevel
+    from smtm_tf import benchmark  # pylint: disable=import-outside-toplevel
+    from smtm_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+    from smtm_tf import encoders as enc  # pylint: disable=import-outside-toplevel
+    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
+    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
+    from smtm_tf import stages as stages_lib  # pylint: disable=import-outside-toplevel
+    from smtm_tf import streams as streams_lib  # pylint: disable=import-outside-toplevel
+    from delegates import cpu  # pylint: disable=import-outside-toplevel
+
+    started = time.time()
+    quick = _QUICK.value
+    frames_per_stream = 300 if quick else _FRAMES.value
+    warmup = 20 if quick else _WARMUP.value
+    budgets = [1.0] if quick else [float(b) for b in _BUDGETS.value]
+    check_images = 8 if quick else _CHECK_IMAGES.value
+    stream_specs = [s for s in benchmark.STREAMS
+                    if _STREAMS.value is None or s[0] in _STREAMS.value]
+    if _STREAMS.value and len(stream_specs) != len(_STREAMS.value):
+        raise app.UsageError(f"Known streams: {[s[0] for s in benchmark.STREAMS]}.")
+    unknown = [m for m in _MODELS.value if m not in train_models.MODELS]
+    if unknown:
+        raise app.UsageError(f"Unknown models {unknown}; known: {sorted(train_models.MODELS)}.")
+    out_dir = _OUTPUT_DIR.value
+    os.makedirs(out_dir, exist_ok=True)
+    data = data_lib.load_fashion_mnist()
+    _, (x_cal, _) = data.holdout(_HOLDOUT.value)
+    info = benchmark.machine_info(_THREADS.value)
+    info.update(frames=frames_per_stream, budgets=budgets, seed=_SEED.value,
+                block=_BLOCK.value, warmup=warmup, quick=quick,
+                streams=[s[0] for s in stream_specs])
+    print(f"{info['machine']}; {info['cpu_count']} CPUs; {info['num_threads']} interpreter "
+          f"thread(s); {info['versions']}", flush=True)
+
+    def backend():
+        return cpu.CpuBackend(num_threads=_THREADS.value)
+
+    rows, model_info = [], []
+    for name in _MODELS.value:
+        t0 = time.time()
+        stem = train_models.MODELS[name][1]
+        keras_path = os.path.join(_MODEL_DIR.value, stem + ".keras")
+        memory_path = smtm_converter.memory_path_for(keras_path)
+        heads_path = os.path.join(_MODEL_DIR.value, stem + ".baselines.npz")
+        for p in (keras_path, memory_path, heads_path):
+            if not os.path.exists(p):
+                raise app.UsageError(f"{p} is missing: run python3 scripts/train_models.py "
+                                     f"--models={name}")
+        model = kerascompat.load_model(keras_path)
+        memory = memory_lib.SemanticMemory.load(memory_path)
+        heads = baselines.BaselineHeads.load(heads_path)
+        test_pred = model.predict(data.x_test, verbose=0, batch_size=500).argmax(1)
+        test_acc = 100 * float((test_pred == data.y_test).mean())
+        print(f"[{name}] {keras_path}: {model.count_params()} parameters, test accuracy "
+              f"{test_acc:.2f}%; converting with the baselines' signatures", flush=True)
+        flat = baselines.convert(model, memory, heads, data.x_test[:check_images])
+        io_utils.write_bytes_atomic(os.path.join(out_dir, stem + ".bench.tflite"), flat)
+        stage_models, head = stages_lib.split_model(model, memory.plan)
+        calibration = enc.extract_features(stage_models, head, x_cal, memory.pooling)
+        print(f"[{name}] calibrating {len(benchmark.METHODS) - 1} methods x "
+              f"{len(budgets)} budgets on {len(x_cal)} held-out frames", flush=True)
+        calibrated = benchmark.calibrate_all(memory, heads, calibration, budgets)
+        contenders = benchmark.make_contenders(flat, calibrated, budgets,
+                                               backend_factory=backend)
+        input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        model_info.append({
+            "model": name, "path": keras_path, "parameters": int(model.count_params()),
+            "test_accuracy": test_acc, "tflite_bytes": len(flat),
+            "cut_layers": list(memory.plan.cut_layers),
+            "stage_costs": [float(c) for c in memory.plan.stage_costs],
+            "memory_budget": calibrated.memory_budget,
+            "nearest_centre_agreement": [float(a) for a in memory.stage_accuracy],
+            "baseline_agreement": {m.value: list(a)
+                                   for m, a in heads.stage_agreement.items()},
+            "thresholds": {f"{m}@{b:g}": (None if r is None else list(r[0].thresholds))
+                           for (m, b), r in calibrated.rules.items()}})
+        for stream_name, kind, exponent in stream_specs:
+            ts = time.time()
+            stream = streams_lib.make_stream(kind, data.y_test, frames_per_stream,
+                                             seed=_SEED.value, zipf_exponent=exponent or 1.2)
+            frames = np.ascontiguousarray(stream.render(data.x_test), np.float32).reshape(
+                (len(stream), 1) + input_shape)
+            results = benchmark.run_interleaved(contenders, frames, warmup, _BLOCK.value)
+            new = benchmark.rows_for(name, stream_name, contenders, results, stream.labels,
+                                     memory.plan.stage_costs)
+            rows += new
+            at = {r.method: r for r in new if r.budget in (None, budgets[0] if quick else 1.0)}
+            print(f"[{name}] {stream_name}: {len(frames)} frames x {len(contenders)} "
+                  f"contenders in {time.time() - ts:.0f} s; speed-up at 1 point: "
+                  + ", ".join(f"{m} {r.speedup:.2f}x ({r.drop:+.2f})" for m, r in at.items()
+                              if m != benchmark.FULL), flush=True)
+        model_info[-1]["seconds"] = time.time() - t0
+        del contenders
+
+    summary_budget = 1.0 if 1.0 in budgets else budgets[0]
+    info["seconds"] = time.time() - started
+    table = benchmark.format_rows(rows)
+    summary = benchmark.format_summary(rows, summary_budget)
+    targets = benchmark.check_targets(rows, summary_budget)
+    accuracy = "\n".join(f"- {m['model']}: {m['test_accuracy']:.2f}% test accuracy, "
+                         f"{m['parameters']} parameters, stages end at "
+                         f"{', '.join(m['cut_layers'])}" for m in model_info)
+    report = "\n".join([
+        f"# Benchmark ({'quick' if quick else 'default'} run)", "",
+        f"{info['machine']}, {info['cpu_count']} CPUs, {info['backend']}, "
+        f"{info['num_threads']} thread(s); Python {info['python']}, "
+        + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
+        + f"; {frames_per_stream} frames per stream, seed {_SEED.value}, blocks of "
+        f"{_BLOCK.value}; {info['seconds']:.0f} s.", "",
+        "Models:", "", accuracy, "",
+        f"## Speed-up (top-1 drop in points) at budget {summary_budget:g}", "", summary, "",
+        "Targets: " if targets else "", *[f"- {t}" for t in targets], "",
+        "## All rows", "", table, ""])
+    io_utils.write_bytes_atomic(os.path.join(out_dir, "benchmark.md"), report.encode())
+    benchmark.write_json(os.path.join(out_dir, "benchmark.json"), info, model_info, rows)
+    if len(budgets) > 1 or not quick:
+        for name in _MODELS.value:
+            benchmark.plot(rows, name, os.path.join(out_dir, f"benchmark_{name}.png"))
+    print()
+    print(report)
+    print(f"wrote {out_dir}/benchmark.md, benchmark.json"
+          + ("" if quick and len(budgets) == 1 else ", benchmark_<model>.png")
+          + f" in {time.time() - started:.0f} s")
+    problems = benchmark.missing_numbers(rows, _MODELS.value, [s[0] for s in stream_specs],
+                                         budgets)
+    if problems:
+        raise SystemExit("Methods without numbers:\n  " + "\n  ".join(problems))
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

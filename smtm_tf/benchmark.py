@@ -1,0 +1,441 @@
+"""SMTM against the designs users would pick instead, on one harness.
+
+Contenders (all on the same .tflite, the same frames, in one process):
+  full           the `full` signature: the standard approach;
+  branchynet     softmax branches after each stage, entropy exits;
+  learned_cache  GATI-style learned caches predicting the full model's output;
+  smtm_static    SMTM with a layer-aware rule calibrated without a cache
+                 (every class alike);
+  smtm_adaptive  SMTM as its descriptor says (the runtime's default: the
+                 rule, cache and memory it was fitted with).
+Every early-exit contender is calibrated on the same held-out frames to the
+same budget (points of agreement with the full model, Wilson bound). They
+run interleaved block by block, the order rotating every block, so machine
+noise hits all alike (blocks, not frames: see `validation`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+
+import numpy as np
+
+from smtm_tf import baselines as baselines_lib
+from smtm_tf import exit_policy
+from smtm_tf import memory as memory_lib
+
+FULL = "full"
+BRANCHY = baselines_lib.Method.BRANCHY.value
+LEARNED_CACHE = baselines_lib.Method.LEARNED_CACHE.value
+SMTM_STATIC = "smtm_static"
+SMTM_ADAPTIVE = "smtm_adaptive"
+METHODS = (FULL, BRANCHY, LEARNED_CACHE, SMTM_STATIC, SMTM_ADAPTIVE)
+METHOD_LABELS = {
+    FULL: "1. full model",
+    BRANCHY: "2. BranchyNet exits",
+    LEARNED_CACHE: "3. learned cache (GATI)",
+    SMTM_STATIC: "4. SMTM static",
+    SMTM_ADAPTIVE: "5. SMTM adaptive",
+}
+BASELINES = (BRANCHY, LEARNED_CACHE)
+SMTM_METHODS = (SMTM_STATIC, SMTM_ADAPTIVE)
+
+# (name, stream kind, zipf exponent)
+STREAMS = (
+    ("uniform", "uniform", None),
+    ("zipf0.8", "zipf", 0.8),
+    ("zipf1.4", "zipf", 1.4),
+    ("video", "video", None),
+    ("object", "object", None),
+    ("scene_change", "scene_change", None),
+)
+
+
+class FullRuntime:
+    """The plain model through the `full` signature, with the harness's interface."""
+
+    def __init__(self, session, num_stages: int):
+        self._sig = session.signature("full")
+        self._in = self._sig.input_view("image")
+        self._out = self._sig.output_view("probabilities")
+        self._invoke = self._sig.invoke
+        self.num_stages = num_stages
+
+    def reset_cache(self) -> None:
+        """Stateless."""
+
+    def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
+        np.copyto(self._in, frame)
+        self._invoke()
+        return int(self._out.argmax()), self.num_stages
+
+
+@dataclasses.dataclass
+class Contender:
+    """One method at one budget (None for `full`), and the runtime that runs it."""
+
+    method: str
+    budget: float | None
+    runtime: object
+
+    @property
+    def key(self) -> str:
+        return self.method if self.budget is None else f"{self.method}@{self.budget:g}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """Figures of one contender on one stream."""
+
+    model: str
+    stream: str
+    method: str
+    budget: float | None
+    frames: int
+    accuracy: float  # Top-1 against labels, %.
+    drop: float  # Points of top-1 lost against `full` on the same frames.
+    agreement: float  # % of frames answered as `full` answered them.
+    mean_us: float
+    p95_us: float
+    speedup: float  # full's mean latency / this contender's, same run.
+    compute_speedup: float  # 1 / expected share of full's multiply-adds.
+    exit_shares: tuple[float, ...]  # Per stage, then the head.
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def reset(runtime) -> None:
+    """Empties a runtime's stream state where it keeps any."""
+    fn = getattr(runtime, "reset_cache", None)
+    if fn is not None:
+        fn()
+
+
+def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int = 50,
+                    block: int = 100) -> dict:
+    """Runs every contender on every frame, block by block, the order rotating.
+
+    Block b runs the contenders starting from b mod n, forwards on even
+    rounds and backwards on odd ones, so no contender always follows the
+    same one (whose weights it would find in or evict from the caches).
+
+    Returns:
+      {contender key: (predictions, exit stages, nanoseconds per frame)}.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}.")
+    n, k = len(frames), len(contenders)
+    out = {c.key: (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
+           for c in contenders}
+    for c in contenders:
+        for i in range(min(warmup, n)):
+            c.runtime.classify_fast(frames[i])
+        reset(c.runtime)  # Each stream starts with an empty cache.
+    clock = time.perf_counter_ns
+    for b, start in enumerate(range(0, n, block)):
+        end = min(n, start + block)
+        order = [contenders[(b + j) % k] for j in range(k)]
+        if (b // k) % 2:
+            order.reverse()
+        for c in order:
+            pred, stage, ns = out[c.key]
+            classify = c.runtime.classify_fast
+            for i in range(start, end):
+                t0 = clock()
+                pred[i], stage[i] = classify(frames[i])
+                ns[i] = clock() - t0
+    return out
+
+
+def compute_speedup(exit_shares, stage_costs) -> float:
+    """1 / the expected share of full's multiply-adds, given where frames exited."""
+    cumulative = np.append(np.cumsum(stage_costs), 1.0)
+    return float(1.0 / np.dot(exit_shares, cumulative))
+
+
+def rows_for(model: str, stream: str, contenders: list[Contender], results: dict,
+             labels: np.ndarray, stage_costs) -> list[Row]:
+    """Turns one stream's raw results into rows, against its `full` contender."""
+    num_stages = len(stage_costs)
+    full_pred, _, full_ns = results[FULL]
+    full_acc = float((full_pred == labels).mean())
+    full_mean = float(full_ns.mean()) / 1e3
+    rows = []
+    for c in contenders:
+        pred, stage, ns = results[c.key]
+        us = ns / 1e3
+        shares = np.bincount(stage, minlength=num_stages + 1)[:num_stages + 1] / len(stage)
+        acc = float((pred == labels).mean())
+        rows.append(Row(model, stream, c.method, c.budget, len(pred), 100 * acc,
+                        100 * (full_acc - acc), 100 * float((pred == full_pred).mean()),
+                        float(us.mean()), float(np.percentile(us, 95)),
+                        full_mean / float(us.mean()),
+                        compute_speedup(shares, stage_costs),
+                        tuple(float(s) for s in shares)))
+    return rows
+
+
+@dataclasses.dataclass
+class Calibrated:
+    """Every early-exit method's rule at every budget, for one model."""
+
+    rules: dict  # {(method, budget): (ExitRule, CachePolicy or None)}
+    memory_budget: float  # The budget the memory's own rule was calibrated to.
+
+
+def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.BaselineHeads,
+                  calibration, budgets) -> Calibrated:
+    """Calibrates every method at every budget on the same held-out frames.
+
+    Args:
+      memory: the model's semantic memory (its layer-aware parameters are reused).
+      heads: the baselines' heads.
+      calibration: `encoders.StageFeatures` of the held-out frames.
+      budgets: budgets in points of agreement with the full model.
+
+    Returns:
+      The rules; SMTM adaptive at the memory's own budget is None: the
+      runtime's default (the descriptor's rule, cache and memory) runs then.
+    """
+    rule = memory.exit_rule
+    if rule.metric is not exit_policy.Metric.LAYER_AWARE:
+        raise ValueError(f"The memory's rule uses the {rule.metric.value} metric; the "
+                         "benchmark recalibrates SMTM with its layer_aware parameters.")
+    sims = memory.similarities(calibration)
+    full = calibration.predictions
+    costs = memory.plan.stage_costs
+    memory_budget = round(100 * (1 - rule.target_agreement), 6)
+    policy = memory.cache_policy
+    rules = {}
+    for budget in budgets:
+        target = exit_policy.budget_to_target(budget)
+        for method in BASELINES:
+            rules[(method, budget)] = (baselines_lib.calibrate(
+                heads, method, calibration.pooled, full, costs, target), None)
+        rules[(SMTM_STATIC, budget)] = (memory_lib.calibrate_rule(
+            sims, full, costs, target, exit_policy.Metric.LAYER_AWARE, rule.metric_params,
+            cache_policy=None), None)
+        if abs(budget - memory_budget) < 1e-9:
+            rules[(SMTM_ADAPTIVE, budget)] = None
+        else:
+            rules[(SMTM_ADAPTIVE, budget)] = (memory_lib.calibrate_rule(
+                sims, full, costs, target, exit_policy.Metric.LAYER_AWARE,
+                rule.metric_params, cache_policy=policy), policy)
+    return Calibrated(rules, memory_budget)
+
+
+def make_contenders(model_bytes: bytes, calibrated: Calibrated, budgets,
+                    methods=METHODS, backend_factory=None) -> list[Contender]:
+    """One runtime per contender, each on its own interpreter, so none shares
+    packed weights (or a cache) with another."""
+    from delegates import cpu  # pylint: disable=import-outside-toplevel
+    from smtm_tf.runtime import SmtmRuntime  # pylint: disable=import-outside-toplevel
+
+    def backend():
+        return backend_factory() if backend_factory else cpu.CpuBackend(num_threads=1)
+
+    contenders = []
+    probe = SmtmRuntime(model_bytes, backend())
+    num_stages = probe.num_stages
+    if FULL in methods:
+        contenders.append(Contender(FULL, None,
+                                    FullRuntime(backend().load(model_bytes), num_stages)))
+    for budget in budgets:
+        for method in methods:
+            if method == FULL:
+                continue
+            entry = calibrated.rules[(method, budget)]
+            if method in BASELINES:
+                runtime = baselines_lib.BaselineRuntime(backend().load(model_bytes), method,
+                                                        entry[0])
+            else:
+                runtime = probe if probe is not None else SmtmRuntime(model_bytes, backend())
+                probe = None
+                if entry is not None:
+                    runtime.set_exit_rule(*entry)
+            contenders.append(Contender(method, budget, runtime))
+    return contenders
+
+
+def machine_info(num_threads: int) -> dict:
+    """Machine, thread count and versions, recorded with every result."""
+    import ai_edge_litert  # pylint: disable=import-outside-toplevel
+    import keras  # pylint: disable=import-outside-toplevel
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tf_keras  # pylint: disable=import-outside-toplevel
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        from importlib import metadata as im  # pylint: disable=import-outside-toplevel
+        litert_version = im.version("ai-edge-litert")
+    except Exception:  # pylint: disable=broad-except
+        litert_version = getattr(ai_edge_litert, "__version__", "unknown")
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": f"{platform.system()} {platform.machine()}, {cpu}",
+        "cpu_count": os.cpu_count(),
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "backend": "LiteRT Interpreter, XNNPACK, float32",
+        "num_threads": num_threads,
+        "python": sys.version.split()[0],
+        "versions": {"tensorflow": tf.__version__, "tf_keras": tf_keras.__version__,
+                     "keras": keras.__version__, "ai_edge_litert": litert_version,
+                     "numpy": np.__version__},
+    }
+
+
+def _fmt_budget(b) -> str:
+    return "-" if b is None else f"{b:g}"
+
+
+def format_rows(rows: list[Row]) -> str:
+    """The full markdown table: one line per model x stream x method (x budget)."""
+    num_stages = len(rows[0].exit_shares) - 1
+    exits = " / ".join(f"s{s}" for s in range(num_stages)) + " / head"
+    lines = [f"| model | stream | method | budget | top-1 | drop vs full | agree w/ full | "
+             f"mean us | p95 us | speed-up | compute speed-up | exits % {exits} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        shares = " / ".join(f"{100 * s:.0f}" for s in r.exit_shares)
+        lines.append(
+            f"| {r.model} | {r.stream} | {METHOD_LABELS[r.method]} | {_fmt_budget(r.budget)} | "
+            f"{r.accuracy:.2f}% | {r.drop:+.2f} | {r.agreement:.2f}% | {r.mean_us:.0f} | "
+            f"{r.p95_us:.0f} | {r.speedup:.2f}x | {r.compute_speedup:.2f}x | {shares} |")
+    return "\n".join(lines)
+
+
+def format_summary(rows: list[Row], budget: float) -> str:
+    """Speed-up (top-1 drop) of each method per model x stream at one budget,
+    and SMTM's best over the better baseline."""
+    methods = [m for m in METHODS if m != FULL]
+    head = ("| model | stream | full us | "
+            + " | ".join(METHOD_LABELS[m] for m in methods)
+            + " | SMTM best / best baseline |")
+    lines = [head, "|---|---|---|" + "---|" * (len(methods) + 1)]
+    keys = []
+    for r in rows:
+        if (r.model, r.stream) not in keys:
+            keys.append((r.model, r.stream))
+    for model, stream in keys:
+        sel = {r.method: r for r in rows if r.model == model and r.stream == stream
+               and (r.budget is None or abs(r.budget - budget) < 1e-9)}
+        if FULL not in sel:
+            continue
+        cells = []
+        for m in methods:
+            r = sel.get(m)
+            cells.append("-" if r is None else f"{r.speedup:.2f}x ({r.drop:+.2f})")
+        smtm = max((sel[m].speedup for m in SMTM_METHODS if m in sel), default=float("nan"))
+        base = max((sel[m].speedup for m in BASELINES if m in sel), default=float("nan"))
+        lines.append(f"| {model} | {stream} | {sel[FULL].mean_us:.0f} | " + " | ".join(cells)
+                     + f" | {smtm / base:.2f}x |")
+    return "\n".join(lines)
+
+
+def check_targets(rows: list[Row], budget: float, streams=("video", "object"),
+                  min_speedup: float = 2.0, max_drop: float = 1.0,
+                  min_over_baseline: float = 1.3) -> list[str]:
+    """The issue's acceptance figures, one line per model x stream."""
+    out = []
+    keys = sorted({(r.model, r.stream) for r in rows if r.stream in streams})
+    for model, stream in keys:
+        sel = {r.method: r for r in rows if r.model == model and r.stream == stream
+               and (r.budget is None or abs(r.budget - budget) < 1e-9)}
+        smtm = [sel[m] for m in SMTM_METHODS if m in sel]
+        base = [sel[m] for m in BASELINES if m in sel]
+        if not smtm or not base:
+            continue
+        best = max(smtm, key=lambda r: r.speedup if r.drop <= max_drop else -1)
+        best_base = max(base, key=lambda r: r.speedup)
+        ok_speed = best.speedup >= min_speedup and best.drop <= max_drop
+        ratio = best.speedup / best_base.speedup
+        out.append(f"{model} / {stream}: {best.method} {best.speedup:.2f}x at "
+                   f"{best.drop:+.2f} points ({'meets' if ok_speed else 'misses'} "
+                   f">= {min_speedup:g}x within {max_drop:g}); vs {best_base.method} "
+                   f"{best_base.speedup:.2f}x: {ratio:.2f}x ({'meets' if ratio >= min_over_baseline else 'misses'} "
+                   f">= {min_over_baseline:g}x)")
+    return out
+
+
+def missing_numbers(rows: list[Row], models, streams, budgets) -> list[str]:
+    """What the --quick check demands: every method has finite numbers on every
+    model and stream at every budget."""
+    problems = []
+    for model in models:
+        for stream in streams:
+            for method in METHODS:
+                for budget in ([None] if method == FULL else budgets):
+                    match = [r for r in rows if r.model == model and r.stream == stream
+                             and r.method == method and r.budget == budget]
+                    if not match:
+                        problems.append(f"{model}/{stream}/{method}@{_fmt_budget(budget)}: "
+                                        "no row")
+                        continue
+                    r = match[0]
+                    values = (r.accuracy, r.agreement, r.mean_us, r.p95_us, r.speedup,
+                              r.compute_speedup)
+                    if not all(np.isfinite(v) for v in values) or r.mean_us <= 0:
+                        problems.append(f"{model}/{stream}/{method}@{_fmt_budget(budget)}: "
+                                        f"non-finite figures {values}")
+    return problems
+
+
+def plot(rows: list[Row], model: str, path: str) -> None:
+    """Speed-up against accuracy drop, one curve per method over budgets, one
+    panel per stream."""
+    import matplotlib  # pylint: disable=import-outside-toplevel
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+    streams = []
+    for r in rows:
+        if r.model == model and r.stream not in streams:
+            streams.append(r.stream)
+    cols = min(3, len(streams))
+    nrows = int(np.ceil(len(streams) / cols))
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.8 * nrows), squeeze=False)
+    markers = {FULL: "*", BRANCHY: "s", LEARNED_CACHE: "^", SMTM_STATIC: "o",
+               SMTM_ADAPTIVE: "D"}
+    for ax, stream in zip(axes.flat, streams):
+        for method in METHODS:
+            sel = sorted((r for r in rows if r.model == model and r.stream == stream
+                          and r.method == method), key=lambda r: r.budget or 0)
+            if not sel:
+                continue
+            ax.plot([r.drop for r in sel], [r.speedup for r in sel], marker=markers[method],
+                    label=METHOD_LABELS[method], markersize=8 if method == FULL else 5)
+        ax.axvline(1.0, color="grey", lw=0.6, ls=":")
+        ax.axhline(2.0, color="grey", lw=0.6, ls=":")
+        ax.set_title(f"{model}: {stream}")
+        ax.set_xlabel("top-1 drop vs full (points)")
+        ax.set_ylabel("measured speed-up vs full")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(streams):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+    with io_utils.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_json(path: str, info: dict, models: list[dict], rows: list[Row]) -> None:
+    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
+    payload = {"info": info, "models": models, "rows": [r.to_dict() for r in rows]}
+    io_utils.write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())
