@@ -1,217 +1,671 @@
-"""The cache of hot classes: what the stream shows now, as a prior for exits.
+"""The adaptive memory a runtime keeps for a stream: cache, short-term tier, centres.
 
-Each class has a score that every frame multiplies by `decay` (a forgetting
-curve) and that grows by 1 when the full model answers that class, and by
-`exit_weight` when an early exit does. Classes scoring at least `hot_min`
-(at most `max_hot` of them, the highest) are hot.
+Three levels, from the slowest to change to the fastest:
 
-Lock-in guard: a wrong early exit would keep its class hot and make further
-wrong exits of that class easier. Early exits therefore count for a fraction
-of a full-model answer, so a class stays hot only while the full model keeps
-confirming it, and frames whose top-1 class is not hot face the stricter
-cold threshold against the whole memory.
+- The **memory**: every class's centres at every stage (from the descriptor).
+  Every lookup compares with all of them, so a frame of any class is judged
+  against every class and a class the scene has not shown cannot exit wrongly
+  through the cache.
+- The **cache** of hot classes. Each class has a score that every frame
+  multiplies by `decay` (a forgetting curve) and that grows by 1 when the full
+  model answers that class and by `exit_weight` when an early exit does (a
+  wrong exit cannot lock its class in). The cache holds the classes scoring at
+  least `hot_min`, at most `capacity` of them, the highest first. The cache
+  is a prior: a cached class's similarities are raised by `prior_weight`
+  times the log of its share of recent answers over the uniform share (with
+  the encoders' CosFace scale s, 1/s turns nats of prior evidence into
+  cosine, as Bayes' rule on the cosine classifier's logits would), and a
+  frame whose top-1 class is cached faces the stage's hot threshold; other
+  classes face the stricter cold one and are never lowered.
+- The **short-term tier**: per stage, the semantic vectors of the last
+  `instance_slots` frames that ran that stage, with their answers. When the
+  camera holds still, the next frame's vector matches the last one's far more
+  tightly than any class centre does, so it can exit at an earlier stage
+  (instance thresholds of the rule). Answers of early exits enter it too, so
+  a held object that exits at stage 1 can exit at stage 0 from the next frame
+  on; a verified disagreement empties the tier, and the calibration replays
+  this loop.
+
+Capacity, in one sentence: every `window` frames, the capacity grows by one
+if at least `grow_after` of the window's answers were classes that scored
+hot enough but were left out for lack of room, and otherwise shrinks by one
+if a cached class got no answer in the window, within [min_hot, max_hot].
+
+Centre adaptation: when the full model confirms a cached class, that class's
+centres move toward the frame's semantic vectors (per stage, an exponential
+average of offsets with rate `adapt_rate`, its norm bounded by `max_drift`);
+the original centres stay in the memory. A share `verify_rate` of early exits
+is checked against the full model (its cost counts in the frame's time); a
+disagreement reverts the exit class's centres to the originals and the full
+model's answer is returned.
+
+`MemoryState` is shared by the runtime and by `replay` (calibration), so the
+harness decides exactly as the rule was calibrated.
 """
 
 from __future__ import annotations
 
 import dataclasses
-
 import numpy as np
+
+_INF = float("inf")
 
 
 @dataclasses.dataclass(frozen=True)
 class CachePolicy:
-    """Parameters of the hot-class cache (stored in the descriptor).
+    """Parameters of the adaptive memory (stored in the descriptor).
 
     Attributes:
       decay: per-frame factor on every class score (0 < decay < 1).
       exit_weight: what an early exit adds to its class (0..1), against 1
         for a full-model answer.
-      hot_min: score a class needs to be hot.
-      max_hot: most classes hot at once (0 disables the cache).
+      hot_min: score a class needs to be cached.
+      min_hot: smallest capacity of the cache.
+      max_hot: largest capacity of the cache (0 disables the cache).
+      window: frames between capacity decisions.
+      grow_after: answers left out for lack of room, within a window, that
+        make the capacity grow.
+      prior_weight: cosine added to a cached class's similarities per nat
+        of prior evidence (0: hot and cold thresholds only).
+      instance_slots: confirmed frames the short-term tier holds (0: none).
+      adapt_rate: step of centre adaptation toward confirmed frames (0: off).
+      max_drift: bound on the norm of an adapted centre's offset from the
+        original (unit centres: 0.3 is about 17 degrees).
+      verify_rate: share of early exits checked against the full model.
     """
 
     decay: float = 0.9
     exit_weight: float = 0.25
     hot_min: float = 0.5
-    max_hot: int = 4
+    min_hot: int = 1
+    max_hot: int = 6
+    window: int = 20
+    grow_after: int = 2
+    prior_weight: float = 1.0 / 16.0
+    instance_slots: int = 4
+    adapt_rate: float = 0.0
+    max_drift: float = 0.3
+    verify_rate: float = 0.0
 
     def __post_init__(self):
-        for name in ("decay", "exit_weight", "hot_min"):
+        for name in ("decay", "exit_weight", "hot_min", "prior_weight", "adapt_rate",
+                     "max_drift", "verify_rate"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
             object.__setattr__(self, name, float(value))  # numpy scalars -> JSON-safe.
-        if (isinstance(self.max_hot, bool) or not isinstance(self.max_hot, (int, np.integer))):
-            raise ValueError(f"max_hot must be a whole number, got {self.max_hot!r}.")
-        object.__setattr__(self, "max_hot", int(self.max_hot))
+        for name in ("min_hot", "max_hot", "window", "grow_after", "instance_slots"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+                raise ValueError(f"{name} must be a whole number, got {value!r}.")
+            object.__setattr__(self, name, int(value))
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}.")
-        if not 0.0 <= self.exit_weight <= 1.0:
-            raise ValueError(f"exit_weight must be in [0, 1], got {self.exit_weight}.")
+        for name in ("exit_weight", "adapt_rate", "verify_rate"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if not self.hot_min > 0.0:
             raise ValueError(f"hot_min must be > 0, got {self.hot_min}.")
-        if self.max_hot < 0:
-            raise ValueError(f"max_hot must be >= 0, got {self.max_hot}.")
+        if self.max_hot < 0 or self.instance_slots < 0 or self.prior_weight < 0:
+            raise ValueError("max_hot, instance_slots and prior_weight must be >= 0.")
+        if not 0 <= self.min_hot <= self.max_hot:
+            raise ValueError(f"Need 0 <= min_hot <= max_hot, got min_hot={self.min_hot}, "
+                             f"max_hot={self.max_hot}.")
+        if self.window < 1 or self.grow_after < 1:
+            raise ValueError("window and grow_after must be >= 1.")
+        if not 0.0 <= self.max_drift <= 2.0:
+            raise ValueError(f"max_drift must be in [0, 2], got {self.max_drift}.")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> "CachePolicy":
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
         if unknown:
             raise ValueError(f"Unknown cache policy fields: {sorted(unknown)}.")
+        d = dict(d)
+        if not set(_LEGACY) & set(d):
+            # Written before the adaptive memory: a fixed-size hot set only,
+            # which is what its rule was calibrated with.
+            d.update(_LEGACY, min_hot=d.get("max_hot", cls.max_hot))
+        missing = names - set(d)
+        if missing:
+            raise ValueError(f"Missing cache policy fields: {sorted(missing)}. Re-convert "
+                             "the model with this version of smtm_tf.")
         return cls(**d)
 
 
-class HotSet:
-    """The hot classes of a stream, updated frame by frame.
-
-    `hot` is a bool array over classes, updated in place (the harness holds a
-    reference to it).
-    """
-
-    def __init__(self, policy: CachePolicy, num_classes: int):
-        self.policy = policy
-        self.scores = np.zeros(num_classes, np.float64)
-        self.hot = np.zeros(num_classes, bool)
-
-    def reset(self) -> None:
-        self.scores[:] = 0.0
-        self.hot[:] = False
-
-    def update(self, class_id: int, confirmed: bool) -> None:
-        """Records the answer for one frame (confirmed: by the full model)."""
-        p = self.policy
-        self.scores *= p.decay
-        self.scores[class_id] += 1.0 if confirmed else p.exit_weight
-        np.greater_equal(self.scores, p.hot_min, out=self.hot)
-        if self.hot.sum() > p.max_hot:
-            keep = np.argsort(-self.scores, kind="stable")[:p.max_hot]
-            self.hot[:] = False
-            self.hot[keep] = True
+# The adaptive-memory fields, as a policy written without them behaves.
+_LEGACY = {"window": 20, "grow_after": 2, "prior_weight": 0.0, "instance_slots": 0,
+           "adapt_rate": 0.0, "max_drift": 0.3, "verify_rate": 0.0}
 
 
-def replay(rule, policy: CachePolicy, similarities, full_predictions: np.ndarray,
-           frames: np.ndarray | None = None, oracle: bool = False):
-    """Runs a stream through the rule with the cache in the loop (no model).
+class MemoryState:
+    """The adaptive memory of one stream: what the runtime keeps between frames.
 
     Args:
-      rule: an `exit_policy.ExitRule` (with cold thresholds for the cache to matter).
-      policy: the cache policy.
-      similarities: per stage, `[N, K]` similarities of a pool of frames.
+      policy: the cache policy (None: no cache, no short-term tier).
+      rule: the exit rule (an `exit_policy.ExitRule`).
+      centres: per stage, the `[K, D]` original centres (all stages the same D).
+
+    Attributes (read by the harness):
+      hot: bool `[K]`, the cached classes.
+      centres: `[S, K, D]` float32, the centres lookups use now.
+      last_hit: whether the last frame's answer was cached when it came.
+    """
+
+    def __init__(self, policy: CachePolicy | None, rule, centres):
+        from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
+
+        dims = {np.shape(c)[1] for c in centres}
+        if len(dims) != 1:
+            raise ValueError(f"All stages need the same embedding size, got {sorted(dims)}.")
+        self.policy = policy or CachePolicy(max_hot=0, min_hot=0, instance_slots=0)
+        self.rule = rule
+        self.original = np.stack([np.asarray(c, np.float32) for c in centres])
+        self.num_stages, self.num_classes, dim = self.original.shape
+        p = self.policy
+        self.use_cache = policy is not None and p.max_hot > 0 and rule.uses_cache
+        self._score = exit_policy.score
+        self._metric = rule.metric
+        self._params = [rule.stage_params(s) for s in range(self.num_stages)]
+
+        def finite(t):
+            return _INF if t is None else float(t)
+
+        self.hot_t = [finite(rule.threshold_for(s, True)) for s in range(self.num_stages)]
+        self.cold_t = [finite(rule.threshold_for(s, False)) for s in range(self.num_stages)]
+        inst = rule.instance_thresholds or (None,) * self.num_stages
+        self.inst_t = [finite(t) for t in inst]
+        self.never = [h == _INF and c == _INF and i == _INF
+                      for h, c, i in zip(self.hot_t, self.cold_t, self.inst_t)]
+        self.slots = p.instance_slots if (policy is not None and any(
+            t < _INF for t in self.inst_t)) else 0
+        self.adapting = policy is not None and p.adapt_rate > 0
+        self._verify_every = round(1.0 / p.verify_rate) if p.verify_rate > 0 else 0
+        self.centres = self.original.copy()
+        self.offsets = np.zeros_like(self.original)
+        self.inst = np.zeros((self.num_stages, max(self.slots, 1), dim), np.float32)
+        self.inst_class = np.full((self.num_stages, max(self.slots, 1)), -1, np.int64)
+        self.scores = np.zeros(self.num_classes, np.float64)
+        self.hot = np.zeros(self.num_classes, bool)
+        self.shift = np.zeros(self.num_classes, np.float32)
+        self.shifting = self.use_cache and p.prior_weight > 0
+        self.answers = np.zeros(self.num_classes, np.int64)
+        self.reset()
+
+    def reset(self) -> None:
+        """Forgets the stream: empty cache and short-term tier, original centres."""
+        p = self.policy
+        self.scores[:] = 0.0
+        self.hot[:] = False
+        self.shift[:] = 0.0
+        self.answers[:] = 0
+        self.capacity = p.min_hot
+        self.frame_in_window = 0
+        self.left_out = 0
+        self.forget_instances()
+        self.last_hit = False
+        self.exits = 0
+        self.checks = 0
+        self.disagreements = 0
+        self.reverts = 0
+        self.revert_centres()
+
+    def forget_instances(self) -> None:
+        """Empties the short-term tier."""
+        self.inst_count = [0] * self.num_stages
+        self.inst_next = [0] * self.num_stages
+        self.inst_class[:] = -1
+
+    def revert_centres(self, class_id: int | None = None) -> None:
+        """Back to the original centres (of one class, or all)."""
+        if class_id is None:
+            self.centres[:] = self.original
+            self.offsets[:] = 0.0
+            self.adapted = np.zeros(self.num_classes, bool)
+        else:
+            self.centres[:, class_id] = self.original[:, class_id]
+            self.offsets[:, class_id] = 0.0
+            self.adapted[class_id] = False
+
+    # The exit decision.
+
+    def decide(self, stage: int, similarities: np.ndarray, semantic: np.ndarray) -> int:
+        """The class to exit with at `stage`, or -1 to go on."""
+        if self.shifting:
+            similarities = similarities + self.shift
+        top1, value = self._score(self._metric, similarities, self._params[stage])
+        top1 = int(top1)
+        if self.hot[top1]:
+            ok = value >= self.hot_t[stage]
+        else:
+            ok = value >= self.cold_t[stage]
+        count = self.inst_count[stage]
+        if count and self.inst_t[stage] < _INF:
+            match = self.inst[stage, :count] @ semantic
+            j = int(match.argmax())
+            if match[j] >= self.inst_t[stage]:
+                c = int(self.inst_class[stage, j])
+                # The instance and the memory disagree: trust neither here.
+                return -1 if (ok and c != top1) else c
+        return top1 if ok else -1
+
+    def verify_due(self) -> bool:
+        """Counts an early exit; True when this one is to be checked."""
+        self.exits += 1
+        return self._verify_every > 0 and self.exits % self._verify_every == 0
+
+    def verified(self, exit_class: int, full_class: int) -> None:
+        """Records the full model's check of an early exit."""
+        self.checks += 1
+        if exit_class != full_class:
+            self.disagreements += 1
+            self.forget_instances()
+            if self.adapted[exit_class]:
+                self.revert_centres(exit_class)
+                self.reverts += 1
+
+    # Updates after a frame.
+
+    def record(self, class_id: int, confirmed: bool, semantics=None, ran: int = 0) -> None:
+        """Records a frame's answer.
+
+        Args:
+          class_id: the answer.
+          confirmed: True when the full model gave it (head or verification).
+          semantics: `[S, D]` semantic vectors of the frame, valid for the
+            first `ran` stages (those that ran); they feed the short-term
+            tier, and when all stages ran and the full model confirmed a
+            cached class, centre adaptation.
+          ran: stages that ran for this frame.
+        """
+        if self.slots and ran:
+            self._remember(class_id, semantics, ran)
+        if not self.use_cache:
+            return
+        p = self.policy
+        scores, hot = self.scores, self.hot
+        self.last_hit = bool(hot[class_id])
+        if not self.last_hit and scores[class_id] >= p.hot_min:
+            self.left_out += 1  # It qualified but the cache was full.
+        self.answers[class_id] += 1
+        scores *= p.decay
+        scores[class_id] += 1.0 if confirmed else p.exit_weight
+        if self.adapting and confirmed and ran == self.num_stages and hot[class_id]:
+            self._adapt(class_id, semantics)
+        self.frame_in_window += 1
+        if self.frame_in_window >= p.window:
+            self._resize()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        p, scores, hot = self.policy, self.scores, self.hot
+        np.greater_equal(scores, p.hot_min, out=hot)
+        if hot.sum() > self.capacity:
+            keep = np.argsort(-scores, kind="stable")[:self.capacity]
+            hot[:] = False
+            hot[keep] = True
+        if self.shifting:
+            # Share of recent answers, smoothed by one frame spread evenly.
+            share = (scores + 1.0 / self.num_classes) / (scores.sum() + 1.0)
+            evidence = np.log(share * self.num_classes)
+            np.multiply(np.maximum(evidence, 0.0) * p.prior_weight, hot, out=self.shift,
+                        casting="unsafe")
+
+    def _resize(self) -> None:
+        p = self.policy
+        if self.left_out >= p.grow_after:
+            self.capacity = min(p.max_hot, self.capacity + 1)
+        elif (self.hot & (self.answers == 0)).any():
+            self.capacity = max(p.min_hot, self.capacity - 1)
+        self.frame_in_window = 0
+        self.left_out = 0
+        self.answers[:] = 0
+
+    def _remember(self, class_id: int, semantics, ran: int) -> None:
+        slots, nxt, count = self.slots, self.inst_next, self.inst_count
+        for s in range(ran):
+            k = nxt[s]
+            self.inst[s, k] = semantics[s]
+            self.inst_class[s, k] = class_id
+            nxt[s] = (k + 1) % slots
+            if count[s] < slots:
+                count[s] += 1
+
+    def _adapt(self, class_id: int, semantics) -> None:
+        p = self.policy
+        offset = self.offsets[:, class_id]
+        offset += p.adapt_rate * (semantics - self.original[:, class_id] - offset)
+        norm = np.sqrt((offset * offset).sum(axis=1, keepdims=True))
+        np.multiply(offset, np.minimum(1.0, p.max_drift / np.maximum(norm, 1e-12)), out=offset)
+        moved = self.original[:, class_id] + offset
+        self.centres[:, class_id] = moved / np.sqrt((moved * moved).sum(axis=1, keepdims=True))
+        self.adapted[class_id] = True
+
+    # Persistence.
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The state as named arrays (for `SmtmRuntime.save_state`)."""
+        return {
+            "scores": self.scores, "hot": self.hot, "capacity": np.int64(self.capacity),
+            "window": np.array([self.frame_in_window, self.left_out], np.int64),
+            "answers": self.answers, "inst": self.inst, "inst_class": self.inst_class,
+            "inst_pos": np.array([self.inst_count, self.inst_next], np.int64).T,
+            "offsets": self.offsets, "adapted": self.adapted,
+            "counters": np.array([self.exits, self.checks, self.disagreements,
+                                  self.reverts], np.int64),
+        }
+
+    def from_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Restores `to_arrays` output; raises ValueError if it does not fit."""
+        expected = self.to_arrays()
+        for name, value in expected.items():
+            got = np.asarray(arrays[name])
+            if got.shape != np.shape(value):
+                raise ValueError(f"state array {name!r} has shape {got.shape}, this model "
+                                 f"needs {np.shape(value)}.")
+            if not np.isfinite(got.astype(np.float64)).all():
+                raise ValueError(f"state array {name!r} holds non-finite values.")
+        capacity = int(arrays["capacity"])
+        count, nxt = (list(int(v) for v in col) for col in np.asarray(arrays["inst_pos"]).T)
+        classes = np.asarray(arrays["inst_class"])
+        p = self.policy
+        if not p.min_hot <= capacity <= max(p.min_hot, p.max_hot):
+            raise ValueError(f"capacity {capacity} is outside [{p.min_hot}, {p.max_hot}].")
+        if not all(0 <= c <= self.slots and 0 <= n < max(self.slots, 1)
+                   and ((classes[s, :c] >= 0) & (classes[s, :c] < self.num_classes)).all()
+                   for s, (c, n) in enumerate(zip(count, nxt))):
+            raise ValueError("the short-term tier's slots do not fit this model.")
+        if (np.asarray(arrays["scores"]) < 0).any():
+            raise ValueError("class scores must be >= 0.")
+        offsets = np.asarray(arrays["offsets"], np.float32)
+        if (np.sqrt((offsets * offsets).sum(axis=-1)) > p.max_drift + 1e-4).any():
+            raise ValueError("an adapted centre lies further than max_drift from its original.")
+        self.scores[:] = arrays["scores"]
+        self.hot[:] = arrays["hot"]
+        self.capacity = capacity
+        self.frame_in_window, self.left_out = (int(v) for v in arrays["window"])
+        self.answers[:] = arrays["answers"]
+        self.inst[:] = arrays["inst"]
+        self.inst_class[:] = classes
+        self.inst_count, self.inst_next = count, nxt
+        self.exits, self.checks, self.disagreements, self.reverts = (
+            int(v) for v in arrays["counters"])
+        self.revert_centres()
+        for c in np.flatnonzero(np.asarray(arrays["adapted"], bool)):
+            self.offsets[:, c] = offsets[:, c]
+            moved = self.original[:, c] + offsets[:, c]
+            self.centres[:, c] = moved / np.sqrt((moved * moved).sum(axis=1, keepdims=True))
+            self.adapted[c] = True
+        self._refresh()
+
+
+@dataclasses.dataclass
+class ReplayResult:
+    """What `replay` saw, per stream frame (and per stage where noted)."""
+
+    exit_stage: np.ndarray
+    prediction: np.ndarray
+    hit: np.ndarray  # The answer was cached when the frame came.
+    # Per stage [S, N], as the frame would have been scored there (also
+    # after its exit, for calibration):
+    top1: np.ndarray
+    value: np.ndarray  # The metric's score (on similarities shifted by the prior).
+    hot: np.ndarray
+    inst_match: np.ndarray  # Best short-term match (NaN: tier empty).
+    inst_class: np.ndarray
+
+
+def replay(rule, policy: CachePolicy | None, semantics, centres, full_predictions,
+           frames=None, oracle: bool = False, similarities=None) -> ReplayResult:
+    """Runs a stream through the rule with the adaptive memory in the loop (no model).
+
+    Args:
+      rule: an `exit_policy.ExitRule`.
+      policy: the cache policy (None: no cache).
+      semantics: `[S, N, D]` semantic vectors of a pool of frames.
+      centres: per stage, the `[K, D]` original centres.
       full_predictions: the full model's class for each frame of the pool.
       frames: the stream, as indices into the pool (default: the pool in order).
-      oracle: feed the cache the full model's answer for every frame (weight 1),
-        whatever the rule decided: the hot sets of an ideal cache.
+      oracle: feed the cache the full model's answer for every frame (as
+        confirmed), whatever the rule decided: an ideal cache.
+      similarities: instead of `semantics`, per stage the `[N, K]`
+        similarities of the pool (then no short-term tier or adaptation).
 
     Returns:
-      (exit_stage, prediction, hot): per stream frame, and per stage whether
-      the frame's top-1 class was hot when it was scored.
+      A ReplayResult. Decisions are those of the runtime, which shares
+      `MemoryState`; similarities are computed here from the vectors.
     """
+    if semantics is None:
+        if policy is not None:
+            policy = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0)
+        sims_pool = [np.asarray(x, np.float32) for x in similarities]
+        if centres is None:
+            centres = [np.zeros((x.shape[1], 1), np.float32) for x in sims_pool]
+        sem = np.zeros((len(sims_pool), len(sims_pool[0]), 1), np.float32)
+    else:
+        sims_pool = None
+        sem = np.asarray(semantics, np.float32)
+    state = MemoryState(policy, rule, centres)
+    idx = np.arange(sem.shape[1]) if frames is None else np.asarray(frames)
+    full = np.asarray(full_predictions)[idx]
+    n, num_stages = len(idx), state.num_stages
+    out = ReplayResult(np.full(n, num_stages, np.int64), full.copy(), np.zeros(n, bool),
+                       np.full((num_stages, n), -1, np.int64),
+                       np.full((num_stages, n), np.nan, np.float32),
+                       np.zeros((num_stages, n), bool),
+                       np.full((num_stages, n), np.nan, np.float32),
+                       np.full((num_stages, n), -1, np.int64))
+    score, metric, params = state._score, state._metric, state._params  # pylint: disable=protected-access
+    for i, f in enumerate(idx):
+        vectors = sem[:, f]
+        answer = -1
+        for s in range(num_stages):
+            sims = state.centres[s] @ vectors[s] if sims_pool is None else sims_pool[s][f]
+            top1, value = score(metric, sims + state.shift if state.shifting else sims,
+                                params[s])
+            top1 = int(top1)
+            out.top1[s, i] = top1
+            out.hot[s, i] = state.hot[top1]
+            out.value[s, i] = value
+            if state.inst_count[s]:
+                match = state.inst[s, :state.inst_count[s]] @ vectors[s]
+                j = int(match.argmax())
+                out.inst_match[s, i], out.inst_class[s, i] = match[j], state.inst_class[s, j]
+            if answer >= 0 or state.never[s]:
+                continue  # Observed for calibration, not decided.
+            answer = state.decide(s, sims, vectors[s])
+            if answer >= 0:
+                out.exit_stage[i] = s
+        confirmed = answer < 0
+        if answer >= 0:
+            if state.verify_due():
+                state.verified(answer, int(full[i]))
+                if answer != full[i]:
+                    answer, confirmed = int(full[i]), True
+            out.prediction[i] = answer
+        else:
+            answer = int(full[i])
+        if oracle:
+            answer, confirmed = int(full[i]), True
+        stage = int(out.exit_stage[i])
+        state.record(answer, confirmed, vectors,
+                     num_stages if (oracle or stage == num_stages) else stage + 1)
+        out.hit[i] = state.last_hit
+    return out
+
+
+def _stream_bounds(agree: np.ndarray, lengths, z: float) -> list[float]:
     from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
 
-    idx = np.arange(len(full_predictions)) if frames is None else np.asarray(frames)
-    tops = exit_policy.stage_scores(rule, [s[idx] for s in similarities])
-    full = np.asarray(full_predictions)[idx]
-    n, num_stages = len(idx), len(tops)
-    top1 = np.stack([t for t, _ in tops])
-    value = np.stack([v for _, v in tops])
-    inf = np.inf
-    hot_t = [inf if t is None else t for t in (rule.threshold_for(s, True)
-                                                for s in range(num_stages))]
-    cold_t = [inf if t is None else t for t in (rule.threshold_for(s, False)
-                                                 for s in range(num_stages))]
-    cache = HotSet(policy, similarities[0].shape[-1])
-    exit_stage = np.full(n, num_stages, np.int64)
-    prediction = full.copy()
-    hot = np.zeros((num_stages, n), bool)
-    use_cache = policy.max_hot > 0
-    for i in range(n):
-        for s in range(num_stages):
-            c = top1[s, i]
-            is_hot = use_cache and cache.hot[c]
-            hot[s, i] = is_hot
-            if value[s, i] >= (hot_t[s] if is_hot else cold_t[s]):
-                exit_stage[i], prediction[i] = s, c
-                break
-        if use_cache:
-            confirmed = oracle or exit_stage[i] == num_stages
-            cache.update(full[i] if oracle else prediction[i], confirmed)
-    return exit_stage, prediction, hot
+    bounds, start = [], 0
+    for length in lengths:
+        part = agree[start:start + length]
+        start += length
+        bounds.append(exit_policy.wilson_lower_bound(int(part.sum()), len(part), z))
+    return bounds
 
 
-def calibrate_with_cache(similarities, full_predictions: np.ndarray, stage_costs,
+def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage_costs,
                          streams, policy: CachePolicy, target_agreement: float = 0.99,
                          metric="margin", metric_params=None, confidence_z: float = 1.645,
-                         rounds: int = 3):
-    """Calibrates hot and cold thresholds with the cache in the loop.
+                         rounds: int = 3, instance_target: float = 0.998,
+                         instance_streams=(), similarities=None):
+    """Calibrates hot, cold and instance thresholds with the memory in the loop.
 
-    The cache changes the decisions and the decisions change the cache, so the
+    The cache changes the decisions and the decisions change the cache, so
     thresholds are fitted on replayed streams: first with the hot sets an
     ideal cache would have, then, round by round, with the hot sets the rule
     itself produced. The result must meet the target on a closed-loop replay
     of every stream on its own; while it does not, the open-loop target is
-    raised by the shortfall.
+    raised by the shortfall. Then the short-term tier: per stage, the lowest
+    instance threshold whose exits agree with the full model at least
+    `instance_target` of the time (Wilson bound), kept only if every stream
+    still meets the target in closed loop (else the instance target tightens).
+    Centre adaptation, if the policy has it, runs in the final closed-loop
+    check; if it breaks the target, it is switched off in the returned policy.
 
     Args:
-      similarities: per stage, `[N, K]` similarities of held-out frames.
+      semantics: `[S, N, D]` semantic vectors of held-out frames.
+      centres: per stage, the `[K, D]` centres.
       full_predictions: the full model's class for each of them.
       stage_costs: each stage's share of the full model's compute.
-      streams: representative streams, as index arrays into the frames (mix
-        the kinds the model will see: scenes with few classes and frames of
-        any class, so cold thresholds are fitted on uncached classes too).
+      streams: representative streams, as index arrays into the frames.
       policy: the cache policy.
       target_agreement: required share of stream frames answered as the full model does.
       metric, metric_params: the exit metric.
       confidence_z: z-score of the Wilson bound on the closed-loop agreement.
       rounds: refits with the rule's own hot sets.
+      instance_target: agreement required of short-term tier exits.
+      similarities: instead of `semantics`, per stage `[N, K]` similarities
+        (then no short-term tier or adaptation is calibrated).
+      instance_streams: more streams (e.g. a held object: the same frame
+        shifted and noisy) on which the short-term tier is calibrated too.
+        Their errors come in runs (one hard object, many frames), so the
+        class-level rule is not fitted on them; the tier must not lower their
+        agreement by more than 1 - instance_target.
 
     Returns:
-      An `ExitRule` with cold thresholds.
+      (ExitRule with cold and instance thresholds, the policy as calibrated).
     """
     from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
 
     full_predictions = np.asarray(full_predictions)
-    idx = np.concatenate([np.asarray(s) for s in streams])
-    stream_sims = [s[idx] for s in similarities]
-    stream_full = full_predictions[idx]
+    lengths = [len(s) for s in streams]
+    stream_full = np.concatenate([full_predictions[np.asarray(s)] for s in streams])
+    static = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0, verify_rate=0.0)
+    if semantics is None:
+        policy = static
 
-    def closed_loop(rule, oracle=False):
-        parts = [replay(rule, policy, similarities, full_predictions, s, oracle)
+    def closed_loop(rule, pol, oracle=False):
+        parts = [replay(rule, pol, semantics, centres, full_predictions, s, oracle,
+                        similarities)
                  for s in streams]
-        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]),
-                np.concatenate([p[2] for p in parts], axis=1))
+        return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
+                                             axis=-1)
+                              for f in dataclasses.fields(ReplayResult)))
 
-    probe = exit_policy.ExitRule(metric, (None,) * len(similarities), target_agreement,
-                                 (None,) * len(similarities), metric_params)
-    _, _, hot = closed_loop(probe, oracle=True)
-    goal = target_agreement
-    best = None
-    for _ in range(rounds + 4):
-        rule = exit_policy.calibrate(stream_sims, stream_full, stage_costs, goal,
-                                     confidence_z=confidence_z, metric=metric,
-                                     metric_params=metric_params, hot=list(hot))
+    def worst(result):
+        return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
+
+    num_stages = len(stage_costs)
+    probe = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
+                                 (None,) * num_stages, metric_params)
+
+    def fit(goal, seen):
+        tops = [(seen.top1[s], seen.value[s]) for s in range(num_stages)]
+        rule = exit_policy.calibrate_scores(tops, stream_full, stage_costs, goal,
+                                            confidence_z=confidence_z, hot=list(seen.hot),
+                                            metric=metric, metric_params=metric_params)
         rule = dataclasses.replace(rule, target_agreement=target_agreement)
-        _, pred, hot = closed_loop(rule)
-        # Every stream must meet the target on its own: pooled, a kind where
-        # the prior misleads (a long tail without scenes) hides behind the others.
-        agree = pred == stream_full
-        bounds, start = [], 0
-        for st in streams:
-            part = agree[start:start + len(st)]
-            start += len(st)
-            bounds.append(exit_policy.wilson_lower_bound(int(part.sum()), len(part),
-                                                         confidence_z))
-        bound = min(bounds)
-        if bound >= target_agreement:
-            best = rule
-            rounds -= 1
-            if rounds <= 0:
-                break
-        else:
-            goal = min(1.0, goal + (target_agreement - bound) + 1e-4)
+        return rule, closed_loop(rule, static)
+
+    # Open loop on an ideal cache's hot sets, then refits on the rule's own.
+    seen = closed_loop(probe, static, oracle=True)
+    for _ in range(rounds):
+        rule, seen = fit(target_agreement, seen)
+    best = rule if worst(seen) >= target_agreement else None
+    if best is None:
+        # Every stream must meet the target on its own: raise the open-loop
+        # goal, by bisection, until the closed loop does.
+        lo, hi, base = target_agreement, 1.0, seen
+        for _ in range(7):
+            mid = 0.5 * (lo + hi)
+            rule, result = fit(mid, base)
+            if worst(result) >= target_agreement:
+                best, hi = rule, mid
+            else:
+                lo = mid
     if best is None:  # The cache cannot be made safe here: no exits at all.
-        best = dataclasses.replace(probe, target_agreement=target_agreement)
-    return best
+        return dataclasses.replace(probe, target_agreement=target_agreement), policy
+    if policy.instance_slots > 0:
+        every = list(streams) + list(instance_streams)
+        every_full = np.concatenate([full_predictions[np.asarray(s)] for s in every])
+        floors = [target_agreement] * len(streams)
+        if len(instance_streams):
+            base = [replay(best, static, semantics, centres, full_predictions, s)
+                    for s in instance_streams]
+            floors += [float((r.prediction == full_predictions[np.asarray(s)]).mean())
+                       - (1.0 - instance_target) for r, s in zip(base, instance_streams)]
+
+        def loop_all(rule, pol):
+            parts = [replay(rule, pol, semantics, centres, full_predictions, s)
+                     for s in every]
+            return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
+                                                 axis=-1)
+                                  for f in dataclasses.fields(ReplayResult)))
+
+        def fits(result):
+            agree, start = result.prediction == every_full, 0
+            for k, s in enumerate(every):
+                part = agree[start:start + len(s)]
+                start += len(s)
+                measured = (exit_policy.wilson_lower_bound(int(part.sum()), len(part),
+                                                           confidence_z)
+                            if k < len(streams) else float(part.mean()))
+                if measured < floors[k]:
+                    return False
+            return True
+
+        best = _calibrate_instances(best, policy, loop_all, fits, every_full,
+                                    instance_target, confidence_z)
+    if policy.adapt_rate > 0 and worst(closed_loop(best, policy)) < target_agreement:
+        policy = dataclasses.replace(policy, adapt_rate=0.0)
+    return best, policy
+
+
+def _calibrate_instances(rule, policy, closed_loop, fits, stream_full, instance_target, z):
+    """Adds instance thresholds to `rule` (see `calibrate_with_cache`)."""
+    from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
+
+    no_adapt = dataclasses.replace(policy, adapt_rate=0.0, verify_rate=0.0)
+    num_stages = rule.num_stages
+    # Thresholds of 2 (above any cosine) keep the tier filled but never exit,
+    # so the observed matches are those of the class-level rule's stream.
+    observe = dataclasses.replace(rule, instance_thresholds=(2.0,) * num_stages)
+    seen = closed_loop(observe, no_adapt)
+    for _ in range(6):
+        thresholds = []
+        for s in range(num_stages):
+            m = seen.inst_match[s]
+            reached = ~np.isnan(m)
+            if not reached.any():
+                thresholds.append(None)
+                continue
+            order = np.argsort(-m[reached], kind="stable")
+            values = m[reached][order]
+            agree = (seen.inst_class[s][reached][order] == stream_full[reached][order])
+            hits = np.cumsum(agree)
+            ok = [k for k in range(len(values))
+                  if (k + 1 == len(values) or values[k + 1] < values[k])
+                  and exit_policy.wilson_lower_bound(int(hits[k]), k + 1, z)
+                  >= instance_target]
+            thresholds.append(float(values[ok[-1]]) if ok else None)
+        candidate = dataclasses.replace(rule, instance_thresholds=tuple(thresholds))
+        if fits(closed_loop(candidate, no_adapt)):
+            return candidate
+        instance_target = 1.0 - (1.0 - instance_target) / 2
+    return rule

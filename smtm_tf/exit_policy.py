@@ -61,6 +61,9 @@ class ExitRule:
         not hot (None: the same as `thresholds`).
       metric_params: for LAYER_AWARE, one `[C, 2]` float32 array per stage
         holding (intercept, slope) per class.
+      instance_thresholds: with a short-term tier, per stage the cosine
+        similarity to a recently confirmed frame's semantic vector at which
+        the frame exits with that frame's class (None: never).
     """
 
     metric: Metric
@@ -68,6 +71,7 @@ class ExitRule:
     target_agreement: float
     cold_thresholds: tuple[float | None, ...] | None = None
     metric_params: tuple[np.ndarray, ...] | None = None
+    instance_thresholds: tuple[float | None, ...] | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "metric", Metric(self.metric))
@@ -81,6 +85,12 @@ class ExitRule:
                 raise ValueError(f"cold_thresholds has {len(cold)} entries for "
                                  f"{len(self.thresholds)} stages.")
             object.__setattr__(self, "cold_thresholds", cold)
+        if self.instance_thresholds is not None:
+            inst = _check_thresholds("instance_thresholds", self.instance_thresholds)
+            if len(inst) != len(self.thresholds):
+                raise ValueError(f"instance_thresholds has {len(inst)} entries for "
+                                 f"{len(self.thresholds)} stages.")
+            object.__setattr__(self, "instance_thresholds", inst)
         if self.metric is Metric.LAYER_AWARE:
             if self.metric_params is None or len(self.metric_params) != len(self.thresholds):
                 raise ValueError(
@@ -118,13 +128,16 @@ class ExitRule:
                 np.array_equal(a, b) for a, b in zip(self.metric_params, other.metric_params)))
         return (self.metric == other.metric and self.thresholds == other.thresholds
                 and self.target_agreement == other.target_agreement
-                and self.cold_thresholds == other.cold_thresholds and same_params)
+                and self.cold_thresholds == other.cold_thresholds and same_params
+                and self.instance_thresholds == other.instance_thresholds)
 
     def to_dict(self) -> dict:
         d = {"metric": self.metric.value, "thresholds": list(self.thresholds),
              "target_agreement": self.target_agreement}
         if self.cold_thresholds is not None:
             d["cold_thresholds"] = list(self.cold_thresholds)
+        if self.instance_thresholds is not None:
+            d["instance_thresholds"] = list(self.instance_thresholds)
         if self.metric_params is not None:
             d["metric_params"] = [[[float(str(v)) for v in row] for row in p]
                                   for p in self.metric_params]
@@ -133,7 +146,7 @@ class ExitRule:
     @classmethod
     def from_dict(cls, d: dict) -> "ExitRule":
         known = {"metric", "thresholds", "target_agreement", "cold_thresholds",
-                 "metric_params"}
+                 "metric_params", "instance_thresholds"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"Unknown exit rule fields: {sorted(unknown)}.")
@@ -144,10 +157,12 @@ class ExitRule:
                              f"{[m.value for m in Metric]}.") from e
         cold = d.get("cold_thresholds")
         params = d.get("metric_params")
+        inst = d.get("instance_thresholds")
         return cls(metric, tuple(d["thresholds"]), float(d["target_agreement"]),
                    None if cold is None else tuple(cold),
                    None if params is None else tuple(np.asarray(p, np.float32)
-                                                     for p in params))
+                                                     for p in params),
+                   None if inst is None else tuple(inst))
 
 
 def margins(similarities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -77,6 +77,10 @@ class SemanticMemory:
         return [e.encode(p) @ c.T for e, p, c in zip(self.encoders, features.pooled,
                                                      self.centres)]
 
+    def semantics(self, features: enc.StageFeatures) -> np.ndarray:
+        """Semantic vectors `[S, N, D]` of each stage."""
+        return np.stack([e.encode(p) for e, p in zip(self.encoders, features.pooled)])
+
     def save(self, path: str) -> None:
         """Writes the memory to `path` (.npz) atomically."""
         meta = {
@@ -156,15 +160,57 @@ def calibrate_rule(similarities: list[np.ndarray], full_predictions: np.ndarray,
                    metric_params=None,
                    cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                    seed: int = 0) -> exit_policy.ExitRule:
-    """Calibrates an exit rule on held-out similarities, with or without a cache."""
+    """Calibrates an exit rule on held-out similarities, with or without a cache.
+
+    Without semantic vectors there is no short-term tier or centre
+    adaptation to calibrate; `calibrate_memory` does all levels.
+    """
     if cache_policy is None or cache_policy.max_hot == 0:
         return exit_policy.calibrate(similarities, full_predictions, stage_costs,
                                      target_agreement, metric=metric,
                                      metric_params=metric_params)
-    return cache_lib.calibrate_with_cache(
-        similarities, full_predictions, stage_costs,
+    rule, _ = cache_lib.calibrate_with_cache(
+        None, None, full_predictions, stage_costs,
         calibration_streams(full_predictions, seed=seed), cache_policy, target_agreement,
-        metric=metric, metric_params=metric_params)
+        metric=metric, metric_params=metric_params, similarities=similarities)
+    return rule
+
+
+def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarray,
+                     stage_costs, target_agreement: float = 0.99,
+                     metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
+                     metric_params=None,
+                     cache_policy: cache_lib.CachePolicy = cache_lib.CachePolicy(),
+                     held_semantics: np.ndarray | None = None,
+                     held_full: np.ndarray | None = None, seed: int = 0):
+    """Calibrates every level of the adaptive memory on held-out frames.
+
+    Args:
+      semantics: `[S, N, D]` semantic vectors of held-out frames.
+      centres: per stage, the `[K, D]` centres.
+      full_predictions: the full model's class for each frame.
+      stage_costs, target_agreement, metric, metric_params: as `calibrate_rule`.
+      cache_policy: the policy to calibrate.
+      held_semantics, held_full: vectors and answers of held-object frames
+        (`streams.held_object` rendered from held-out images), in stream
+        order, for the short-term tier.
+      seed: seed of the calibration streams.
+
+    Returns:
+      (ExitRule, CachePolicy as calibrated).
+    """
+    n = semantics.shape[1]
+    streams = calibration_streams(full_predictions, seed=seed)
+    streams.append(streams_lib.scene_change(full_predictions, 3000, seed=seed + 5).indices)
+    pool, full, held = semantics, np.asarray(full_predictions), []
+    if held_semantics is not None:
+        pool = np.concatenate([semantics, held_semantics], axis=1)
+        full = np.concatenate([full, np.asarray(held_full)])
+        half = held_semantics.shape[1] // 2
+        held = [n + np.arange(half), n + np.arange(half, held_semantics.shape[1])]
+    return cache_lib.calibrate_with_cache(
+        pool, centres, full, stage_costs, streams, cache_policy, target_agreement,
+        metric=metric, metric_params=metric_params, instance_streams=held)
 
 
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
@@ -242,10 +288,47 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     params = None
     if metric is exit_policy.Metric.LAYER_AWARE:
         params = exit_policy.fit_layer_aware(memory.similarities(train), targets)
-    rule = calibrate_rule(sims, full, plan.stage_costs, target_agreement, metric, params,
-                          cache_policy, seed)
-    logging.info("Nearest-centre agreement per stage %s; %s thresholds %s (cold %s).",
-                 [round(a, 3) for a in accuracy], rule.metric.value, rule.thresholds,
-                 rule.cold_thresholds)
-    return dataclasses.replace(memory, exit_rule=rule, stage_accuracy=accuracy,
+    memory = dataclasses.replace(
+        memory, stage_accuracy=accuracy,
+        exit_rule=exit_policy.ExitRule(metric, (None,) * plan.num_stages, 1.0,
+                                       metric_params=params))
+    return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
+                       batch_size, seed, calib)
+
+
+def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
+                target_agreement: float = 0.99,
+                cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
+                batch_size: int = 256, seed: int = 0,
+                features: enc.StageFeatures | None = None) -> SemanticMemory:
+    """Calibrates the memory's exit rule (same metric) anew, keeping its encoders.
+
+    With a cache, every level of the adaptive memory is calibrated, the
+    short-term tier on held-object streams rendered from `x_calibration`.
+    """
+    stage_models, head = stages_lib.split_model(model, memory.plan)
+    if features is None:
+        features = enc.extract_features(stage_models, head, x_calibration, memory.pooling,
+                                        batch_size)
+    rule = memory.exit_rule
+    costs = memory.plan.stage_costs
+    full = features.predictions
+    if cache_policy is None or cache_policy.max_hot == 0:
+        rule = calibrate_rule(memory.similarities(features), full, costs, target_agreement,
+                              rule.metric, rule.metric_params, None, seed)
+        cache_policy = None
+    else:
+        held_sem = held_full = None
+        if cache_policy.instance_slots:
+            held = [streams_lib.held_object(full, 3000, seed=seed + 100 + k) for k in range(2)]
+            frames = np.concatenate([h.render(x_calibration) for h in held])
+            held_features = enc.extract_features(stage_models, head, frames, memory.pooling,
+                                                 batch_size)
+            held_sem, held_full = memory.semantics(held_features), held_features.predictions
+        rule, cache_policy = calibrate_memory(
+            memory.semantics(features), memory.centres, full, costs, target_agreement,
+            rule.metric, rule.metric_params, cache_policy, held_sem, held_full, seed)
+    logging.info("%s thresholds %s (cold %s, instance %s).", rule.metric.value,
+                 rule.thresholds, rule.cold_thresholds, rule.instance_thresholds)
+    return dataclasses.replace(memory, exit_rule=rule,
                                cache_policy=cache_policy if rule.uses_cache else None)

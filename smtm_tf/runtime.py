@@ -13,6 +13,10 @@ only relaxes the rule for its classes. Answers then update the cache.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
+import json
+import logging
 
 import numpy as np
 
@@ -20,6 +24,9 @@ from converters import metadata
 from smtm_tf import cache as cache_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import exit_policy
+from smtm_tf import io_utils
+
+STATE_FORMAT_VERSION = 1
 
 
 class ModelFileError(ValueError):
@@ -82,7 +89,7 @@ class SmtmRuntime:
 
     def set_exit_rule(self, rule: exit_policy.ExitRule,
                       cache_policy: cache_lib.CachePolicy | None = None) -> None:
-        """Switches to another exit rule (and cache policy); empties the cache.
+        """Switches to another exit rule (and cache policy); starts a fresh memory.
 
         The descriptor's rule is the one calibrated for the model; other rules
         serve comparisons on the same loaded model.
@@ -93,26 +100,86 @@ class SmtmRuntime:
         if rule.uses_cache and cache_policy is None:
             raise ValueError("A rule with cold thresholds needs a cache policy.")
         self.rule = rule
-        policy = cache_policy if rule.uses_cache else None
-        self.cache = cache_lib.HotSet(policy or cache_lib.CachePolicy(max_hot=0),
-                                      self.descriptor.num_classes)
-        self._use_cache = policy is not None and policy.max_hot > 0
-        # Per stage: (invoke, activation input, similarities, next activation,
-        # hot threshold, cold threshold, metric parameters), bound once so the
-        # per-frame loop does no lookups or allocations. inf never passes.
-        inf = float("inf")
+        self.cache_policy = cache_policy if rule.uses_cache else None
+        self.memory = cache_lib.MemoryState(
+            self.cache_policy, rule, [spec.centres for spec in self.descriptor.stages])
+        self._write_centres()
+        # Per stage: (invoke, activation input, similarities, semantic vector,
+        # next activation, never exits), bound once so the per-frame loop does
+        # no lookups or allocations.
         self._plan = []
         for s, st in enumerate(self._stages):
-            hot_t, cold_t = rule.threshold_for(s, True), rule.threshold_for(s, False)
             self._plan.append((
                 st.invoke, st.input_view("activation"), st.output_view("similarities"),
-                st.output_view("next_activation"), inf if hot_t is None else hot_t,
-                inf if cold_t is None else cold_t, rule.stage_params(s),
-                hot_t is None and cold_t is None))
+                st.output_view("semantic"), st.output_view("next_activation"),
+                self.memory.never[s]))
+        self._semantics = np.zeros((self.num_stages, self.memory.inst.shape[-1]), np.float32)
+        self._keeps = self.memory.slots > 0 or self.memory.adapting
+
+    def _write_centres(self, class_id: int | None = None) -> None:
+        """Copies the memory's current centres (all, or one class's) into the stages."""
+        for s, stage in enumerate(self._stages):
+            if class_id is None:
+                stage.set_input("centres", self.memory.centres[s])
+            else:
+                stage.input_view("centres")[class_id] = self.memory.centres[s, class_id]
 
     def reset_cache(self) -> None:
-        """Empties the cache of hot classes (e.g. before a new stream)."""
-        self.cache.reset()
+        """Forgets the stream (cache, short-term tier, adapted centres)."""
+        self.memory.reset()
+        self._write_centres()
+
+    def save_state(self, path: str) -> None:
+        """Writes the adaptive memory's state (cache, scores, short-term tier,
+        adapted centres) to `path` atomically, so an app restart keeps it."""
+        arrays = {f"state_{k}": v for k, v in self.memory.to_arrays().items()}
+        arrays["meta"] = np.array(json.dumps({
+            "format_version": STATE_FORMAT_VERSION, "model": self._fingerprint()}))
+        buf = io.BytesIO()
+        np.savez(buf, **arrays)
+        io_utils.write_bytes_atomic(path, buf.getvalue())
+
+    def load_state(self, path: str) -> bool:
+        """Restores a state written by `save_state`.
+
+        A missing, corrupted or mismatched file (another model, rule or
+        policy, another format) is reported with a warning and replaced by a
+        fresh memory: the runtime never crashes on it and never uses it.
+
+        Returns:
+          True if the state was restored, False if the memory starts fresh.
+        """
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                arrays = {k: f[k] for k in f.files}
+            meta = json.loads(str(arrays.pop("meta")))
+            if meta.get("format_version") != STATE_FORMAT_VERSION:
+                raise ValueError(f"state format {meta.get('format_version')!r}, this "
+                                 f"runtime reads {STATE_FORMAT_VERSION}")
+            if meta.get("model") != self._fingerprint():
+                raise ValueError("it was saved for another model, exit rule or cache policy")
+            self.memory.from_arrays({k[len("state_"):]: v for k, v in arrays.items()
+                                     if k.startswith("state_")})
+        except Exception as e:  # pylint: disable=broad-except
+            # Whatever is wrong with the file, a fresh memory is safe.
+            logging.warning("Ignoring the memory state %s (%s: %s); starting with a fresh "
+                            "cache.", path, type(e).__name__, e)
+            self.reset_cache()
+            return False
+        self._write_centres()
+        return True
+
+    def _fingerprint(self) -> str:
+        """Identifies what a saved state is valid for: the descriptor, rule and policy."""
+        text = json.dumps([self.descriptor.to_dict(), self.rule.to_dict(),
+                           None if self.cache_policy is None else self.cache_policy.to_dict()],
+                          sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()
+
+    @property
+    def cache(self) -> cache_lib.MemoryState:
+        """The adaptive memory's state (hot classes in `.hot`)."""
+        return self.memory
 
     @property
     def stage_invokes(self) -> list:
@@ -142,29 +209,44 @@ class SmtmRuntime:
         """`classify` for a float32 frame already shaped `[1, H, W, C]`.
 
         Returns:
-          (class_id, exit_stage).
+          (class_id, exit_stage). A verified exit that the full model
+          contradicts returns the full model's class (at its exit stage).
         """
         activation = frame
-        score, metric = exit_policy.score, self.rule.metric
-        hot = self.cache.hot
+        memory = self.memory
+        decide = memory.decide
         copyto = np.copyto
-        for s, (invoke, act_in, sims, next_act, hot_t, cold_t, params,
-                never) in enumerate(self._plan):
+        semantics = self._semantics
+        keeps = self._keeps
+        for s, (invoke, act_in, sims, semantic, next_act, never) in enumerate(self._plan):
             copyto(act_in, activation)
             invoke()
-            if not never:
-                top1, value = score(metric, sims, params)
-                if value >= (hot_t if hot[top1] else cold_t):
-                    top1 = int(top1)
-                    if self._use_cache:
-                        self.cache.update(top1, confirmed=False)
-                    return top1, s
+            if keeps:
+                copyto(semantics[s], semantic)
+            if never:
+                activation = next_act
+                continue
+            answer = decide(s, sims, semantic)
+            if answer >= 0:
+                confirmed = False
+                if memory.verify_due():
+                    full = self.classify_full(frame)
+                    adapted = memory.adapted[answer]
+                    memory.verified(answer, full)
+                    if full != answer:
+                        if adapted and not memory.adapted[answer]:
+                            self._write_centres(answer)  # Reverted.
+                        answer, confirmed = full, True
+                memory.record(answer, confirmed, semantics, s + 1)
+                return answer, s
             activation = next_act
         copyto(self._head_in, activation)
         self._head.invoke()
         answer = int(self._head_out.argmax())
-        if self._use_cache:
-            self.cache.update(answer, confirmed=True)
+        adapting = memory.adapting and memory.hot[answer]
+        memory.record(answer, True, semantics, self.num_stages)
+        if adapting:
+            self._write_centres(answer)
         return answer, self.num_stages
 
     def classify_full(self, frame: np.ndarray) -> int:
