@@ -5,6 +5,9 @@ Example:
 """
 
 import json
+import os
+
+import numpy as np
 
 from absl import app
 from absl import flags
@@ -25,6 +28,12 @@ _SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
 _ZIPF_EXPONENT = flags.DEFINE_float("zipf_exponent", 1.2, "Exponent of the zipf stream.")
 _THREADS = flags.DEFINE_integer("threads", 1, "CPU threads.")
 _JSON = flags.DEFINE_string("json_output", None, "Also write the figures as JSON here.")
+_PLOT_DIR = flags.DEFINE_string(
+    "plot_dir", None, "Write a PNG of hit rate and latency over each stream here "
+    "(needs matplotlib: pip install -e '.[plots]').")
+_STATE = flags.DEFINE_string(
+    "state", None, "Memory state file: restored before the first stream if it exists "
+    "(a corrupted or mismatched one is reported and ignored) and saved after the last.")
 
 
 def main(argv):
@@ -33,24 +42,48 @@ def main(argv):
                                     make_backend("cpu", num_threads=_THREADS.value))
     shape = runtime.descriptor.full.inputs[0].shape
     data = data_lib.load_data(_DATA.value, image_size=tuple(shape[1:3]), channels=shape[3])
-    rows = []
+    rows, recoveries = [], {}
+    if _STATE.value and os.path.exists(_STATE.value):
+        runtime.load_state(_STATE.value)
     for kind in _STREAMS.value:
         stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=_SEED.value,
                                      zipf_exponent=_ZIPF_EXPONENT.value)
         print(f"running {kind}: {len(stream)} frames, full and SMTM interleaved ...",
               flush=True)
-        rows.append((kind, validation.compare(runtime, stream.render(data.x_test),
-                                              stream.labels)))
+        comparison = validation.compare(runtime, stream.render(data.x_test), stream.labels,
+                                        keep_state=bool(_STATE.value))
+        rows.append((kind, comparison))
+        if len(stream.scene_starts) > 1 and runtime.cache_policy is not None:
+            recoveries[kind] = validation.recovery_frames(comparison.hits, stream.scene_starts)
+        if _PLOT_DIR.value:
+            os.makedirs(_PLOT_DIR.value, exist_ok=True)
+            path = os.path.join(_PLOT_DIR.value, f"{kind}.png")
+            validation.plot_stream(path, comparison, stream.scene_starts,
+                                   f"{kind}: speed-up {comparison.speedup:.2f}x")
+            print(f"wrote {path}")
+    if _STATE.value:
+        runtime.save_state(_STATE.value)
     print(validation.format_table(rows))
+    for kind, c in rows:
+        if runtime.cache_policy is not None:
+            print(f"{kind}: cache hit rate {100 * c.hits.mean():.1f}%", end="")
+            if kind in recoveries and recoveries[kind]:
+                r = np.asarray(recoveries[kind])
+                print(f"; frames to recover 80% of the hit rate after a scene change: "
+                      f"median {np.median(r):.0f}, 90th percentile {np.percentile(r, 90):.0f}, "
+                      f"max {r.max()} ({len(r)} changes)", end="")
+            print()
     overhead = validation.host_overhead_us(runtime, data.x_test[:500])
-    print(f"host work per frame (copies, lookup, decision): {overhead:.1f} us, "
+    print(f"host work per frame (copies, lookup, policy, adaptation): {overhead:.1f} us, "
           f"{100 * overhead / rows[0][1].full.mean_us:.1f}% of full")
     for kind, c in rows:
         print(f"{kind}: speed-up {c.speedup:.2f}x, top-1 accuracy {-c.accuracy_drop:+.2f} "
               "points vs full")
     if _JSON.value:
         payload = [{"stream": k, "speedup": c.speedup, "accuracy_drop": c.accuracy_drop,
-                    "full": c.full.to_dict(), "smtm": c.smtm.to_dict()} for k, c in rows]
+                    "full": c.full.to_dict(), "smtm": c.smtm.to_dict(),
+                    "hit_rate": float(c.hits.mean()),
+                    "recovery_frames": recoveries.get(k, [])} for k, c in rows]
         io_utils.write_bytes_atomic(_JSON.value, json.dumps(payload, indent=2).encode())
 
 

@@ -10,6 +10,7 @@ caches, a cost no app pays (it runs one method on every frame).
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 
 import numpy as np
@@ -35,8 +36,19 @@ class RunStats:
 
 @dataclasses.dataclass(frozen=True)
 class Comparison:
+    """Both methods on one stream, with SMTM's per-frame trace.
+
+    Attributes:
+      full, smtm: the figures of each method.
+      hits: per frame, whether SMTM's answer was in the cache when it came.
+      smtm_us, full_us: per-frame latencies in microseconds.
+    """
+
     full: RunStats
     smtm: RunStats
+    hits: np.ndarray | None = None
+    smtm_us: np.ndarray | None = None
+    full_us: np.ndarray | None = None
 
     @property
     def speedup(self) -> float:
@@ -55,7 +67,7 @@ def _frames(runtime: SmtmRuntime, images: np.ndarray) -> np.ndarray:
 
 
 def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
-            warmup: int = 50, block: int = 100) -> Comparison:
+            warmup: int = 50, block: int = 100, keep_state: bool = False) -> Comparison:
     """Runs `full` and SMTM on every frame, interleaved, and measures both.
 
     Args:
@@ -64,6 +76,8 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
       labels: their true classes.
       warmup: frames run (untimed) before measuring.
       block: frames each method runs before the other takes over.
+      keep_state: start from the runtime's memory as it is (e.g. restored
+        from a state file) instead of an empty one; warm-up then runs `full` only.
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}.")
@@ -74,10 +88,14 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
     exit_stage = np.empty(n, np.int64)
     full_ns = np.empty(n, np.int64)
     smtm_ns = np.empty(n, np.int64)
+    hits = np.zeros(n, bool)
+    memory = runtime.memory
     for i in range(min(warmup, n)):
         runtime.classify_full(frames[i])
-        runtime.classify_fast(frames[i])
-    runtime.reset_cache()  # The stream starts with an empty cache.
+        if not keep_state:
+            runtime.classify_fast(frames[i])
+    if not keep_state:
+        runtime.reset_cache()  # The stream starts with an empty cache.
     clock = time.perf_counter_ns
     classify, classify_full = runtime.classify_fast, runtime.classify_full
     for b, start in enumerate(range(0, n, block)):
@@ -93,12 +111,80 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
                     t0 = clock()
                     smtm_pred[i], exit_stage[i] = classify(frames[i])
                     smtm_ns[i] = clock() - t0
+                    hits[i] = memory.last_hit
     shares = np.bincount(exit_stage, minlength=runtime.num_stages + 1) / n
     no_exit = np.zeros(runtime.num_stages + 1)
     no_exit[-1] = 1.0
     return Comparison(
         full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
-        smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares))
+        smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares),
+        hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3)
+
+
+def recovery_frames(hits: np.ndarray, scene_starts, level: float = 0.8, before: int = 100,
+                    window: int = 10) -> list[int]:
+    """Frames each scene change takes until the cache's hit rate recovers.
+
+    For every scene start after the first with `before` frames of history,
+    the pre-change level is the hit rate over the `before` frames before it;
+    recovery is the first frame after the change at which the hit rate over
+    the last `window` frames reaches `level` times that. A scene that ends
+    (or a stream that ends) first counts as its length.
+    """
+    hits = np.asarray(hits, np.float64)
+    starts = [int(s) for s in scene_starts]
+    out = []
+    for k, start in enumerate(starts):
+        if start < before:
+            continue
+        end = starts[k + 1] if k + 1 < len(starts) else len(hits)
+        goal = level * hits[start - before:start].mean()
+        frames = end - start
+        for j in range(start, end):
+            if hits[max(start, j - window + 1):j + 1].mean() >= goal and j - start + 1 >= min(
+                    window, end - start):
+                frames = j - start + 1
+                break
+        out.append(frames)
+    return out
+
+
+def plot_stream(path: str, comparison: Comparison, scene_starts=(), title: str = "",
+                window: int = 20) -> None:
+    """Writes a PNG of the cache's hit rate and both methods' latency over a stream.
+
+    Needs matplotlib (`pip install -e '.[plots]'`).
+    """
+    try:
+        import matplotlib  # pylint: disable=import-outside-toplevel
+        matplotlib.use("Agg")
+        from matplotlib import pyplot as plt  # pylint: disable=import-outside-toplevel
+    except ImportError as e:
+        raise RuntimeError("Plots need matplotlib: pip install -e '.[plots]'.") from e
+    kernel = np.ones(window) / window
+    x = np.arange(len(comparison.hits))
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 6), sharex=True)
+    ax1.plot(x, np.convolve(comparison.hits, kernel, mode="same"), lw=1)
+    ax1.set_ylabel(f"cache hit rate ({window}-frame mean)")
+    ax1.set_ylim(0, 1.05)
+    ax2.plot(x, np.convolve(comparison.full_us, kernel, mode="same"), lw=1, label="full")
+    ax2.plot(x, np.convolve(comparison.smtm_us, kernel, mode="same"), lw=1, label="SMTM")
+    ax2.set_ylabel(f"latency us ({window}-frame mean)")
+    ax2.set_xlabel("frame")
+    ax2.legend()
+    for ax in (ax1, ax2):
+        for start in scene_starts:
+            ax.axvline(start, color="grey", lw=0.5, ls=":")
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    try:
+        fig.savefig(tmp, dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def _stats(method, pred, full_pred, labels, ns, shares) -> RunStats:
