@@ -62,6 +62,7 @@ def main(argv):
                                    f"{kind}: speed-up {comparison.speedup:.2f}x")
             print(f"wrote {path}")
     if _STATE.value:
+        os.makedirs(os.path.dirname(_STATE.value) or ".", exist_ok=True)
         runtime.save_state(_STATE.value)
     print(validation.format_table(rows))
     for kind, c in rows:

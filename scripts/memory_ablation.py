@@ -1,0 +1,87 @@
+"""What each level of the adaptive memory adds: replayed exits on test streams.
+
+Runs the model's stages once over each stream's frames, then replays the
+semantic vectors through `cache.MemoryState` with the memory's rule under
+several policies, and a rule calibrated with no hot set on the same
+held-out frames. Speed-ups are compute speed-ups (1 / mean compute share of
+the exit stage, verification included); `scripts/validate.py` measures
+latency on the converted model.
+
+Example:
+  python scripts/memory_ablation.py --stream=scene_change,video,object --seed=11,12
+"""
+
+import dataclasses
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from smtm_tf import cache
+from smtm_tf import data as data_lib
+from smtm_tf import encoders as enc
+from smtm_tf import exit_policy
+from smtm_tf import kerascompat
+from smtm_tf import memory as memory_lib
+from smtm_tf import stages as stages_lib
+from smtm_tf import streams
+
+_MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "Keras model.")
+_MEMORY = flags.DEFINE_string("memory", None, "Its memory (default: next to the model).")
+_STREAMS = flags.DEFINE_list("stream", ["scene_change", "video", "zipf", "uniform", "object",
+                                        "drift"], "Stream kinds.")
+_SEEDS = flags.DEFINE_list("seed", ["11", "12", "13"], "Stream seeds.")
+_FRAMES = flags.DEFINE_integer("frames", 3000, "Frames per stream.")
+
+
+def main(argv):
+    del argv
+    from converters import smtm_converter  # pylint: disable=import-outside-toplevel
+
+    model = kerascompat.load_model(_MODEL.value)
+    memory = memory_lib.SemanticMemory.load(
+        _MEMORY.value or smtm_converter.memory_path_for(_MODEL.value))
+    data = data_lib.load_fashion_mnist()
+    _, (x_calib, _) = data.holdout(0.1)
+    stage_models, head = stages_lib.split_model(model, memory.plan)
+
+    def features(images):
+        f = enc.extract_features(stage_models, head, images, memory.pooling)
+        return memory.semantics(f), f.predictions
+
+    calib_sem, calib_full = features(x_calib)
+    rule, policy = memory.exit_rule, memory.cache_policy
+    no_hot = exit_policy.calibrate([calib_sem[s] @ c.T for s, c in enumerate(memory.centres)],
+                                   calib_full, memory.plan.stage_costs,
+                                   rule.target_agreement, metric=rule.metric,
+                                   metric_params=rule.metric_params)
+    variants = {"no hot set": (no_hot, None)}
+    if policy is not None:
+        variants["cache, fixed size 4, no prior"] = (rule, dataclasses.replace(
+            policy, prior_weight=0.0, min_hot=4, max_hot=4))
+        variants["adaptive (memory's policy)"] = (rule, policy)
+        variants["+ adaptation 0.1, verify 2%"] = (rule, dataclasses.replace(
+            policy, adapt_rate=0.1, verify_rate=0.02))
+    cumulative = np.append(np.cumsum(memory.plan.stage_costs), 1.0)
+    print("| stream | seed | " + " | ".join(variants) + " |")
+    print("|---|---|" + "---|" * len(variants))
+    for kind in _STREAMS.value:
+        for seed in _SEEDS.value:
+            stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=int(seed))
+            sem, full = features(stream.render(data.x_test))
+            cells = []
+            for r, p in variants.values():
+                out = cache.replay(r, p, sem, memory.centres, full)
+                cost = cumulative[out.exit_stage].mean()
+                if p is not None:
+                    cost += p.verify_rate * (out.exit_stage < memory.plan.num_stages).mean()
+                cells.append(f"{1 / cost:.2f}x, {100 * (out.prediction == full).mean():.2f}%")
+            print(f"| {kind} | {seed} | " + " | ".join(cells) + " |", flush=True)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()
