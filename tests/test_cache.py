@@ -1,10 +1,11 @@
-"""Tests for the hot-class cache: smtm_tf.cache and where it is wired in.
+"""Tests for the adaptive memory: smtm_tf.cache and where it is wired in.
 
-CachePolicy and HotSet, `replay` and `calibrate_with_cache` on synthetic
-similarities; `memory.calibration_streams` / `calibrate_rule`; the cache
-policy in SemanticMemory files and in the descriptor; the runtime with the
-cache in the loop, bit for bit against `replay`; `convert_model` with a
-metric and a cache policy.
+CachePolicy (and legacy policies), MemoryState (forgetting-curve cache,
+adaptive capacity, prior shift, short-term tier, centre adaptation with
+verification and revert, persistence), `replay` on semantic vectors and on
+similarities, `calibrate_with_cache` in closed loop, the cache policy in
+SemanticMemory files and in the descriptor, and the runtime (decisions equal
+to `replay`, save_state / load_state, cache sizes).
 """
 
 import dataclasses
@@ -16,7 +17,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from converters import smtm_converter
 from smtm_tf import cache
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
@@ -28,21 +28,81 @@ from smtm_tf import streams as streams_lib
 import testing_utils as tu
 
 COSTS = (0.2, 0.3, 0.45)
+NEVER = 5.0  # Above any margin: a class-level threshold that never lets a frame out.
 
 
-# --- Synthetic frames and streams --------------------------------------------
+# --- Synthetic frames ---------------------------------------------------------
 
 def frame_pool(n, seed, num_classes=10, spreads=(0.3, 0.5, 0.8), attract=0.5):
-    """tu.synthetic_cascade with 10 classes, where wrong answers of frames of
-    other classes than 0 point at class 0 with probability `attract`: when
-    class 0 is hot, those are the frames a relaxed hot threshold would wrongly
-    let out.
-
-    Returns:
-      (similarities: one [n, K] float32 array per stage, full predictions [n]).
-    """
+    """tu.synthetic_cascade with 10 classes (similarities, full predictions)."""
     return tu.synthetic_cascade(n, seed, num_classes=num_classes, spreads=spreads,
                                 attract=attract)
+
+
+def semantic_pool(n, seed, num_classes=6, dim=16, noises=(1.0, 0.7, 0.4)):
+    """Unit semantic vectors [S, n, D] around random unit centres, noisier early.
+
+    Returns:
+      (semantics [S, n, D] float32, centres: one [K, D] per stage, full [n]).
+    """
+    rng = np.random.default_rng(seed)
+    full = rng.integers(0, num_classes, n)
+    centres, sem = [], []
+    for noise in noises:
+        c = tu.unit_centres(rng, num_classes, dim)
+        v = c[full] + rng.normal(0.0, noise / math.sqrt(dim), (n, dim)).astype(np.float32)
+        v /= np.linalg.norm(v, axis=1, keepdims=True)
+        centres.append(c)
+        sem.append(v.astype(np.float32))
+    return np.stack(sem), centres, full
+
+
+def cached_rule(sims, hot_q=(0.5, 0.4, 0.3), cold_q=(0.9, 0.85, 0.8), metric="margin",
+                params=None, instance=None):
+    """Hot and cold thresholds at quantiles of each stage's scores."""
+    tops = ep.stage_scores(ep.Metric(metric), sims, params)
+    hot = tuple(float(np.quantile(v, q)) for (_, v), q in zip(tops, hot_q))
+    cold = tuple(float(np.quantile(v, q)) for (_, v), q in zip(tops, cold_q))
+    return ep.ExitRule(metric, hot, 0.9, cold, params, instance)
+
+
+def basis_centres(num_stages, num_classes, dim):
+    """Class k's centre is the k-th basis vector at every stage."""
+    return [np.eye(num_classes, dim, dtype=np.float32) for _ in range(num_stages)]
+
+
+def unit(v):
+    v = np.asarray(v, np.float32)
+    return v / np.linalg.norm(v)
+
+
+def state_for(policy, num_classes=4, num_stages=2, dim=6, thresholds=(0.2, 0.2),
+              cold=(0.4, 0.4), instance=None):
+    rule = ep.ExitRule("margin", thresholds, 0.9, cold, None, instance)
+    return cache.MemoryState(policy, rule, basis_centres(num_stages, num_classes, dim))
+
+
+def manual_closed_loop(rule, policy, sims, full):
+    """A fixed-size cache (no prior) in the loop, written out from the documented rules."""
+    num_stages, n, k = len(sims), len(full), sims[0].shape[1]
+    scores, hot = np.zeros(k), np.zeros(k, bool)
+    stages_out, preds = [], []
+    for i in range(n):
+        exit_stage, pred = num_stages, int(full[i])
+        for s in range(num_stages):
+            c, value = ep.score(rule.metric, sims[s][i], rule.stage_params(s))
+            threshold = rule.threshold_for(s, bool(hot[c]))
+            if threshold is not None and value >= threshold:
+                exit_stage, pred = s, int(c)
+                break
+        scores *= policy.decay
+        scores[pred] += 1.0 if exit_stage == num_stages else policy.exit_weight
+        hot[:] = False
+        order = [c for c in np.argsort(-scores, kind="stable") if scores[c] >= policy.hot_min]
+        hot[order[:policy.max_hot]] = True
+        stages_out.append(exit_stage)
+        preds.append(pred)
+    return np.array(stages_out), np.array(preds)
 
 
 def open_set_stream(full, num_frames, seed, hot_class=0):
@@ -56,47 +116,7 @@ def open_set_stream(full, num_frames, seed, hot_class=0):
     return idx
 
 
-def manual_hot_flags(policy, top1, full):
-    """Hot flags [S, N] of a HotSet fed the full model's answers (the oracle)."""
-    hot_set = cache.HotSet(policy, int(max(top1.max(), full.max())) + 1)
-    flags = np.zeros(top1.shape, bool)
-    for i in range(top1.shape[1]):
-        flags[:, i] = hot_set.hot[top1[:, i]]
-        hot_set.update(int(full[i]), confirmed=True)
-    return flags
-
-
-def manual_closed_loop(rule, policy, sims, full):
-    """The cache in the loop, written out frame by frame from the documented rules."""
-    num_stages, n = len(sims), len(full)
-    hot_set = cache.HotSet(policy, sims[0].shape[1])
-    stages_out, preds = [], []
-    for i in range(n):
-        exit_stage, pred = num_stages, int(full[i])
-        for s in range(num_stages):
-            c, value = ep.score(rule.metric, sims[s][i], rule.stage_params(s))
-            hot = policy.max_hot > 0 and bool(hot_set.hot[c])
-            threshold = rule.threshold_for(s, hot)
-            if threshold is not None and value >= threshold:
-                exit_stage, pred = s, int(c)
-                break
-        if policy.max_hot > 0:
-            hot_set.update(pred, confirmed=exit_stage == num_stages)
-        stages_out.append(exit_stage)
-        preds.append(pred)
-    return np.array(stages_out), np.array(preds)
-
-
-def cached_rule(sims, hot_q=(0.5, 0.4, 0.3), cold_q=(0.9, 0.85, 0.8), metric="margin",
-                params=None):
-    """Hot and cold thresholds at quantiles of each stage's scores."""
-    tops = ep.stage_scores(ep.Metric(metric), sims, params)
-    hot = tuple(float(np.quantile(v, q)) for (_, v), q in zip(tops, hot_q))
-    cold = tuple(float(np.quantile(v, q)) for (_, v), q in zip(tops, cold_q))
-    return ep.ExitRule(metric, hot, 0.9, cold, params)
-
-
-# --- CachePolicy and HotSet -----------------------------------------------------
+# --- CachePolicy --------------------------------------------------------------
 
 class CachePolicyTest(parameterized.TestCase):
 
@@ -105,149 +125,429 @@ class CachePolicyTest(parameterized.TestCase):
         ("decay_one", dict(decay=1.0), "decay must be in"),
         ("decay_nan", dict(decay=math.nan), "decay must be in"),
         ("exit_weight_above_one", dict(exit_weight=1.5), "exit_weight must be in"),
-        ("exit_weight_negative", dict(exit_weight=-0.1), "exit_weight must be in"),
         ("hot_min_zero", dict(hot_min=0.0), "hot_min must be > 0"),
-        ("hot_min_negative", dict(hot_min=-1.0), "hot_min must be > 0"),
-        ("hot_min_nan", dict(hot_min=math.nan), "hot_min must be > 0"),
-        ("max_hot_negative", dict(max_hot=-1), "max_hot must be >= 0"))
+        ("max_hot_negative", dict(max_hot=-1, min_hot=0), "must be >= 0"),
+        ("min_above_max", dict(min_hot=3, max_hot=2), "min_hot <= max_hot"),
+        ("max_hot_float", dict(max_hot=1.5), "max_hot must be a whole number"),
+        ("window_zero", dict(window=0), "window and grow_after"),
+        ("grow_after_zero", dict(grow_after=0), "window and grow_after"),
+        ("prior_negative", dict(prior_weight=-0.1), "prior_weight must be >= 0"),
+        ("slots_negative", dict(instance_slots=-1), "instance_slots"),
+        ("adapt_above_one", dict(adapt_rate=1.5), "adapt_rate must be in"),
+        ("verify_negative", dict(verify_rate=-0.1), "verify_rate must be in"),
+        ("drift_too_far", dict(max_drift=2.5), "max_drift must be in"))
     def test_invalid(self, kwargs, pattern):
         with self.assertRaisesRegex(ValueError, pattern):
             cache.CachePolicy(**kwargs)
 
-    def test_boundaries_are_valid(self):
-        cache.CachePolicy(exit_weight=0.0)
-        cache.CachePolicy(exit_weight=1.0)
-        cache.CachePolicy(max_hot=0)
-        cache.CachePolicy(decay=1e-6, hot_min=1e-6)
-
     def test_round_trip(self):
-        policy = cache.CachePolicy(decay=0.8125, exit_weight=0.3, hot_min=0.7, max_hot=3)
+        policy = cache.CachePolicy(decay=0.8125, exit_weight=0.3, hot_min=0.7, min_hot=2,
+                                   max_hot=3, window=7, grow_after=3, prior_weight=0.125,
+                                   instance_slots=5, adapt_rate=0.25, max_drift=0.2,
+                                   verify_rate=0.1)
         d = json.loads(json.dumps(policy.to_dict()))
-        self.assertEqual(d, {"decay": 0.8125, "exit_weight": 0.3, "hot_min": 0.7, "max_hot": 3})
         self.assertEqual(cache.CachePolicy.from_dict(d), policy)
-        self.assertEqual(cache.CachePolicy.from_dict(cache.CachePolicy().to_dict()),
-                         cache.CachePolicy())
         self.assertNotEqual(cache.CachePolicy.from_dict(d), cache.CachePolicy())
 
-    def test_from_dict_rejects_unknown_fields_and_bad_values(self):
+    def test_legacy_policy_is_a_fixed_size_hot_set(self):
+        legacy = {"decay": 0.8, "exit_weight": 0.5, "hot_min": 0.6, "max_hot": 3}
+        p = cache.CachePolicy.from_dict(legacy)
+        self.assertEqual(p.prior_weight, 0.0)
+        self.assertEqual(p.instance_slots, 0)
+        self.assertEqual(p.adapt_rate, 0.0)
+        self.assertEqual(p.verify_rate, 0.0)
+        self.assertEqual(p.min_hot, 3)
+        self.assertEqual(p.max_hot, 3)
+        self.assertEqual((p.decay, p.exit_weight, p.hot_min), (0.8, 0.5, 0.6))
+        # A legacy policy behaves as the fixed-size hot set: capacity never moves.
+        state = state_for(cache.CachePolicy.from_dict(legacy), num_classes=6)
+        for i in range(200):
+            state.record(i % 6, True)
+            self.assertEqual(state.capacity, 3)
+            self.assertFalse(state.shift.any())
+
+    def test_from_dict_rejects_unknown_and_partly_new_fields(self):
         d = cache.CachePolicy().to_dict()
         with self.assertRaisesRegex(ValueError, r"Unknown cache policy fields: \['size'\]"):
             cache.CachePolicy.from_dict(dict(d, size=3))
-        with self.assertRaisesRegex(ValueError, "decay must be in"):
-            cache.CachePolicy.from_dict(dict(d, decay=1.0))
-        # Missing fields take their defaults.
-        self.assertEqual(cache.CachePolicy.from_dict({"max_hot": 2}), cache.CachePolicy(max_hot=2))
-
-    def test_non_integer_max_hot_is_rejected(self):
-        # LIBRARY BUG (fails at the time of writing): max_hot=1.5 (or 2.0 read
-        # from JSON) is accepted, and HotSet.update later raises
-        # "TypeError: slice indices must be integers" once more classes than
-        # max_hot qualify, i.e. in the middle of a stream in the runtime.
-        with self.assertRaisesRegex(ValueError, "max_hot"):
-            cache.CachePolicy(max_hot=1.5)
+        partial = dict(d)
+        del partial["verify_rate"]
+        with self.assertRaisesRegex(ValueError, "Missing cache policy fields"):
+            cache.CachePolicy.from_dict(partial)
 
 
-class HotSetTest(absltest.TestCase):
+# --- MemoryState: cache, capacity, prior ------------------------------------
 
-    def test_confirmed_class_is_hot_after_one_frame(self):
-        hot_set = cache.HotSet(cache.CachePolicy(), 4)
-        self.assertFalse(hot_set.hot.any())
-        hot_set.update(2, confirmed=True)
-        np.testing.assert_array_equal(hot_set.hot, [False, False, True, False])
-        np.testing.assert_allclose(hot_set.scores, [0, 0, 1.0, 0])
+class ForgettingCurveTest(absltest.TestCase):
 
-    def test_decay_forgets_old_classes(self):
-        policy = cache.CachePolicy(decay=0.5, exit_weight=0.25, hot_min=0.3, max_hot=4)
-        hot_set = cache.HotSet(policy, 3)
-        hot_set.update(0, confirmed=True)  # class 0: 1
-        hot_set.update(1, confirmed=True)  # class 0: 0.5, class 1: 1
-        np.testing.assert_allclose(hot_set.scores, [0.5, 1.0, 0.0])
-        np.testing.assert_array_equal(hot_set.hot, [True, True, False])
-        hot_set.update(1, confirmed=True)  # class 0: 0.25 < 0.3: forgotten.
-        np.testing.assert_allclose(hot_set.scores, [0.25, 1.5, 0.0])
-        np.testing.assert_array_equal(hot_set.hot, [False, True, False])
-        for _ in range(3):  # Class 1 stops being seen: it decays away too.
-            hot_set.update(2, confirmed=False)
-        np.testing.assert_allclose(hot_set.scores, [0.25 / 8, 1.5 / 8,
-                                                    0.25 * (0.25 + 0.5 + 1.0)])
-        np.testing.assert_array_equal(hot_set.hot, [False, False, True])
-
-    def test_lowest_decayed_score_is_evicted_first(self):
-        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, max_hot=2)
-        hot_set = cache.HotSet(policy, 4)
+    def test_lowest_score_is_evicted_first(self):
+        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, min_hot=2,
+                                   max_hot=2, window=1000, prior_weight=0.0)
+        state = state_for(policy)
         expected = [
-            # (class, confirmed) -> hot classes after the update.
-            ((0, True), {0}),
-            ((1, True), {0, 1}),
-            # 0: 0.81, 1: 0.9, 2: 1 all qualify: the oldest (lowest) leaves.
-            ((2, True), {1, 2}),
+            # (class, confirmed) -> scores after the update, hot classes.
+            ((0, True), [1, 0, 0, 0], {0}),
+            ((1, True), [0.9, 1, 0, 0], {0, 1}),
+            # 0: 0.81, 1: 0.9, 2: 1 all qualify: the lowest (0) leaves.
+            ((2, True), [0.81, 0.9, 1, 0], {1, 2}),
             # 0: 1.729, 1: 0.81, 2: 0.9: now class 1 is the lowest.
-            ((0, True), {0, 2}),
-            # 3 only reaches 0.25: it does not qualify, nothing changes.
-            ((3, False), {0, 2}),
-            # 0: 1.40, 1: 0.66, 2: 0.73, 3: 1.225: 3 qualifies and beats 2.
-            ((3, True), {0, 3}),
+            ((0, True), [1.729, 0.81, 0.9, 0], {0, 2}),
+            # An early exit adds exit_weight only: 3 reaches 0.25, not hot.
+            ((3, False), [1.5561, 0.729, 0.81, 0.25], {0, 2}),
+            # 3: 1.225 beats 2: 0.729.
+            ((3, True), [1.40049, 0.6561, 0.729, 1.225], {0, 3}),
         ]
-        for step, ((c, confirmed), want) in enumerate(expected):
-            hot_set.update(c, confirmed)
-            self.assertEqual(set(np.flatnonzero(hot_set.hot)), want, step)
-            # The hot ones are the top-scoring ones.
-            qualifying = np.flatnonzero(hot_set.scores >= policy.hot_min)
-            self.assertLessEqual(hot_set.hot.sum(), policy.max_hot)
-            if len(qualifying) > policy.max_hot:
-                lowest_hot = hot_set.scores[hot_set.hot].min()
-                self.assertTrue((hot_set.scores[~hot_set.hot] <= lowest_hot).all(), step)
+        for step, ((c, confirmed), scores, want) in enumerate(expected):
+            state.record(c, confirmed)
+            np.testing.assert_allclose(state.scores, scores, rtol=1e-9, err_msg=str(step))
+            self.assertEqual(set(np.flatnonzero(state.hot)), want, step)
 
     def test_exits_need_more_frames_than_confirmations(self):
         def frames_to_hot(policy, confirmed):
-            hot_set = cache.HotSet(policy, 3)
+            state = state_for(policy)
             for frames in range(1, 100):
-                hot_set.update(1, confirmed)
-                if hot_set.hot[1]:
+                state.record(1, confirmed)
+                if state.hot[1]:
                     return frames
             return None
 
         policy = cache.CachePolicy()  # decay 0.9, exit weight 0.25, hot_min 0.5.
         self.assertEqual(frames_to_hot(policy, True), 1)
-        # 0.25, 0.475, 0.6775: three early exits make a class hot.
-        self.assertEqual(frames_to_hot(policy, False), 3)
-        # Any exit weight below hot_min: one confirmation, several exits.
-        for weight in (0.1, 0.2, 0.3, 0.45):
-            p = dataclasses.replace(policy, exit_weight=weight)
-            self.assertGreater(frames_to_hot(p, False), frames_to_hot(p, True), weight)
-        # Exits alone never make a class hot when their weight is 0, nor when
-        # the steady state exit_weight / (1 - decay) stays below hot_min.
-        self.assertIsNone(frames_to_hot(dataclasses.replace(policy, exit_weight=0.0), False))
+        self.assertEqual(frames_to_hot(policy, False), 3)  # 0.25, 0.475, 0.6775.
         self.assertIsNone(frames_to_hot(dataclasses.replace(policy, exit_weight=0.04), False))
-        self.assertEqual(frames_to_hot(dataclasses.replace(policy, exit_weight=1.0), False), 1)
 
-    def test_max_hot_zero_is_never_hot(self):
-        hot_set = cache.HotSet(cache.CachePolicy(max_hot=0), 3)
-        for i in range(50):
-            hot_set.update(i % 2, confirmed=True)
-            self.assertFalse(hot_set.hot.any(), i)
-        self.assertGreater(hot_set.scores[0], 1.0)  # Scores still count.
-
-    def test_reset_and_in_place_updates(self):
-        hot_set = cache.HotSet(cache.CachePolicy(), 4)
-        hot, scores = hot_set.hot, hot_set.scores
-        sequence = [(1, True), (2, False), (1, True), (3, True)]
-        for c, confirmed in sequence:
-            hot_set.update(c, confirmed)
-        self.assertTrue(hot[1] and hot[3])  # The held reference sees updates.
-        before = (hot.copy(), scores.copy())
-        hot_set.reset()
-        self.assertIs(hot_set.hot, hot)
-        self.assertIs(hot_set.scores, scores)
-        self.assertFalse(hot.any())
-        np.testing.assert_array_equal(scores, np.zeros(4))
-        for c, confirmed in sequence:
-            hot_set.update(c, confirmed)
-        np.testing.assert_array_equal(hot, before[0])
-        np.testing.assert_array_equal(scores, before[1])
+    def test_reset_forgets(self):
+        state = state_for(cache.CachePolicy(min_hot=1, max_hot=3))
+        for c in (1, 2, 1, 3, 1):
+            state.record(c, True)
+        self.assertTrue(state.hot.any())
+        state.reset()
+        self.assertFalse(state.hot.any())
+        self.assertFalse(state.scores.any())
+        self.assertFalse(state.shift.any())
+        self.assertEqual(state.capacity, 1)
 
 
-# --- replay ------------------------------------------------------------------
+class CapacityTest(absltest.TestCase):
+
+    def test_grows_after_answers_left_out(self):
+        policy = cache.CachePolicy(decay=0.9, hot_min=0.5, min_hot=1, max_hot=3, window=5,
+                                   grow_after=2, prior_weight=0.0)
+        state = state_for(policy)
+        # 0, 1: not qualified before. Then 0, 1, 0 each qualified (score
+        # >= 0.5) but were left out of a cache of one: 3 >= grow_after.
+        for k, c in enumerate((0, 1, 0, 1)):
+            state.record(c, True)
+            self.assertEqual(state.capacity, 1, k)
+        self.assertEqual(state.left_out, 2)
+        state.record(0, True)
+        self.assertEqual(state.capacity, 2)
+        self.assertEqual(state.hot.sum(), 2)
+
+    def test_one_answer_left_out_is_not_enough(self):
+        policy = cache.CachePolicy(decay=0.9, hot_min=0.5, min_hot=1, max_hot=3, window=5,
+                                   grow_after=2, prior_weight=0.0)
+        state = state_for(policy)
+        for c in (0, 1, 0, 0, 0):  # Only the third answer was left out.
+            state.record(c, True)
+        self.assertEqual(state.capacity, 1)
+
+    def test_growth_is_bounded_by_max_hot(self):
+        policy = cache.CachePolicy(decay=0.99, hot_min=0.5, min_hot=1, max_hot=3, window=4,
+                                   grow_after=1, prior_weight=0.0)
+        state = state_for(policy, num_classes=6)
+        history = []
+        for i in range(200):
+            state.record(i % 6, True)
+            history.append(state.capacity)
+            self.assertLessEqual(state.hot.sum(), state.capacity)
+        self.assertEqual(max(history), 3)
+        self.assertEqual(history[-1], 3)
+        self.assertTrue(all(b - a in (0, 1) for a, b in zip(history, history[1:])))
+
+    def test_shrinks_when_a_cached_class_gets_no_answer(self):
+        policy = cache.CachePolicy(decay=0.99, hot_min=0.5, min_hot=2, max_hot=4, window=4,
+                                   grow_after=1, prior_weight=0.0)
+        state = state_for(policy, num_classes=6)
+        for i in range(100):
+            state.record(i % 6, True)
+        self.assertEqual(state.capacity, 4)
+        history = []
+        for _ in range(40):  # Only class 0 now: the other cached classes go silent.
+            state.record(0, True)
+            history.append(state.capacity)
+        self.assertEqual(history[3], 3)  # One step per window...
+        self.assertEqual(history[7], 2)
+        self.assertEqual(history[-1], 2)  # ... down to min_hot, no lower.
+        self.assertTrue(all(a - b in (0, 1) for a, b in zip(history, history[1:])))
+
+    def test_no_shrink_when_every_cached_class_answers(self):
+        policy = cache.CachePolicy(decay=0.9, hot_min=0.5, min_hot=1, max_hot=4, window=4,
+                                   grow_after=2, prior_weight=0.0)
+        state = state_for(policy)
+        state.capacity = 2
+        for _ in range(40):
+            for c in (0, 1):
+                state.record(c, True)
+        self.assertEqual(state.capacity, 2)
+
+
+class PriorShiftTest(absltest.TestCase):
+
+    SEQUENCE = (0, 0, 1, 0, 2, 0, 1, 3, 0, 0)
+
+    def run_sequence(self, prior_weight):
+        policy = cache.CachePolicy(prior_weight=prior_weight, min_hot=2, max_hot=2,
+                                   window=1000)
+        state = state_for(policy, num_classes=5)
+        shifts = []
+        for c in self.SEQUENCE:
+            state.record(c, c % 2 == 0)
+            shifts.append((state.shift.copy(), state.hot.copy(), state.scores.copy()))
+        return shifts
+
+    def test_only_cached_classes_are_shifted_proportionally(self):
+        one, two = self.run_sequence(1.0 / 16), self.run_sequence(1.0 / 8)
+        for step, ((shift, hot, scores), (shift2, hot2, _)) in enumerate(zip(one, two)):
+            np.testing.assert_array_equal(hot, hot2)
+            self.assertTrue((shift >= 0).all(), step)
+            np.testing.assert_array_equal(shift[~hot], 0.0)
+            np.testing.assert_allclose(shift2, 2 * shift, rtol=1e-6, err_msg=str(step))
+            share = (scores + 1 / 5) / (scores.sum() + 1)
+            want = np.where(hot, np.maximum(np.log(share * 5), 0) / 16, 0)
+            np.testing.assert_allclose(shift, want, rtol=1e-5, atol=1e-7)
+        self.assertTrue(any(s[0][s[1]].max() > 0 for s in one))
+
+    def test_zero_prior_weight_gives_no_shift(self):
+        for shift, hot, _ in self.run_sequence(0.0):
+            self.assertTrue(hot.any() or True)
+            np.testing.assert_array_equal(shift, 0.0)
+
+    def test_shift_raises_a_cached_class_over_its_threshold(self):
+        # Class 0 cached with a strong prior: a frame just under the hot
+        # threshold on raw similarities exits once shifted.
+        policy = cache.CachePolicy(prior_weight=1.0, min_hot=1, max_hot=1, window=1000)
+        state = state_for(policy, thresholds=(0.3, 0.3), cold=(0.9, 0.9))
+        for _ in range(5):
+            state.record(0, True)
+        self.assertGreater(state.shift[0], 0.1)
+        sims = np.array([0.5, 0.25, 0.0, 0.0], np.float32)  # Margin 0.25 < 0.3.
+        self.assertEqual(state.decide(0, sims, np.zeros(6, np.float32)), 0)
+        plain = state_for(dataclasses.replace(policy, prior_weight=0.0),
+                          thresholds=(0.3, 0.3), cold=(0.9, 0.9))
+        for _ in range(5):
+            plain.record(0, True)
+        self.assertEqual(plain.decide(0, sims, np.zeros(6, np.float32)), -1)
+        # A cold class is never lowered: a cold top-1 still faces the cold threshold.
+        sims = np.array([-1.0, 0.5, 0.25, 0.0], np.float32)
+        self.assertLess(state.shift[0], 1.25)
+        self.assertEqual(state.decide(0, sims, np.zeros(6, np.float32)), -1)
+
+
+# --- Centre adaptation and verification -------------------------------------
+
+class AdaptationTest(absltest.TestCase):
+
+    def adapted_state(self, steps=200):
+        policy = cache.CachePolicy(adapt_rate=0.5, max_drift=0.3, min_hot=2, max_hot=2,
+                                   window=1000, verify_rate=0.25, instance_slots=2)
+        state = state_for(policy, instance=(0.99, 0.99))
+        far = np.stack([unit([-1, 0, 0, 0, 0, 1])] * 2)  # Away from class 0's centre.
+        for _ in range(steps):
+            state.record(0, True, far, ran=2)
+        return state
+
+    def test_bounded_unit_and_originals_untouched(self):
+        state = self.adapted_state()
+        np.testing.assert_array_equal(state.original, np.stack(basis_centres(2, 4, 6)))
+        norms = np.linalg.norm(state.offsets, axis=-1)
+        self.assertTrue((norms <= 0.3 + 1e-6).all(), norms)
+        self.assertAlmostEqual(float(norms[:, 0].max()), 0.3, places=5)
+        np.testing.assert_allclose(np.linalg.norm(state.centres, axis=-1), 1.0, atol=1e-6)
+        self.assertTrue(state.adapted[0])
+        self.assertFalse(state.adapted[1:].any())
+        self.assertFalse(np.allclose(state.centres[:, 0], state.original[:, 0]))
+        np.testing.assert_array_equal(state.centres[:, 1:], state.original[:, 1:])
+
+    def test_exits_and_unconfirmed_answers_do_not_adapt(self):
+        policy = cache.CachePolicy(adapt_rate=0.5, min_hot=2, max_hot=2, window=1000)
+        state = state_for(policy)
+        far = np.stack([unit([-1, 0, 0, 0, 0, 1])] * 2)
+        for _ in range(10):
+            state.record(0, False, far, ran=2)  # Early exits.
+        for _ in range(10):
+            state.record(0, True, far, ran=1)  # Not all stages ran.
+        self.assertFalse(state.adapted.any())
+        np.testing.assert_array_equal(state.centres, state.original)
+
+    def test_verified_disagreement_reverts_and_forgets_instances(self):
+        state = self.adapted_state()
+        self.assertEqual(state.inst_count, [2, 2])
+        state.verified(1, 1)  # Agreement: nothing changes.
+        self.assertTrue(state.adapted[0])
+        self.assertEqual(state.inst_count, [2, 2])
+        state.verified(0, 2)
+        self.assertFalse(state.adapted.any())
+        np.testing.assert_array_equal(state.centres, state.original)
+        np.testing.assert_array_equal(state.offsets, 0.0)
+        self.assertEqual(state.inst_count, [0, 0])
+        self.assertEqual((state.checks, state.disagreements, state.reverts), (2, 1, 1))
+
+    def test_verify_due_every_round_one_over_rate(self):
+        for rate, every in ((0.25, 4), (0.3, 3), (1.0, 1), (0.1, 10)):
+            state = state_for(cache.CachePolicy(verify_rate=rate))
+            due = [state.verify_due() for _ in range(40)]
+            self.assertEqual([i + 1 for i, d in enumerate(due) if d],
+                             list(range(every, 41, every)), rate)
+        state = state_for(cache.CachePolicy(verify_rate=0.0))
+        self.assertFalse(any(state.verify_due() for _ in range(100)))
+
+
+# --- Short-term tier --------------------------------------------------------
+
+class ShortTermTierTest(absltest.TestCase):
+
+    def test_match_exits_with_the_remembered_class(self):
+        policy = cache.CachePolicy(instance_slots=2)
+        state = state_for(policy, thresholds=(NEVER, NEVER), cold=(NEVER, NEVER),
+                          instance=(0.99, None))
+        v = unit([0.1, 0.2, 0.3, 0.9, 0.1, 0.2])
+        sims = state.centres[0] @ v
+        self.assertEqual(state.decide(0, sims, v), -1)  # Tier empty.
+        state.record(2, True, np.stack([v, v]), ran=2)
+        self.assertEqual(state.decide(0, sims, v), 2)
+        near = unit(v + np.float32(0.01) * unit([1, -1, 0, 0, 1, 0]))
+        self.assertEqual(state.decide(0, state.centres[0] @ near, near), 2)
+        far = unit([1, 0, 0, 0, 0, 0])
+        self.assertEqual(state.decide(0, state.centres[0] @ far, far), -1)
+        self.assertEqual(state.decide(1, sims, v), -1)  # No instance threshold at stage 1.
+
+    def test_conflict_with_the_memory_goes_on(self):
+        policy = cache.CachePolicy(instance_slots=2)
+        state = state_for(policy, thresholds=(0.0, 0.0), cold=(0.0, 0.0),
+                          instance=(0.99, 0.99))
+        v = unit([1, 0.2, 0, 0, 0, 0.1])
+        state.record(2, True, np.stack([v, v]), ran=2)
+        sims = state.centres[0] @ v  # Top-1: class 0, which exits on its own.
+        self.assertEqual(int(sims.argmax()), 0)
+        self.assertEqual(state.decide(0, sims, v), -1)
+        state.record(0, True, np.stack([v, v]), ran=2)  # Now the newest slot says 0.
+        state.forget_instances()
+        state.record(0, True, np.stack([v, v]), ran=2)
+        self.assertEqual(state.decide(0, sims, v), 0)
+
+    def test_ring_buffer_keeps_the_last_slots_per_stage(self):
+        policy = cache.CachePolicy(instance_slots=3)
+        state = state_for(policy, instance=(0.9, 0.9), num_classes=6, dim=8)
+        rng = np.random.default_rng(0)
+        vectors, classes = [], []
+        for i in range(7):
+            v = np.stack([unit(rng.normal(size=8)) for _ in range(2)])
+            ran = 1 if i == 6 else 2  # The last frame exited at stage 0.
+            state.record(i % 6, i % 2 == 0, v, ran=ran)
+            vectors.append(v)
+            classes.append(i % 6)
+        self.assertEqual(state.inst_count, [3, 3])
+        self.assertEqual(sorted(state.inst_class[0]), sorted(classes[4:7]))
+        self.assertEqual(sorted(state.inst_class[1]), sorted(classes[3:6]))
+        got0 = {tuple(np.round(x, 6)) for x in state.inst[0]}
+        self.assertEqual(got0, {tuple(np.round(v[0], 6)) for v in vectors[4:7]})
+        got1 = {tuple(np.round(x, 6)) for x in state.inst[1]}
+        self.assertEqual(got1, {tuple(np.round(v[1], 6)) for v in vectors[3:6]})
+
+    def test_no_tier_without_instance_thresholds_or_slots(self):
+        v = np.stack([unit(np.arange(1, 7))] * 2)
+        for policy, instance in ((cache.CachePolicy(instance_slots=3), None),
+                                 (cache.CachePolicy(instance_slots=0), (0.5, 0.5))):
+            state = state_for(policy, instance=instance)
+            self.assertEqual(state.slots, 0)
+            state.record(1, True, v, ran=2)
+            self.assertEqual(state.inst_count, [0, 0])
+
+    def test_replay_held_object_exits_at_stage_zero(self):
+        sem, centres, full = semantic_pool(50, seed=3)
+        rule = ep.ExitRule("margin", (NEVER,) * 3, 0.9, (NEVER,) * 3, None,
+                           (0.999, 0.999, None))
+        stream = np.repeat([4, 9, 17], 5)
+        out = cache.replay(rule, cache.CachePolicy(instance_slots=2), sem, centres, full,
+                           stream)
+        np.testing.assert_array_equal(out.exit_stage, np.tile([3, 0, 0, 0, 0], 3))
+        np.testing.assert_array_equal(out.prediction, full[stream])
+        self.assertTrue(np.isnan(out.inst_match[:, 0]).all())
+        np.testing.assert_allclose(out.inst_match[:2, 1], 1.0, atol=1e-5)
+        # Without slots the same rule never exits.
+        out = cache.replay(rule, cache.CachePolicy(instance_slots=0), sem, centres, full,
+                           stream)
+        np.testing.assert_array_equal(out.exit_stage, 3)
+
+
+# --- Persistence of MemoryState ---------------------------------------------
+
+class MemoryArraysTest(parameterized.TestCase):
+
+    POLICY = cache.CachePolicy(min_hot=1, max_hot=3, window=5, instance_slots=3,
+                               adapt_rate=0.3, max_drift=0.3, verify_rate=0.2)
+
+    def busy_state(self):
+        state = state_for(self.POLICY, instance=(0.95, 0.95))
+        rng = np.random.default_rng(1)
+        for i in range(37):
+            c = int(rng.integers(0, 3))
+            v = np.stack([unit(np.eye(6)[c] + rng.normal(0, 0.3, 6)) for _ in range(2)])
+            state.record(c, i % 3 != 1, v, ran=2 if i % 3 != 1 else 1)
+            if i % 5 == 0:
+                state.verify_due()
+        self.assertTrue(state.adapted.any())
+        self.assertTrue(state.hot.any())
+        return state
+
+    def test_round_trip(self):
+        state = self.busy_state()
+        arrays = {k: np.array(v, copy=True) for k, v in state.to_arrays().items()}
+        back = state_for(self.POLICY, instance=(0.95, 0.95))
+        back.from_arrays(arrays)
+        for k, v in back.to_arrays().items():
+            np.testing.assert_allclose(v, arrays[k], atol=1e-6, err_msg=k)
+        np.testing.assert_allclose(back.centres, state.centres, atol=1e-6)
+        np.testing.assert_array_equal(back.hot, state.hot)
+        np.testing.assert_allclose(back.shift, state.shift, atol=1e-7)
+        self.assertEqual(back.capacity, state.capacity)
+        # The same decisions and updates from here on.
+        rng = np.random.default_rng(9)
+        for _ in range(20):
+            c = int(rng.integers(0, 4))
+            v = np.stack([unit(np.eye(6)[c] + rng.normal(0, 0.3, 6)) for _ in range(2)])
+            for st in (state, back):
+                st.decisions = [st.decide(s, st.centres[s] @ v[s], v[s]) for s in range(2)]
+                st.record(c, True, v, ran=2)
+            self.assertEqual(state.decisions, back.decisions)
+            np.testing.assert_array_equal(state.hot, back.hot)
+
+    @parameterized.named_parameters(
+        ("shape", lambda a: a.update(scores=np.zeros(5)), "shape"),
+        ("nan", lambda a: a["inst"].__setitem__((0, 0, 0), np.nan), "non-finite"),
+        ("capacity_high", lambda a: a.update(capacity=np.int64(4)), "capacity"),
+        ("capacity_low", lambda a: a.update(capacity=np.int64(0)), "capacity"),
+        ("class_high", lambda a: a["inst_class"].__setitem__((0, 0), 4), "slots"),
+        ("class_negative", lambda a: a["inst_class"].__setitem__((1, 0), -1), "slots"),
+        ("count", lambda a: a["inst_pos"].__setitem__((0, 0), 4), "slots"),
+        ("drift", lambda a: a["offsets"].__setitem__((0, 0), [0.5, 0, 0, 0, 0, 0]),
+         "max_drift"),
+        ("negative_score", lambda a: a["scores"].__setitem__(0, -1.0), "scores"))
+    def test_rejects(self, corrupt, pattern):
+        state = self.busy_state()
+        arrays = {k: np.array(v, copy=True) for k, v in state.to_arrays().items()}
+        corrupt(arrays)
+        target = state_for(self.POLICY, instance=(0.95, 0.95))
+        target.record(1, True, np.stack([unit(np.ones(6))] * 2), ran=2)
+        before = {k: np.array(v, copy=True) for k, v in target.to_arrays().items()}
+        with self.assertRaisesRegex(ValueError, pattern):
+            target.from_arrays(arrays)
+        for k, v in target.to_arrays().items():  # Left as it was.
+            np.testing.assert_array_equal(v, before[k], err_msg=k)
+
+
+# --- replay -------------------------------------------------------------------
 
 class ReplayTest(absltest.TestCase):
 
@@ -260,160 +560,145 @@ class ReplayTest(absltest.TestCase):
         cls.stream_full = cls.full[cls.stream]
         cls.rule = cached_rule(cls.stream_sims)
 
-    def test_max_hot_zero_equals_simulate(self):
-        no_cache = cache.CachePolicy(max_hot=0)
+    def replay_sims(self, rule, policy, **kwargs):
+        return cache.replay(rule, policy, None, None, self.full, self.stream,
+                            similarities=self.sims, **kwargs)
+
+    def test_no_cache_equals_simulate(self):
         plain = ep.ExitRule(ep.Metric.MARGIN, self.rule.thresholds, 0.9)
-        stage, pred, hot = cache.replay(plain, no_cache, self.sims, self.full, self.stream)
-        want_stage, want_pred = ep.simulate(plain, self.stream_sims, self.stream_full)
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(pred, want_pred)
-        self.assertFalse(hot.any())
-        self.assertEqual(hot.shape, (3, len(self.stream)))
+        for policy in (None, cache.CachePolicy(max_hot=0, min_hot=0), cache.CachePolicy()):
+            out = self.replay_sims(plain, policy)
+            want_stage, want_pred = ep.simulate(plain, self.stream_sims, self.stream_full)
+            np.testing.assert_array_equal(out.exit_stage, want_stage)
+            np.testing.assert_array_equal(out.prediction, want_pred)
+            self.assertFalse(out.hot.any())
         # With cold thresholds and no cache, every top-1 class is cold.
-        stage, pred, _ = cache.replay(self.rule, no_cache, self.sims, self.full, self.stream)
+        out = self.replay_sims(self.rule, cache.CachePolicy(max_hot=0, min_hot=0))
         cold = [np.zeros(len(self.stream), bool)] * 3
         want_stage, want_pred = ep.simulate(self.rule, self.stream_sims, self.stream_full, cold)
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(pred, want_pred)
-
-    def test_rule_without_cold_thresholds_ignores_the_cache(self):
-        plain = ep.ExitRule(ep.Metric.MARGIN, self.rule.thresholds, 0.9)
-        stage, pred, hot = cache.replay(plain, cache.CachePolicy(), self.sims, self.full,
-                                        self.stream)
-        want_stage, want_pred = ep.simulate(plain, self.stream_sims, self.stream_full)
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(pred, want_pred)
-        self.assertTrue(hot.any())  # The cache ran, it just changed nothing.
-
-    def test_oracle_hot_flags_are_those_of_the_full_model_answers(self):
-        policy = cache.CachePolicy()
-        top1 = np.stack([t for t, _ in ep.stage_scores(ep.Metric.MARGIN, self.stream_sims)])
-        want_hot = manual_hot_flags(policy, top1, self.stream_full)
-        self.assertTrue(want_hot.any() and not want_hot.all())
-        # A rule that never exits scores every stage of every frame.
-        never = ep.ExitRule(ep.Metric.MARGIN, (None,) * 3, 0.9, (None,) * 3)
-        stage, pred, hot = cache.replay(never, policy, self.sims, self.full, self.stream,
-                                        oracle=True)
-        np.testing.assert_array_equal(hot, want_hot)
-        np.testing.assert_array_equal(stage, np.full(len(self.stream), 3))
-        np.testing.assert_array_equal(pred, self.stream_full)
-        # With exits, the oracle's cache does not depend on the decisions: the
-        # rule decides as `simulate` does on the oracle's hot flags.
-        stage, pred, hot = cache.replay(self.rule, policy, self.sims, self.full, self.stream,
-                                        oracle=True)
-        want_stage, want_pred = ep.simulate(self.rule, self.stream_sims, self.stream_full,
-                                            list(want_hot))
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(pred, want_pred)
-        scored = np.arange(3)[:, None] <= stage[None, :]
-        np.testing.assert_array_equal(hot[scored], want_hot[scored])
-        self.assertTrue(0 < (stage < 3).mean() < 1)
+        np.testing.assert_array_equal(out.exit_stage, want_stage)
+        np.testing.assert_array_equal(out.prediction, want_pred)
 
     def test_closed_loop_matches_a_manual_loop(self):
-        for policy in (cache.CachePolicy(), cache.CachePolicy(decay=0.7, exit_weight=0.5,
-                                                              hot_min=0.9, max_hot=1)):
+        for policy in (cache.CachePolicy(prior_weight=0.0, min_hot=6, max_hot=6),
+                       cache.CachePolicy(decay=0.7, exit_weight=0.5, hot_min=0.9, min_hot=1,
+                                         max_hot=1, prior_weight=0.0)):
             for rule in (self.rule, cached_rule(self.stream_sims, metric="top1")):
-                stage, pred, _ = cache.replay(rule, policy, self.sims, self.full, self.stream)
+                out = self.replay_sims(rule, policy)
                 want_stage, want_pred = manual_closed_loop(rule, policy, self.stream_sims,
                                                            self.stream_full)
-                np.testing.assert_array_equal(stage, want_stage)
-                np.testing.assert_array_equal(pred, want_pred)
+                np.testing.assert_array_equal(out.exit_stage, want_stage)
+                np.testing.assert_array_equal(out.prediction, want_pred)
         # The cache matters: without it the same rule decides otherwise.
-        with_cache, _, _ = cache.replay(self.rule, cache.CachePolicy(), self.sims, self.full,
-                                        self.stream)
-        without, _, _ = cache.replay(self.rule, cache.CachePolicy(max_hot=0), self.sims,
-                                     self.full, self.stream)
-        self.assertGreater((with_cache != without).sum(), 50)
+        with_cache = self.replay_sims(self.rule, cache.CachePolicy())
+        without = self.replay_sims(self.rule, cache.CachePolicy(max_hot=0, min_hot=0))
+        self.assertGreater((with_cache.exit_stage != without.exit_stage).sum(), 50)
+
+    def test_oracle_scores_every_stage(self):
+        never = ep.ExitRule(ep.Metric.MARGIN, (None,) * 3, 0.9, (None,) * 3)
+        out = self.replay_sims(never, cache.CachePolicy(prior_weight=0.0), oracle=True)
+        np.testing.assert_array_equal(out.exit_stage, 3)
+        np.testing.assert_array_equal(out.prediction, self.stream_full)
+        for s in range(3):
+            top1, value = ep.score(ep.Metric.MARGIN, self.stream_sims[s])
+            np.testing.assert_array_equal(out.top1[s], top1)
+        self.assertTrue(out.hot.any() and not out.hot.all())
+        self.assertTrue(out.hit.any())
 
     def test_frames_default_to_the_pool_in_order(self):
         sub = [s[:300] for s in self.sims]
-        a = cache.replay(self.rule, cache.CachePolicy(), sub, self.full[:300])
-        b = cache.replay(self.rule, cache.CachePolicy(), self.sims, self.full, np.arange(300))
-        for x, y in zip(a, b):
-            np.testing.assert_array_equal(x, y)
+        a = cache.replay(self.rule, cache.CachePolicy(), None, None, self.full[:300],
+                         similarities=sub)
+        b = cache.replay(self.rule, cache.CachePolicy(), None, None, self.full,
+                         np.arange(300), similarities=self.sims)
+        for f in dataclasses.fields(cache.ReplayResult):
+            np.testing.assert_array_equal(getattr(a, f.name), getattr(b, f.name))
+
+    def test_semantics_equal_similarities_without_tier_or_adaptation(self):
+        sem, centres, full = semantic_pool(800, seed=4)
+        sims = [sem[s] @ centres[s].T for s in range(3)]
+        stream = streams_lib.video(full, 600, seed=2).indices
+        rule = cached_rule([x[stream] for x in sims])
+        policy = cache.CachePolicy(instance_slots=0, adapt_rate=0.0)
+        a = cache.replay(rule, policy, sem, centres, full, stream)
+        b = cache.replay(rule, policy, None, None, full, stream, similarities=sims)
+        np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
+        np.testing.assert_array_equal(a.prediction, b.prediction)
+        self.assertTrue((a.exit_stage < 3).any())
+
+    def test_cache_sizes(self):
+        sem, centres, full = semantic_pool(400, seed=5, num_classes=6)
+        stream = streams_lib.video(full, 500, seed=1).indices
+        rule = cached_rule([sem[s][stream] @ centres[s].T for s in range(3)])
+        for max_hot in (0, 1, 2, 6, 20):
+            policy = cache.CachePolicy(min_hot=min(1, max_hot), max_hot=max_hot, window=5,
+                                       grow_after=1, instance_slots=2)
+            out = cache.replay(rule, policy, sem, centres, full, stream)
+            self.assertEqual(out.exit_stage.shape, (500,))
+            if max_hot == 0:
+                self.assertFalse(out.hot.any())
+                self.assertFalse(out.hit.any())
+            state = cache.MemoryState(policy, rule, centres)
+            for c, stage in zip(out.prediction, out.exit_stage):
+                state.record(int(c), stage == 3)
+                self.assertLessEqual(state.hot.sum(), min(state.capacity, 6), max_hot)
+                self.assertLessEqual(state.capacity, max_hot)
+            if max_hot:
+                self.assertTrue(state.hot.any(), max_hot)
 
 
-# --- calibrate_with_cache ---------------------------------------------------------
+# --- calibrate_with_cache -------------------------------------------------------
 
 class CalibrateWithCacheTest(absltest.TestCase):
-    """Open-set safety: half the frames belong to classes never in the cache."""
 
     TARGET = 0.95
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.policy = cache.CachePolicy()
-        # A large pool, so the streams reuse few frames.
-        cls.sims, cls.full = frame_pool(20_000, seed=10)
-        cls.streams = [open_set_stream(cls.full, 2000, seed=20 + k) for k in range(4)]
-        cls.rule = cache.calibrate_with_cache(cls.sims, cls.full, COSTS, cls.streams,
-                                              cls.policy, cls.TARGET)
+        cls.sem, cls.centres, cls.full = semantic_pool(3000, seed=10)
+        cls.streams = [s[:600] for s in memory_lib.calibration_streams(cls.full, 600, seed=3)]
+        cls.policy = cache.CachePolicy(instance_slots=3)
+        cls.rule, cls.out_policy = cache.calibrate_with_cache(
+            cls.sem, cls.centres, cls.full, COSTS, cls.streams, cls.policy, cls.TARGET)
 
-    def test_rule_with_cold_thresholds(self):
-        rule = self.rule
+    def check_meets_target(self, rule, policy, **kwargs):
+        for k, s in enumerate(self.streams):
+            out = cache.replay(rule, policy, self.sem, self.centres, self.full, s, **kwargs)
+            agree = int((out.prediction == self.full[s]).sum())
+            self.assertGreaterEqual(ep.wilson_lower_bound(agree, len(s)), self.TARGET, k)
+
+    def test_every_stream_meets_the_target_in_closed_loop(self):
+        rule, policy = self.rule, self.out_policy
         self.assertTrue(rule.uses_cache)
-        self.assertIs(rule.metric, ep.Metric.MARGIN)
         self.assertEqual(rule.target_agreement, self.TARGET)
-        self.assertLen(rule.cold_thresholds, 3)
-        # The prior relaxes the rule for hot classes, never the other way round.
-        self.assertTrue(any(h is not None for h in rule.thresholds))
-        self.assertTrue(any(c is not None for c in rule.cold_thresholds))
-        self.assertTrue(any((math.inf if h is None else h) < (math.inf if c is None else c)
-                            for h, c in zip(rule.thresholds, rule.cold_thresholds)))
+        self.assertIsInstance(policy, cache.CachePolicy)
+        self.check_meets_target(rule, policy)
+        # Not safe by never exiting.
+        out = cache.replay(rule, policy, self.sem, self.centres, self.full, self.streams[0])
+        self.assertGreater(float((out.exit_stage < 3).mean()), 0.2)
 
-    def test_meets_the_target_in_closed_loop_on_its_streams(self):
-        preds = [cache.replay(self.rule, self.policy, self.sims, self.full, s)[1]
-                 for s in self.streams]
-        agree = sum(int((p == self.full[s]).sum()) for p, s in zip(preds, self.streams))
-        n = sum(len(s) for s in self.streams)
-        self.assertGreaterEqual(ep.wilson_lower_bound(agree, n), self.TARGET)
+    def test_with_adaptation_and_verification(self):
+        policy = cache.CachePolicy(instance_slots=3, adapt_rate=0.2, verify_rate=0.1)
+        rule, out = cache.calibrate_with_cache(self.sem, self.centres, self.full, COSTS,
+                                               self.streams, policy, self.TARGET)
+        self.assertIn(out.adapt_rate, (0.0, 0.2))
+        self.check_meets_target(rule, out)
 
-    def test_agreement_holds_on_a_fresh_open_set_stream(self):
-        sims, full = frame_pool(20_000, seed=11)
-        stream = open_set_stream(full, 30_000, seed=12)
-        stage, pred, hot = cache.replay(self.rule, self.policy, sims, full, stream)
-        agreement = float((pred == full[stream]).mean())
-        self.assertGreaterEqual(agreement, self.TARGET - 0.01)
-        self.assertGreater(float((stage < 3).mean()), 0.5)  # Not safe by never exiting.
-        self.assertTrue(0.2 < hot[0].mean() < 0.8)  # Both kinds of frames are met.
-        # The stream is hard: the hot thresholds for every class would not do.
-        hot_only = ep.ExitRule(ep.Metric.MARGIN, self.rule.thresholds, self.TARGET,
-                               self.rule.thresholds)
-        _, pred, _ = cache.replay(hot_only, self.policy, sims, full, stream)
-        self.assertLess(float((pred == full[stream]).mean()), self.TARGET - 0.005)
-
-    def test_unreachable_target_means_no_exits(self):
-        rule = cache.calibrate_with_cache(self.sims, self.full, COSTS, self.streams[:1],
-                                          self.policy, 1.0)
-        self.assertEqual(rule.thresholds, (None,) * 3)
-        self.assertEqual(rule.cold_thresholds, (None,) * 3)
-        self.assertEqual(rule.target_agreement, 1.0)
+    def test_on_similarities(self):
+        sims = [self.sem[s] @ self.centres[s].T for s in range(3)]
+        rule, out = cache.calibrate_with_cache(None, None, self.full, COSTS, self.streams,
+                                               self.policy, self.TARGET, similarities=sims)
+        self.assertEqual(out.instance_slots, 0)
+        self.assertEqual(out.adapt_rate, 0.0)
+        self.assertIsNone(rule.instance_thresholds)
+        for k, s in enumerate(self.streams):
+            res = cache.replay(rule, out, None, None, self.full, s, similarities=sims)
+            agree = int((res.prediction == self.full[s]).sum())
+            self.assertGreaterEqual(ep.wilson_lower_bound(agree, len(s)), self.TARGET, k)
 
 
 class CalibrationStreamsTest(absltest.TestCase):
-
-    def test_scene_zipf_and_uniform_streams(self):
-        _, full = frame_pool(2000, seed=3)
-        streams = memory_lib.calibration_streams(full, num_frames=500, seed=4)
-        self.assertLen(streams, 5)
-        for s in streams:
-            self.assertEqual(s.shape, (500,))
-            self.assertTrue(((s >= 0) & (s < len(full))).all())
-        # Two scene streams repeat classes; the zipf streams concentrate on a
-        # few classes without scenes; the uniform stream does neither.
-        repeats = [float((full[s][1:] == full[s][:-1]).mean()) for s in streams]
-        for r in repeats[:2]:
-            self.assertGreater(r, 0.3)
-        top_share = [np.bincount(full[s]).max() / len(s) for s in streams]
-        for share in top_share[2:4]:
-            self.assertGreater(share, top_share[4])
-        self.assertLess(repeats[4], 0.2)
-        again = memory_lib.calibration_streams(full, num_frames=500, seed=4)
-        for a, b in zip(streams, again):
-            np.testing.assert_array_equal(a, b)
-        other = memory_lib.calibration_streams(full, num_frames=500, seed=5)
-        self.assertFalse(np.array_equal(streams[0], other[0]))
 
     def test_calibrate_rule_with_and_without_a_cache(self):
         sims, full = frame_pool(2000, seed=5)
@@ -421,12 +706,8 @@ class CalibrationStreamsTest(absltest.TestCase):
         self.assertFalse(plain.uses_cache)
         self.assertEqual(plain, ep.calibrate(sims, full, COSTS, 0.95, metric="margin"))
         off = memory_lib.calibrate_rule(sims, full, COSTS, 0.95, "margin", None,
-                                        cache.CachePolicy(max_hot=0))
+                                        cache.CachePolicy(max_hot=0, min_hot=0))
         self.assertEqual(off, plain)
-        cached = memory_lib.calibrate_rule(sims, full, COSTS, 0.95, "margin", None,
-                                           cache.CachePolicy())
-        self.assertTrue(cached.uses_cache)
-        self.assertEqual(cached.target_agreement, 0.95)
 
 
 # --- Files: SemanticMemory and the descriptor ---------------------------------
@@ -437,7 +718,7 @@ def layer_aware_cached_rule(num_stages, num_classes, seed=0):
                    for _ in range(num_stages))
     hot = tuple(float(np.float32(rng.normal())) for _ in range(num_stages - 1)) + (None,)
     cold = tuple(float(np.float32(rng.normal())) for _ in range(num_stages - 1)) + (None,)
-    return ep.ExitRule(ep.Metric.LAYER_AWARE, hot, 0.99, cold, params)
+    return ep.ExitRule(ep.Metric.LAYER_AWARE, hot, 0.99, cold, params, (0.9, None, 0.95))
 
 
 class SemanticMemoryCacheTest(absltest.TestCase):
@@ -454,29 +735,30 @@ class SemanticMemoryCacheTest(absltest.TestCase):
             layer_aware_cached_rule(len(dims), num_classes), ("a", "b", "c"), (0.5, 0.6, 0.7),
             cache_policy)
 
-    def test_round_trip_with_a_cache_policy_and_layer_aware_rule(self):
-        policy = cache.CachePolicy(decay=0.85, exit_weight=0.125, hot_min=0.75, max_hot=2)
+    def test_round_trip_with_a_cache_policy_and_instance_thresholds(self):
+        policy = cache.CachePolicy(decay=0.85, exit_weight=0.125, hot_min=0.75, min_hot=1,
+                                   max_hot=2, instance_slots=3, adapt_rate=0.1)
         mem = self.make_memory(policy)
         path = os.path.join(self.create_tempdir().full_path, "m.smtm.npz")
         mem.save(path)
         back = memory_lib.SemanticMemory.load(path)
         self.assertEqual(back.cache_policy, policy)
         self.assertEqual(back.exit_rule, mem.exit_rule)
-        self.assertIs(back.exit_rule.metric, ep.Metric.LAYER_AWARE)
-        self.assertEqual(back.exit_rule.cold_thresholds, mem.exit_rule.cold_thresholds)
-        for a, b in zip(back.exit_rule.metric_params, mem.exit_rule.metric_params):
-            self.assertEqual(a.dtype, np.float32)
-            np.testing.assert_array_equal(a, b)
-        self.assertEqual(back.plan, mem.plan)
-        self.assertEqual(back.class_names, mem.class_names)
-        for a, b in zip(back.centres, mem.centres):
-            np.testing.assert_array_equal(a, b)
+        self.assertEqual(back.exit_rule.instance_thresholds, (0.9, None, 0.95))
 
-    def test_without_a_cache_policy_reads_back_none(self):
-        mem = self.make_memory(None)
+    def test_legacy_policy_in_the_file(self):
+        mem = self.make_memory(cache.CachePolicy())
         path = os.path.join(self.create_tempdir().full_path, "m.smtm.npz")
         mem.save(path)
-        self.assertIsNone(memory_lib.SemanticMemory.load(path).cache_policy)
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays["meta"]))
+        meta["cache_policy"] = {"decay": 0.9, "exit_weight": 0.25, "hot_min": 0.5,
+                                "max_hot": 4}
+        arrays["meta"] = np.array(json.dumps(meta))
+        np.savez(path, **arrays)
+        p = memory_lib.SemanticMemory.load(path).cache_policy
+        self.assertEqual((p.min_hot, p.max_hot, p.prior_weight, p.instance_slots), (4, 4, 0, 0))
 
     def test_bad_cache_policy_in_the_file(self):
         mem = self.make_memory(cache.CachePolicy())
@@ -493,7 +775,6 @@ class SemanticMemoryCacheTest(absltest.TestCase):
 
 
 def l2_centres(rng, num_classes, dim):
-    """Random unit centres, normalised as the encoders normalise."""
     return enc.l2_normalize_np(rng.normal(size=(num_classes, dim))).astype(np.float32)
 
 
@@ -507,219 +788,224 @@ def make_descriptor(rule, cache_policy, num_classes=3, dims=(4, 5, 6)):
 class DescriptorCacheTest(absltest.TestCase):
 
     def test_round_trip_with_a_cache(self):
-        policy = cache.CachePolicy(decay=0.75, exit_weight=0.5, hot_min=0.625, max_hot=1)
+        policy = cache.CachePolicy(decay=0.75, exit_weight=0.5, hot_min=0.625, min_hot=1,
+                                   max_hot=1, instance_slots=2)
         d = make_descriptor(layer_aware_cached_rule(3, 3), policy)
-        text = d.to_json()
-        back = desc.Descriptor.from_json(text)
+        back = desc.Descriptor.from_json(d.to_json())
         self.assertEqual(back, d)
         self.assertEqual(back.cache, policy)
-        self.assertEqual(back.exit_rule, d.exit_rule)
-        for a, b in zip(back.exit_rule.metric_params, d.exit_rule.metric_params):
-            np.testing.assert_array_equal(a, b)
-        self.assertEqual(back.to_json(), text)
-        # The equality compared above sees the cache.
+        self.assertEqual(back.exit_rule.instance_thresholds, (0.9, None, 0.95))
         self.assertNotEqual(back, dataclasses.replace(d, cache=cache.CachePolicy()))
 
-    def test_without_a_cache(self):
-        plain = ep.ExitRule(ep.Metric.MARGIN, (0.25, None, None), 0.99)
-        d = make_descriptor(plain, None)
-        self.assertIsNone(json.loads(d.to_json())["cache"])
-        self.assertIsNone(desc.Descriptor.from_json(d.to_json()).cache)
+    def test_legacy_cache_dict(self):
+        d = json.loads(make_descriptor(layer_aware_cached_rule(3, 3),
+                                       cache.CachePolicy()).to_json())
+        d["cache"] = {"decay": 0.9, "exit_weight": 0.25, "hot_min": 0.5, "max_hot": 2}
+        p = desc.Descriptor.from_dict(d).cache
+        self.assertEqual((p.min_hot, p.max_hot, p.prior_weight, p.instance_slots), (2, 2, 0, 0))
 
     def test_cold_thresholds_without_a_cache_are_rejected(self):
         rule = layer_aware_cached_rule(3, 3)
-        with self.assertRaisesRegex(desc.DescriptorError, "cold thresholds but the descriptor "
-                                                          "no cache"):
+        with self.assertRaisesRegex(desc.DescriptorError, "cold thresholds"):
             make_descriptor(rule, None)
-        d = json.loads(make_descriptor(rule, cache.CachePolicy()).to_json())
-        d["cache"] = None
-        with self.assertRaisesRegex(desc.DescriptorError, "cold thresholds"):
-            desc.Descriptor.from_dict(d)
-        del d["cache"]
-        with self.assertRaisesRegex(desc.DescriptorError, "cold thresholds"):
-            desc.Descriptor.from_dict(d)
-
-    def test_bad_cache_policy_is_a_descriptor_error(self):
-        d = json.loads(make_descriptor(layer_aware_cached_rule(3, 3),
-                                       cache.CachePolicy()).to_json())
-        for bad, pattern in (({"max_hot": -1}, "max_hot must be"),
-                             ({"colour": 1}, "Unknown cache policy fields"),
-                             ({"decay": "0.9"}, "Invalid cache policy")):
-            broken = json.loads(json.dumps(d))
-            broken["cache"].update(bad)
-            with self.assertRaisesRegex(desc.DescriptorError, pattern):
-                desc.Descriptor.from_dict(broken)
-        broken = json.loads(json.dumps(d))
-        broken["exit_rule"]["cold_thresholds"] = [0.1, 0.2]
-        with self.assertRaisesRegex(desc.DescriptorError, "Invalid exit_rule.*cold_thresholds"):
-            desc.Descriptor.from_dict(broken)
 
     def test_layer_aware_params_must_cover_all_classes(self):
-        # LIBRARY BUG (fails at the time of writing): the descriptor checks
-        # that every stage holds centres for all classes, but not that the
-        # layer_aware parameters do. With [2, 2] parameters for 3 classes it is
-        # accepted, and a host runtime then fails in exit_policy.score with
-        # "IndexError: index 2 is out of bounds" on the first frame whose
-        # top-1 class is 2.
         rule = layer_aware_cached_rule(3, num_classes=2)
         with self.assertRaises(desc.DescriptorError):
             make_descriptor(rule, cache.CachePolicy(), num_classes=3)
 
 
-# --- The runtime with the cache in the loop ----------------------------------------
+# --- The runtime with the adaptive memory in the loop ---------------------------
 
-class RuntimeCacheTest(absltest.TestCase):
+_CONVERTED = {}
+
+
+def small_converted():
+    """A small converted model, faster to build than tu.exiting_converted (no
+    cache calibration, few encoder epochs); shared by the runtime tests."""
+    if "flat" not in _CONVERTED:
+        from converters import smtm_converter  # pylint: disable=import-outside-toplevel
+        model = tu.trained_residual("tf_keras")
+        x, _ = tu.train_data()
+        xc, _ = tu.calibration_data()
+        mem = memory_lib.fit_semantic_memory(
+            model, x[:600], xc[:200], class_names=tu.CLASS_NAMES, num_stages=3,
+            embedding_dim=8, encoder_epochs=4, metric="margin", cache_policy=None,
+            target_agreement=0.95)
+        _CONVERTED["flat"] = smtm_converter.convert(model, mem, tu.check_images())[0]
+    return _CONVERTED["flat"]
+
+
+def stage_outputs(rt, frame):
+    """Per stage (similarities [K], semantic [D]) as the runtime's stages give them."""
+    activation = np.asarray(frame, np.float32).reshape(rt.descriptor.full.inputs[0].shape)
+    sims, sem = [], []
+    for stage in rt._stages:  # pylint: disable=protected-access
+        stage.set_input("activation", activation)
+        stage.invoke()
+        sims.append(stage.output("similarities").copy())
+        sem.append(stage.output("semantic").copy())
+        activation = stage.output("next_activation").copy()
+    return sims, sem
+
+
+class RuntimeMemoryTest(absltest.TestCase):
 
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.flat, _ = tu.exiting_converted("tf_keras")
+        cls.flat = small_converted()
         cls.rt = runtime.SmtmRuntime(cls.flat)
-        cls.frames, _ = tu.stripes(300, seed=40)
         rt = cls.rt
-        sims = [rt.stage_similarities(f) for f in cls.frames]
-        cls.pool = [np.stack([s[i] for s in sims]) for i in range(rt.num_stages)]
-        # The runtime's own full answers: the head after all stages.
+        frames, _ = tu.stripes(160, seed=40)
+        outs = [stage_outputs(rt, f) for f in frames]
+        cls.sims = [np.stack([o[0][s] for o in outs]) for s in range(rt.num_stages)]
+        cls.sem = np.stack([np.stack([o[1][s] for o in outs]) for s in range(rt.num_stages)])
+        cls.centres = [np.asarray(s.centres, np.float32) for s in rt.descriptor.stages]
+        full = np.array([rt.classify_full(rt._frame(f)) for f in frames])  # pylint: disable=protected-access
         rt.set_exit_rule(ep.ExitRule(ep.Metric.MARGIN, (None,) * rt.num_stages, 0.9))
-        results = [rt.classify(f) for f in cls.frames]
-        assert all(r.exit_stage == rt.num_stages for r in results)
-        cls.head = np.array([r.class_id for r in results])
-        cls.stream = streams_lib.video(cls.head, 400, seed=3).indices
+        head = np.array([rt.classify(f).class_id for f in frames])
+        keep = head == full  # Verification and the head must give the same answer.
+        cls.frames, cls.full = frames[keep], head[keep]
+        cls.sims = [s[keep] for s in cls.sims]
+        cls.sem = cls.sem[:, keep]
+        # A video stream of held objects: runs of the same frame.
+        base = streams_lib.video(cls.full, 120, seed=3).indices
+        cls.stream = np.repeat(base, np.random.default_rng(0).integers(1, 4, len(base)))[:300]
+        cls.policy = cache.CachePolicy(instance_slots=3, prior_weight=1.0 / 16,
+                                       adapt_rate=0.2, max_drift=0.3, verify_rate=0.25,
+                                       window=10)
+        stream_sims = [s[cls.stream] for s in cls.sims]
+        cls.rule = cached_rule(stream_sims, instance=(0.995, 0.995, None))
 
     def setUp(self):
         super().setUp()
-        self.rt.set_exit_rule(self.rt.descriptor.exit_rule, self.rt.descriptor.cache)
+        self.rt.set_exit_rule(self.rule, self.policy)
 
-    def run_stream(self, rule, policy):
+    def run_frames(self, rt, indices):
+        out = [rt.classify_fast(rt._frame(self.frames[i])) for i in indices]  # pylint: disable=protected-access
+        return np.array([c for c, _ in out]), np.array([s for _, s in out])
+
+    def test_runtime_decides_as_replay(self):
+        for rule, policy in ((self.rule, self.policy),
+                             (self.rule, dataclasses.replace(self.policy, adapt_rate=0.0,
+                                                             verify_rate=0.0)),
+                             (self.rule, cache.CachePolicy(max_hot=1, min_hot=1,
+                                                           instance_slots=1))):
+            self.rt.set_exit_rule(rule, policy)
+            classes, stages_ = self.run_frames(self.rt, self.stream)
+            want = cache.replay(rule, policy, self.sem, self.centres, self.full, self.stream)
+            np.testing.assert_array_equal(stages_, want.exit_stage)
+            np.testing.assert_array_equal(classes, want.prediction)
+            counts = np.bincount(stages_, minlength=4)
+            self.assertTrue((counts[[0, 3]] > 0).all(), counts)
+        # The short-term tier did something: without it, decisions differ.
+        no_tier = cache.replay(rule, dataclasses.replace(policy, instance_slots=0), self.sem,
+                               self.centres, self.full, self.stream)
+        self.assertGreater((no_tier.exit_stage != stages_).sum(), 5)
+
+    def test_save_and_load_give_identical_decisions(self):
         rt = self.rt
-        rt.set_exit_rule(rule, policy)
+        first, rest = self.stream[:150], self.stream[150:]
+        self.run_frames(rt, first)
+        self.assertTrue(rt.memory.hot.any())
+        path = os.path.join(self.create_tempdir().full_path, "state.npz")
+        rt.save_state(path)
+        want = self.run_frames(rt, rest)
+        after = {k: np.array(v, copy=True) for k, v in rt.memory.to_arrays().items()}
+        other = runtime.SmtmRuntime(self.flat)
+        other.set_exit_rule(self.rule, self.policy)
+        self.assertTrue(other.load_state(path))
+        got = self.run_frames(other, rest)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+        for k, v in other.memory.to_arrays().items():
+            np.testing.assert_allclose(v, after[k], atol=1e-6, err_msg=k)
+        # The same runtime, after a reset, restored too.
         rt.reset_cache()
-        results = [rt.classify(self.frames[i]) for i in self.stream]
-        return (np.array([r.exit_stage for r in results]),
-                np.array([r.class_id for r in results]))
+        self.assertTrue(rt.load_state(path))
+        np.testing.assert_array_equal(self.run_frames(rt, rest)[1], want[1])
 
-    def check_bit_for_bit(self, rule, policy):
-        stage, classes = self.run_stream(rule, policy)
-        want_stage, want_classes, hot = cache.replay(rule, policy, self.pool, self.head,
-                                                     self.stream)
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(classes, want_classes)
-        # The check means something only if the cache changed decisions.
-        no_cache, _, _ = cache.replay(rule, cache.CachePolicy(max_hot=0), self.pool, self.head,
-                                      self.stream)
-        self.assertGreater((no_cache != want_stage).sum(), 10)
-        self.assertTrue(hot[0].any() and not hot[0].all())
-        return stage
-
-    def test_full_answers_match_the_full_signature(self):
-        full = np.array([self.rt.classify_full(f[None]) for f in self.frames])
-        self.assertGreaterEqual(float((full == self.head).mean()), 0.99)
-
-    def test_hand_made_cached_rule_bit_for_bit(self):
-        rule = cached_rule([s[self.stream] for s in self.pool])
-        stage = self.check_bit_for_bit(rule, cache.CachePolicy())
-        counts = np.bincount(stage, minlength=self.rt.num_stages + 1)
-        self.assertTrue((counts > 0).all(), counts)  # Every path is taken.
-        self.check_bit_for_bit(rule, cache.CachePolicy(decay=0.6, exit_weight=0.5,
-                                                       hot_min=0.8, max_hot=1))
-
-    def test_calibrated_layer_aware_rule_bit_for_bit(self):
-        csims, cfull = tu.calibration_similarities("tf_keras")
-        params = ep.fit_layer_aware(csims, cfull)
-        policy = cache.CachePolicy()
-        streams = memory_lib.calibration_streams(cfull, num_frames=1000)
-        rule = cache.calibrate_with_cache(csims, cfull, tu.fitted_memory("tf_keras").plan
-                                          .stage_costs, streams, policy, 0.95,
-                                          metric="layer_aware", metric_params=params)
-        self.assertTrue(rule.uses_cache)
-        self.assertIs(rule.metric, ep.Metric.LAYER_AWARE)
-        self.assertTrue(any(t is not None for t in rule.thresholds))
-        self.check_bit_for_bit(rule, policy)
-
-    def test_reset_cache(self):
-        rule = cached_rule([s[self.stream] for s in self.pool])
-        first = self.run_stream(rule, cache.CachePolicy())
-        self.assertTrue(self.rt.cache.hot.any())
-        self.rt.reset_cache()
-        self.assertFalse(self.rt.cache.hot.any())
-        np.testing.assert_array_equal(self.rt.cache.scores, 0.0)
-        second = self.run_stream(rule, cache.CachePolicy())  # Resets again.
-        np.testing.assert_array_equal(first[0], second[0])
-        np.testing.assert_array_equal(first[1], second[1])
-        # Switching rules empties the cache too.
-        for i in self.stream[:20]:
-            self.rt.classify(self.frames[i])
-        self.assertTrue(self.rt.cache.scores.any())
-        self.rt.set_exit_rule(rule, cache.CachePolicy())
-        self.assertFalse(self.rt.cache.scores.any())
-        self.assertFalse(self.rt.cache.hot.any())
-
-    def test_set_exit_rule_rejections(self):
-        rule = cached_rule([s[self.stream] for s in self.pool])
-        with self.assertRaisesRegex(ValueError, "cold thresholds needs a cache policy"):
-            self.rt.set_exit_rule(rule)
-        for num_stages in (2, 4):
-            wrong = ep.ExitRule(ep.Metric.MARGIN, (0.1,) * num_stages, 0.9)
-            with self.assertRaisesRegex(ValueError, f"The rule has {num_stages} stages, the "
-                                                    f"model {self.rt.num_stages}"):
-                self.rt.set_exit_rule(wrong)
-        # A rejected rule leaves the runtime as it was.
-        self.assertEqual(self.rt.rule, self.rt.descriptor.exit_rule)
-
-    def test_policy_is_ignored_for_a_rule_without_cold_thresholds(self):
-        plain = ep.ExitRule(ep.Metric.MARGIN, cached_rule(self.pool).thresholds, 0.9)
-        stage, classes = self.run_stream(plain, cache.CachePolicy())
-        want_stage, want_classes = ep.simulate(plain, [s[self.stream] for s in self.pool],
-                                               self.head[self.stream])
-        np.testing.assert_array_equal(stage, want_stage)
-        np.testing.assert_array_equal(classes, want_classes)
-        self.assertFalse(self.rt.cache.hot.any())
-
-
-# --- convert_model with a metric and a cache policy ------------------------------
-
-class ConvertModelCacheTest(absltest.TestCase):
-
-    @classmethod
-    def setUpClass(cls):
-        super().setUpClass()
-        cls.model = tu.trained_residual("tf_keras")
-        cls.data = tu.labelled_stripes(600, 200, train_seed=50, test_seed=51)
-        cls.policy = cache.CachePolicy(decay=0.8, exit_weight=0.5, hot_min=0.6, max_hot=2)
-
-    def test_memory_descriptor_and_runtime_carry_the_cache(self):
+    def test_save_state_is_atomic(self):
         directory = self.create_tempdir().full_path
-        out = os.path.join(directory, "m.tflite")
-        mem_path = os.path.join(directory, "m.smtm.npz")
-        mem, _ = smtm_converter.convert_model(
-            self.model, self.data, out, holdout=0.5, num_stages=3, embedding_dim=8,
-            metric="margin", cache_policy=self.policy, num_check_images=4,
-            memory_output=mem_path)
-        # The metric and the policy reached fit_semantic_memory.
-        self.assertIs(mem.exit_rule.metric, ep.Metric.MARGIN)
-        self.assertTrue(mem.exit_rule.uses_cache)
-        self.assertEqual(mem.cache_policy, self.policy)
-        loaded = memory_lib.SemanticMemory.load(mem_path)
-        self.assertEqual(loaded.cache_policy, self.policy)
-        self.assertEqual(loaded.exit_rule, mem.exit_rule)
-        rt = runtime.SmtmRuntime.from_file(out)
-        self.assertEqual(rt.descriptor.cache, self.policy)
-        self.assertEqual(rt.descriptor.exit_rule, mem.exit_rule)
-        self.assertEqual(rt.rule, mem.exit_rule)
-        # The runtime decides with the descriptor's rule and cache, as replay does.
-        frames = self.data.x_test
-        sims = [rt.stage_similarities(f) for f in frames]
-        pool = [np.stack([s[i] for s in sims]) for i in range(rt.num_stages)]
-        rt.set_exit_rule(ep.ExitRule(ep.Metric.MARGIN, (None,) * rt.num_stages, 0.9))
-        head = np.array([rt.classify(f).class_id for f in frames])
-        stream = streams_lib.video(head, 300, seed=5).indices
-        rt.set_exit_rule(rt.descriptor.exit_rule, rt.descriptor.cache)
-        rt.reset_cache()
-        results = [rt.classify(frames[i]) for i in stream]
-        want_stage, want_classes, _ = cache.replay(mem.exit_rule, self.policy, pool, head, stream)
-        np.testing.assert_array_equal([r.exit_stage for r in results], want_stage)
-        np.testing.assert_array_equal([r.class_id for r in results], want_classes)
-        self.assertTrue((want_stage < rt.num_stages).any())  # Some frames exit early.
+        path = os.path.join(directory, "state.npz")
+        self.run_frames(self.rt, self.stream[:40])
+        self.rt.save_state(path)
+        self.rt.save_state(path)  # Over an existing file.
+        self.assertEqual(os.listdir(directory), ["state.npz"])
+
+    def check_fresh_after_bad_load(self, rt, path):
+        self.run_frames(rt, self.stream[:100])  # Dirty memory (cache, tier, centres).
+        self.assertTrue(rt.memory.scores.any())
+        with self.assertLogs(level="WARNING") as logs:
+            self.assertFalse(rt.load_state(path))
+        self.assertIn("fresh", "\n".join(logs.output))
+        m = rt.memory
+        self.assertFalse(m.scores.any() or m.hot.any() or m.adapted.any())
+        self.assertEqual(m.inst_count, [0] * rt.num_stages)
+        np.testing.assert_array_equal(m.centres, m.original)
+        # And it decides as a fresh replay does (the stages' centres were reset too).
+        classes, stages_ = self.run_frames(rt, self.stream)
+        want = cache.replay(rt.rule, rt.cache_policy, self.sem, self.centres, self.full,
+                            self.stream)
+        np.testing.assert_array_equal(stages_, want.exit_stage)
+        np.testing.assert_array_equal(classes, want.prediction)
+
+    def saved(self):
+        path = os.path.join(self.create_tempdir().full_path, "state.npz")
+        self.run_frames(self.rt, self.stream[:60])
+        self.rt.save_state(path)
+        self.rt.reset_cache()
+        return path
+
+    def test_corrupted_file(self):
+        path = self.saved()
+        with open(path, "rb") as f:
+            data = bytearray(f.read())
+        data[len(data) // 2:len(data) // 2 + 64] = os.urandom(64)
+        with open(path, "wb") as f:
+            f.write(bytes(data))
+        self.check_fresh_after_bad_load(self.rt, path)
+        with open(path, "wb") as f:
+            f.write(b"not a state at all")
+        self.check_fresh_after_bad_load(self.rt, path)
+
+    def test_truncated_file(self):
+        path = self.saved()
+        with open(path, "rb") as f:
+            data = f.read()
+        with open(path, "wb") as f:
+            f.write(data[:len(data) // 2])
+        self.check_fresh_after_bad_load(self.rt, path)
+
+    def test_state_of_another_rule(self):
+        path = self.saved()
+        other = dataclasses.replace(self.rule, instance_thresholds=(0.99, 0.99, None))
+        self.rt.set_exit_rule(other, self.policy)
+        self.check_fresh_after_bad_load(self.rt, path)
+        self.rt.set_exit_rule(self.rule, dataclasses.replace(self.policy, window=11))
+        self.check_fresh_after_bad_load(self.rt, path)
+
+    def test_missing_file(self):
+        path = os.path.join(self.create_tempdir().full_path, "nothing.npz")
+        self.check_fresh_after_bad_load(self.rt, path)
+
+    def test_cache_sizes_in_the_runtime(self):
+        rt = self.rt
+        k = len(self.centres[0])
+        for max_hot in (0, 1, k + 3):
+            policy = cache.CachePolicy(min_hot=min(1, max_hot), max_hot=max_hot, window=5,
+                                       grow_after=1, instance_slots=2)
+            rt.set_exit_rule(self.rule, policy)
+            for i in self.stream[:150]:
+                c, s = rt.classify_fast(rt._frame(self.frames[i]))  # pylint: disable=protected-access
+                self.assertTrue(0 <= c < k and 0 <= s <= rt.num_stages)
+                self.assertLessEqual(rt.memory.hot.sum(), min(rt.memory.capacity, k))
+                if max_hot == 0:
+                    self.assertFalse(rt.memory.hot.any())
+            if max_hot:
+                self.assertTrue(rt.memory.hot.any(), max_hot)
+        self.assertIs(rt.cache, rt.memory)
 
 
 if __name__ == "__main__":
