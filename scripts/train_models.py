@@ -21,12 +21,7 @@ from smtm_tf import data as data_lib
 from smtm_tf import kerascompat
 from smtm_tf import models
 
-# name -> (builder, file stem, stages of its semantic memory)
-MODELS = {
-    "resnet": (lambda: models.resnet_demo(blocks_per_stage=2), "demo_resnet", 6),
-    "mobilenet_v2": (models.mobilenet_v2_demo, "demo_mobilenet_v2", 6),
-    "vgg": (models.vgg_demo, "demo_vgg", 6),
-}
+MODELS = models.BENCHMARK_MODELS
 STEPS = ("train", "memory", "baselines")
 
 _MODELS = flags.DEFINE_list("models", ["vgg", "mobilenet_v2"],

@@ -106,6 +106,9 @@ class Row:
     speedup: float  # full's mean latency / this contender's, same run.
     compute_speedup: float  # 1 / expected share of full's multiply-adds.
     exit_shares: tuple[float, ...]  # Per stage, then the head.
+    # Median over blocks of full's block mean / this contender's on the same
+    # frames: the speed-up a burst of other work on the machine cannot move.
+    block_speedup: float = float("nan")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -161,10 +164,17 @@ def compute_speedup(exit_shares, stage_costs) -> float:
 
 
 def rows_for(model: str, stream: str, contenders: list[Contender], results: dict,
-             labels: np.ndarray, stage_costs) -> list[Row]:
+             labels: np.ndarray, stage_costs, block: int = 100) -> list[Row]:
     """Turns one stream's raw results into rows, against its `full` contender."""
     num_stages = len(stage_costs)
     full_pred, _, full_ns = results[FULL]
+    starts = np.arange(0, len(full_ns), block)
+
+    def block_means(ns):
+        return np.add.reduceat(ns.astype(np.float64), starts) / np.diff(
+            np.append(starts, len(ns)))
+
+    full_blocks = block_means(full_ns)
     full_acc = float((full_pred == labels).mean())
     full_mean = float(full_ns.mean()) / 1e3
     rows = []
@@ -178,7 +188,8 @@ def rows_for(model: str, stream: str, contenders: list[Contender], results: dict
                         float(us.mean()), float(np.percentile(us, 95)),
                         full_mean / float(us.mean()),
                         compute_speedup(shares, stage_costs),
-                        tuple(float(s) for s in shares)))
+                        tuple(float(s) for s in shares),
+                        float(np.median(full_blocks / block_means(ns)))))
     return rows
 
 
@@ -308,20 +319,26 @@ def format_rows(rows: list[Row]) -> str:
     num_stages = len(rows[0].exit_shares) - 1
     exits = " / ".join(f"s{s}" for s in range(num_stages)) + " / head"
     lines = [f"| model | stream | method | budget | top-1 | drop vs full | agree w/ full | "
-             f"mean us | p95 us | speed-up | compute speed-up | exits % {exits} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"mean us | p95 us | speed-up | block-median speed-up | compute speed-up | "
+             f"exits % {exits} |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         shares = " / ".join(f"{100 * s:.0f}" for s in r.exit_shares)
         lines.append(
             f"| {r.model} | {r.stream} | {METHOD_LABELS[r.method]} | {_fmt_budget(r.budget)} | "
             f"{r.accuracy:.2f}% | {r.drop:+.2f} | {r.agreement:.2f}% | {r.mean_us:.0f} | "
-            f"{r.p95_us:.0f} | {r.speedup:.2f}x | {r.compute_speedup:.2f}x | {shares} |")
+            f"{r.p95_us:.0f} | {r.speedup:.2f}x | {r.block_speedup:.2f}x | "
+            f"{r.compute_speedup:.2f}x | {shares} |")
     return "\n".join(lines)
 
 
-def format_summary(rows: list[Row], budget: float) -> str:
+def format_summary(rows: list[Row], budget: float, figure: str = "speedup") -> str:
     """Speed-up (top-1 drop) of each method per model x stream at one budget,
-    and SMTM's best over the better baseline."""
+    and SMTM's best over the better baseline.
+
+    Args:
+      figure: the Row field to show: `speedup` (measured, ratio of means),
+        `block_speedup` or `compute_speedup`.
+    """
     methods = [m for m in METHODS if m != FULL]
     head = ("| model | stream | full us | "
             + " | ".join(METHOD_LABELS[m] for m in methods)
@@ -339,9 +356,11 @@ def format_summary(rows: list[Row], budget: float) -> str:
         cells = []
         for m in methods:
             r = sel.get(m)
-            cells.append("-" if r is None else f"{r.speedup:.2f}x ({r.drop:+.2f})")
-        smtm = max((sel[m].speedup for m in SMTM_METHODS if m in sel), default=float("nan"))
-        base = max((sel[m].speedup for m in BASELINES if m in sel), default=float("nan"))
+            cells.append("-" if r is None else f"{getattr(r, figure):.2f}x ({r.drop:+.2f})")
+        smtm = max((getattr(sel[m], figure) for m in SMTM_METHODS if m in sel),
+                   default=float("nan"))
+        base = max((getattr(sel[m], figure) for m in BASELINES if m in sel),
+                   default=float("nan"))
         lines.append(f"| {model} | {stream} | {sel[FULL].mean_us:.0f} | " + " | ".join(cells)
                      + f" | {smtm / base:.2f}x |")
     return "\n".join(lines)

@@ -254,3 +254,12 @@ def train_classifier(model, x_train: np.ndarray, y_train: np.ndarray,
              .prefetch(tf.data.AUTOTUNE))
     model.fit(train, validation_data=(x_val, y_val), epochs=epochs, verbose=verbose)
     return model
+
+
+# The benchmark's models: name -> (builder, file stem under models/, stages
+# of its semantic memory). scripts/train_models.py trains them.
+BENCHMARK_MODELS = {
+    "resnet": (lambda: resnet_demo(blocks_per_stage=2), "demo_resnet", 6),
+    "mobilenet_v2": (mobilenet_v2_demo, "demo_mobilenet_v2", 6),
+    "vgg": (vgg_demo, "demo_vgg", 6),
+}
