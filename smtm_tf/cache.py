@@ -381,6 +381,11 @@ class MemoryState:
             raise ValueError("the short-term tier's slots do not fit this model.")
         if (np.asarray(arrays["scores"]) < 0).any():
             raise ValueError("class scores must be >= 0.")
+        window = np.asarray(arrays["window"])
+        if not (0 <= window[0] < p.window and window[1] >= 0):
+            raise ValueError(f"window counters {window.tolist()} are outside [0, {p.window}).")
+        if (np.asarray(arrays["answers"]) < 0).any() or (np.asarray(arrays["counters"]) < 0).any():
+            raise ValueError("answer and exit counters must be >= 0.")
         offsets = np.asarray(arrays["offsets"], np.float32)
         if (np.sqrt((offsets * offsets).sum(axis=-1)) > p.max_drift + 1e-4).any():
             raise ValueError("an adapted centre lies further than max_drift from its original.")

@@ -548,15 +548,11 @@ class MemoryArraysTest(parameterized.TestCase):
             np.testing.assert_array_equal(v, before[k], err_msg=k)
 
 
-    @unittest.expectedFailure
     def test_rejects_negative_window_and_answer_counts(self):
-        # LIBRARY BUG (smtm_tf/cache.py, MemoryState.from_arrays): the
-        # "window" (frame_in_window, left_out), "answers" and "counters"
-        # arrays are restored without a range check. A state file with
-        # frame_in_window=-1000 freezes capacity adaptation for 1000 frames,
-        # answers=-3 hides silent cached classes from the shrink rule
-        # (answers == 0), and a negative exits counter shifts the verification
-        # schedule; load_state then returns True and uses it.
+        # A state file with frame_in_window=-1000 would freeze capacity
+        # adaptation for 1000 frames, answers=-3 would hide silent cached
+        # classes from the shrink rule (answers == 0), and a negative exits
+        # counter would shift the verification schedule.
         state = self.busy_state()
         arrays = {k: np.array(v, copy=True) for k, v in state.to_arrays().items()}
         arrays["window"] = np.array([-1000, -5], np.int64)
