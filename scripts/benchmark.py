@@ -107,7 +107,8 @@ def main(argv):
         calibration = enc.extract_features(stage_models, head, x_cal, memory.pooling)
         print(f"[{name}] calibrating {len(benchmark.METHODS) - 1} methods x "
               f"{len(budgets)} budgets on {len(x_cal)} held-out frames", flush=True)
-        calibrated = benchmark.calibrate_all(memory, heads, calibration, budgets)
+        calibrated = benchmark.calibrate_all(memory, heads, calibration, budgets, model,
+                                             x_cal)
         contenders = benchmark.make_contenders(flat, calibrated, budgets,
                                                backend_factory=backend)
         input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
@@ -118,8 +119,10 @@ def main(argv):
             "stage_costs": [float(c) for c in memory.plan.stage_costs],
             "memory_budget": calibrated.memory_budget,
             "nearest_centre_agreement": [float(a) for a in memory.stage_accuracy],
-            "baseline_agreement": {m.value: list(a)
-                                   for m, a in heads.stage_agreement.items()},
+            "baseline_train_agreement": {m.value: list(a)
+                                         for m, a in heads.stage_agreement.items()},
+            "calibration_agreement": {m: list(a)
+                                      for m, a in calibrated.stage_agreement.items()},
             "thresholds": {f"{m}@{b:g}": (None if r is None else list(r[0].thresholds))
                            for (m, b), r in calibrated.rules.items()}})
         for stream_name, kind, exponent in stream_specs:
@@ -137,6 +140,15 @@ def main(argv):
                   f"contenders in {time.time() - ts:.0f} s; speed-up at 1 point: "
                   + ", ".join(f"{m} {r.speedup:.2f}x ({r.drop:+.2f})" for m, r in at.items()
                               if m != benchmark.FULL), flush=True)
+        # Host work per frame of each contender at the summary budget, on the
+        # first frames of the last stream (exits as that stream gives them).
+        summary_budget = 1.0 if 1.0 in budgets else budgets[0]
+        model_info[-1]["host_work_us"] = {
+            c.method: benchmark.host_work_us(c.runtime, frames[:300])
+            for c in contenders if c.budget in (None, summary_budget)}
+        print(f"[{name}] host work per frame (us): " + ", ".join(
+            f"{m} {v:.1f}" for m, v in model_info[-1]["host_work_us"].items()
+            if v is not None), flush=True)
         model_info[-1]["seconds"] = time.time() - t0
         del contenders
 
@@ -145,6 +157,24 @@ def main(argv):
     table = benchmark.format_rows(rows)
     summary = benchmark.format_summary(rows, summary_budget)
     targets = benchmark.check_targets(rows, summary_budget)
+    host = ["| model | full us | " + " | ".join(benchmark.METHOD_LABELS[m]
+                                               for m in benchmark.METHODS) + " |",
+            "|---|---|" + "---|" * len(benchmark.METHODS)]
+    for m in model_info:
+        full_us = next(r.mean_us for r in rows if r.model == m["model"]
+                       and r.method == benchmark.FULL)
+        host.append(f"| {m['model']} | {full_us:.0f} | " + " | ".join(
+            "-" if m["host_work_us"].get(k) is None else f"{m['host_work_us'][k]:.1f}"
+            for k in benchmark.METHODS) + " |")
+    lookup = ["| model | lookup | " + " | ".join(
+        f"s{s}" for s in range(len(model_info[0]["cut_layers"]))) + " |",
+              "|---|---|" + "---|" * len(model_info[0]["cut_layers"])]
+    names = {"smtm": "SMTM nearest centre", benchmark.BRANCHY: "BranchyNet branch",
+             benchmark.LEARNED_CACHE: "learned cache (GATI)"}
+    for m in model_info:
+        for k, label in names.items():
+            lookup.append(f"| {m['model']} | {label} | " + " | ".join(
+                f"{100 * a:.1f}%" for a in m["calibration_agreement"][k]) + " |")
     accuracy = "\n".join(f"- {m['model']}: {m['test_accuracy']:.2f}% test accuracy, "
                          f"{m['parameters']} parameters, stages end at "
                          f"{', '.join(m['cut_layers'])}" for m in model_info)
@@ -154,7 +184,7 @@ def main(argv):
         f"{info['num_threads']} thread(s); Python {info['python']}, "
         + ", ".join(f"{k} {v}" for k, v in info["versions"].items())
         + f"; {frames_per_stream} frames per stream, seed {_SEED.value}, blocks of "
-        f"{_BLOCK.value}; {info['seconds']:.0f} s.", "",
+        f"{_BLOCK.value}; commit {info['commit']}; {info['seconds']:.0f} s.", "",
         "Models:", "", accuracy, "",
         f"## Measured speed-up over full (top-1 drop in points) at budget "
         f"{summary_budget:g}", "",
@@ -163,6 +193,14 @@ def main(argv):
         "Compute speed-up (1 / expected share of full's multiply-adds; free of timing "
         "noise):", "", benchmark.format_summary(rows, summary_budget, "compute_speedup"), "",
         "Targets: " if targets else "", *[f"- {t}" for t in targets], "",
+        "## Per-stage agreement with the full model (held-out calibration frames)", "",
+        "Share of frames whose top-1 class at the stage is the full model's, before any "
+        "exit rule: how much each method's lookup knows at each depth.", "",
+        "\n".join(lookup), "",
+        "## Host work per frame (us)", "",
+        f"Copies, output reads and the decision, outside the model's invokes, at budget "
+        f"{summary_budget:g} on the first 300 frames of the last stream "
+        f"({stream_specs[-1][0]}):", "", "\n".join(host), "",
         "## All rows", "", table, ""])
     io_utils.write_bytes_atomic(os.path.join(out_dir, "benchmark.md"), report.encode())
     benchmark.write_json(os.path.join(out_dir, "benchmark.json"), info, model_info, rows)

@@ -9,6 +9,7 @@ trains anything.
 Example:
   python scripts/train_models.py --models=vgg,mobilenet_v2
   python scripts/train_models.py --models=resnet --steps=baselines
+  python scripts/train_models.py --steps=calibrate   # new exit rule, same encoders
 """
 
 import os
@@ -22,7 +23,7 @@ from smtm_tf import kerascompat
 from smtm_tf import models
 
 MODELS = models.BENCHMARK_MODELS
-STEPS = ("train", "memory", "baselines")
+STEPS = ("train", "memory", "calibrate", "baselines")
 
 _MODELS = flags.DEFINE_list("models", ["vgg", "mobilenet_v2"],
                             f"Models to make, of {sorted(MODELS)}.")
@@ -70,6 +71,18 @@ def main(argv):
             print(f"[{name}] {memory_path}: stages {memory.plan.cut_layers}, "
                   f"nearest-centre agreement "
                   f"{[round(100 * a, 1) for a in memory.stage_accuracy]}", flush=True)
+        if "calibrate" in _STEPS.value and "memory" not in _STEPS.value:
+            # Keep the encoders, calibrate every level of the (adaptive)
+            # memory anew with the library's current default policy.
+            from smtm_tf import cache as cache_lib  # pylint: disable=import-outside-toplevel
+            memory = memory_lib.SemanticMemory.load(memory_path)
+            print(f"[{name}] recalibrating the memory's exit rule", flush=True)
+            memory = memory_lib.recalibrate(model, memory, x_cal,
+                                            memory.exit_rule.target_agreement,
+                                            cache_lib.CachePolicy(), seed=_SEED.value)
+            memory.save(memory_path)
+            print(f"[{name}] {memory_path}: thresholds {memory.exit_rule.thresholds}",
+                  flush=True)
         if "baselines" in _STEPS.value:
             from smtm_tf import baselines  # pylint: disable=import-outside-toplevel
             memory = memory_lib.SemanticMemory.load(memory_path)

@@ -353,6 +353,15 @@ class BaselineRuntime:
     def reset_cache(self) -> None:
         """Nothing to reset: the baselines keep no state between frames."""
 
+    @property
+    def stage_invokes(self) -> list:
+        """The bare invoke of each stage signature (for overhead measurements)."""
+        return [p[0] for p in self._plan]
+
+    @property
+    def head_invoke(self):
+        return self._head.invoke
+
     def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
         """(class_id, exit_stage) for a float32 frame shaped like the model's input."""
         activation = frame

@@ -70,6 +70,14 @@ class FullRuntime:
     def reset_cache(self) -> None:
         """Stateless."""
 
+    @property
+    def stage_invokes(self) -> list:
+        return []
+
+    @property
+    def head_invoke(self):
+        return self._invoke
+
     def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
         np.copyto(self._in, frame)
         self._invoke()
@@ -157,6 +165,42 @@ def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int
     return out
 
 
+def host_work_us(runtime, frames: np.ndarray, repeats: int = 3) -> float | None:
+    """Mean per-frame host work of a contender's loop, in microseconds.
+
+    Host work is everything but the model: copies between stages, reading
+    outputs, the decision. It is the time of `classify_fast` minus that of
+    the bare invokes the same frames make (same signatures, same order);
+    fastest of `repeats` passes each (as `validation.host_overhead_us`, for
+    any contender). None when the runtime does not expose its invokes.
+    """
+    stage_invokes = getattr(runtime, "stage_invokes", None)
+    head_invoke = getattr(runtime, "head_invoke", None)
+    if stage_invokes is None or head_invoke is None:
+        return None
+    reset(runtime)
+    exits = [runtime.classify_fast(f)[1] for f in frames]
+    invokes = list(stage_invokes) + [head_invoke]
+    num_stages = len(stage_invokes)
+    paths = [invokes[:e + 1] if e < num_stages else invokes for e in exits]
+    clock = time.perf_counter_ns
+    whole, bare = [], []
+    for _ in range(repeats):
+        reset(runtime)
+        t0 = clock()
+        for f in frames:
+            runtime.classify_fast(f)
+        t1 = clock()
+        for path in paths:
+            for invoke in path:
+                invoke()
+        t2 = clock()
+        whole.append(t1 - t0)
+        bare.append(t2 - t1)
+    reset(runtime)
+    return (min(whole) - min(bare)) / len(frames) / 1e3
+
+
 def compute_speedup(exit_shares, stage_costs) -> float:
     """1 / the expected share of full's multiply-adds, given where frames exited."""
     cumulative = np.append(np.cumsum(stage_costs), 1.0)
@@ -199,10 +243,14 @@ class Calibrated:
 
     rules: dict  # {(method, budget): (ExitRule, CachePolicy or None)}
     memory_budget: float  # The budget the memory's own rule was calibrated to.
+    # {method: per stage, share of calibration frames whose top-1 there is
+    # the full model's}: how good each method's lookup is, before any rule.
+    stage_agreement: dict = dataclasses.field(default_factory=dict)
 
 
 def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.BaselineHeads,
-                  calibration, budgets) -> Calibrated:
+                  calibration, budgets, model=None,
+                  x_calibration: np.ndarray | None = None) -> Calibrated:
     """Calibrates every method at every budget on the same held-out frames.
 
     Args:
@@ -210,6 +258,11 @@ def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.Baseli
       heads: the baselines' heads.
       calibration: `encoders.StageFeatures` of the held-out frames.
       budgets: budgets in points of agreement with the full model.
+      model, x_calibration: the Keras model and the held-out images, which
+        `memory.recalibrate` needs for SMTM adaptive at other budgets (every
+        level of the adaptive memory, its short-term tier on held-object
+        streams rendered from these images); without them the hot-class
+        cache's thresholds are recalibrated from the similarities alone.
 
     Returns:
       The rules; SMTM adaptive at the memory's own budget is None: the
@@ -235,11 +288,20 @@ def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.Baseli
             cache_policy=None), None)
         if abs(budget - memory_budget) < 1e-9:
             rules[(SMTM_ADAPTIVE, budget)] = None
+        elif model is not None and x_calibration is not None and hasattr(
+                memory_lib, "recalibrate"):
+            again = memory_lib.recalibrate(model, memory, x_calibration, target, policy,
+                                           features=calibration)
+            rules[(SMTM_ADAPTIVE, budget)] = (again.exit_rule, again.cache_policy)
         else:
             rules[(SMTM_ADAPTIVE, budget)] = (memory_lib.calibrate_rule(
                 sims, full, costs, target, exit_policy.Metric.LAYER_AWARE,
                 rule.metric_params, cache_policy=policy), policy)
-    return Calibrated(rules, memory_budget)
+    agreement = {m: tuple(float((t == full).mean())
+                          for t, _ in heads.stage_tops(m, calibration.pooled))
+                 for m in BASELINES}
+    agreement["smtm"] = tuple(float((x.argmax(axis=1) == full).mean()) for x in sims)
+    return Calibrated(rules, memory_budget, agreement)
 
 
 def make_contenders(model_bytes: bytes, calibrated: Calibrated, budgets,
@@ -275,6 +337,21 @@ def make_contenders(model_bytes: bytes, calibrated: Calibrated, budgets,
     return contenders
 
 
+def _git_commit() -> str | None:
+    """The checkout's commit (with `-dirty` when tracked files differ), if any."""
+    import subprocess  # pylint: disable=import-outside-toplevel
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here,
+                                capture_output=True, text=True, timeout=10, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=here, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return commit.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
 def machine_info(num_threads: int) -> dict:
     """Machine, thread count and versions, recorded with every result."""
     import ai_edge_litert  # pylint: disable=import-outside-toplevel
@@ -298,6 +375,7 @@ def machine_info(num_threads: int) -> dict:
         litert_version = getattr(ai_edge_litert, "__version__", "unknown")
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "commit": _git_commit(),
         "machine": f"{platform.system()} {platform.machine()}, {cpu}",
         "cpu_count": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
