@@ -18,6 +18,7 @@ import tempfile
 import numpy as np
 
 from converters import metadata
+from converters import quantization as quant
 from delegates.compiled import run_compiled
 from smtm_tf import cache as cache_lib
 from smtm_tf import descriptor as desc
@@ -42,6 +43,13 @@ class ConversionReport:
     similarity_max_abs_diff: float  # stage similarities vs the memory's numpy encoders.
     compiled_max_abs_diff: float  # `full` in LiteRT's CompiledModel vs the Interpreter.
     num_check_images: int
+    quantization: str = "float32"
+    # Quantized variants: share of check images whose top-1 answer (`full`,
+    # and the stage chain) equals the Keras model's.
+    full_top1_agreement: float = 1.0
+    chain_top1_agreement: float = 1.0
+    exit_rule: "ExitRuleCheck | None" = None
+    gpu_gate: object = None  # converters.gpu_gate.GateReport, when the gate ran.
 
 
 def _outputs_probabilities(model) -> bool:
@@ -53,8 +61,8 @@ def _outputs_probabilities(model) -> bool:
     return getattr(activation, "__name__", "") == "softmax"
 
 
-def _module_tracking(model):
-    """A tf.Module that tracks `model`'s variables, so they are saved."""
+def _module_tracking(model, extra_models=()):
+    """A tf.Module that tracks `model`'s variables (and `extra_models`'), so they are saved."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     module = tf.Module()
@@ -64,18 +72,27 @@ def _module_tracking(model):
         module.tracked_variables = [v.value for v in model.weights]
     else:
         module.keras_model = model
+    module.extra_models = list(extra_models)
     return module
 
 
 class _SmtmModule:
     """Builds the tf.functions of every signature around the Keras models."""
 
-    def __init__(self, model, memory: SemanticMemory):
+    def __init__(self, model, memory: SemanticMemory, quantized_models=None,
+                 quantization: quant.Quantization = quant.Quantization.FLOAT32):
         self.stage_models, self.head_model = stages_lib.split_model(model, memory.plan)
         self.model = model
         self.memory = memory
+        self.quantization = quantization
         self.apply_softmax = not _outputs_probabilities(model)
-        self.module = _module_tracking(model)
+        if quantized_models is not None:
+            # QAT: the fine-tuned quantized stage models, head and their chain
+            # replace the float ones in every signature.
+            self.stage_models, self.head_model, self.model = quantized_models
+            self.module = _module_tracking(model, [self.model])
+        else:
+            self.module = _module_tracking(model)
         self.input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         self.stage_shapes = [tuple(int(d) for d in m.outputs[0].shape[1:])
                              for m in self.stage_models]
@@ -156,6 +173,7 @@ class _SmtmModule:
                                                "exit_rule": "exit_rule", "cache": "cache"})
         return desc.Descriptor(model_name, self.memory.class_names, self.memory.pooling.value,
                                tuple(stages), head, full, rule, lookup,
+                               quantization=self.quantization.value,
                                cache=self.memory.cache_policy)
 
 
@@ -170,7 +188,9 @@ def convert_keras(model) -> bytes:
     return _convert_module(module, {"serving_default": fn})
 
 
-def _convert_module(module, signatures: dict) -> bytes:
+def _convert_module(module, signatures: dict,
+                    quantization: quant.Quantization = quant.Quantization.FLOAT32,
+                    representative_dataset=None) -> bytes:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     with tempfile.TemporaryDirectory(prefix="smtm-savedmodel-") as tmp:
@@ -178,12 +198,16 @@ def _convert_module(module, signatures: dict) -> bytes:
         tf.saved_model.save(module, tmp, signatures=concrete)
         converter = tf.lite.TFLiteConverter.from_saved_model(
             tmp, signature_keys=list(signatures))
+        quant.configure(converter, quantization, representative_dataset)
         return converter.convert()
 
 
 def convert(model, memory: SemanticMemory, check_images: np.ndarray,
             output_path: str | None = None, model_name: str | None = None,
-            atol: float = 1e-5) -> tuple[bytes, ConversionReport]:
+            atol: float = 1e-5, quantization: str | quant.Quantization = "float32",
+            train_images: np.ndarray | None = None, train_labels: np.ndarray | None = None,
+            qat_epochs: int = 1, min_top1_agreement: float = 0.9,
+            seed: int = 0) -> tuple[bytes, ConversionReport]:
     """Converts a Keras classifier and its semantic memory to an SMTM .tflite.
 
     After conversion, `full` and the chain stage_0..head are compared with
@@ -196,7 +220,13 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
       check_images: real input images `[N, H, W, C]` for the numeric checks.
       output_path: where to write the .tflite (atomically); None to only return it.
       model_name: name recorded in the descriptor.
-      atol: largest absolute difference tolerated in probabilities.
+      atol: largest absolute difference tolerated in probabilities (float32).
+      quantization: float32, float16, dynamic, int8 or qat (`converters.quantization`).
+      train_images, train_labels: training data; int8 draws its representative
+        dataset from the images, qat fine-tunes on both.
+      qat_epochs: fine-tuning epochs for qat.
+      min_top1_agreement: quantized variants are checked by the share of check
+        images whose top-1 answer equals Keras's (float16: numerically too).
 
     Returns:
       (model bytes, report).
@@ -206,12 +236,32 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
     """
     if len(check_images) == 0:
         raise ValueError("convert needs at least one check image.")
-    builder = _SmtmModule(model, memory)
+    q = quant.parse(quantization)
+    if q in (quant.Quantization.INT8, quant.Quantization.QAT) and train_images is None:
+        raise quant.QuantizationError(f"{q.value} quantization needs train_images.")
+    qat = None
+    if q == quant.Quantization.QAT:
+        if train_labels is None:
+            raise quant.QuantizationError("qat quantization needs train_labels.")
+        stage_models, head_model = stages_lib.split_model(model, memory.plan)
+        qat = quant.qat_models(stage_models, head_model, train_images, train_labels,
+                               epochs=qat_epochs, seed=seed)
+    builder = _SmtmModule(model, memory, qat, q)
     sigs = builder.signatures()
     descriptor = builder.descriptor(model_name or model.name)
-    flat = _convert_module(builder.module, sigs)
+    rep_data = None
+    if q == quant.Quantization.INT8:
+        rng = np.random.default_rng(seed)
+        pick = rng.choice(len(train_images), size=min(200, len(train_images)), replace=False)
+        rep_data = quant.representative_dataset(builder.stage_models, memory.centres,
+                                                train_images[np.sort(pick)])
+    flat = _convert_module(builder.module, sigs, q, rep_data)
     flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
-    report = check_conversion(flat, model, memory, check_images, builder.apply_softmax, atol)
+    if q == quant.Quantization.FLOAT32:
+        report = check_conversion(flat, model, memory, check_images, builder.apply_softmax,
+                                  atol)
+    else:
+        report = check_quantized(flat, builder, check_images, q, min_top1_agreement)
     if output_path:
         io_utils.write_bytes_atomic(output_path, flat)
         logging.info("Wrote %s (%d bytes).", output_path, len(flat))
@@ -268,6 +318,87 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
     return report
 
 
+def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
+                    quantization: quant.Quantization,
+                    min_top1_agreement: float = 0.9) -> ConversionReport:
+    """Checks a quantized model against the Keras model it was made from.
+
+    Quantized kernels cannot match float Keras to 1e-5; the check is that
+    `full` and the stage chain give Keras's top-1 answer on at least
+    `min_top1_agreement` of the images, that no output is NaN, and for
+    float16 (float kernels, rounded weights) that probabilities stay within
+    1e-2. The differences are reported either way.
+
+    Raises:
+      ConversionError: when a check fails; nothing is written then.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
+
+    embedded = desc.Descriptor.from_json(metadata.read_metadata(flat, desc.METADATA_NAME))
+    centres = [st.centres for st in embedded.stages]
+    interp = litert.Interpreter(model_content=flat, num_threads=1)
+    runners = {}
+    for key in interp.get_signature_list():
+        try:
+            runners[key] = interp.get_signature_runner(key)
+            runners[key](**{n: np.zeros(d["shape"], d["dtype"])
+                            for n, d in runners[key].get_input_details().items()})
+        except RuntimeError as e:
+            # XNNPACK (what apps run on the CPU) refuses some int8 scale ratios,
+            # e.g. per-channel weight scales far above the input's.
+            raise ConversionError(
+                f"The {quantization.value} model's signature {key} does not run in the "
+                f"LiteRT interpreter with XNNPACK ({e}). Nothing was written; try "
+                "--quantize=dynamic or qat.") from e
+    for key, runner in runners.items():
+        for kind, details in (("input", runner.get_input_details()),
+                              ("output", runner.get_output_details())):
+            bad = {n: d["dtype"] for n, d in details.items() if d["dtype"] != np.float32}
+            if bad:
+                raise ConversionError(f"Signature {key} has non-float32 {kind}s {bad}: the "
+                                      "harness feeds float32. Nothing was written.")
+    want = np.asarray(builder.model.predict(images, verbose=0, batch_size=64))
+    if builder.apply_softmax:
+        want = np.asarray(tf.nn.softmax(want))
+    full_diff = chain_diff = sim_diff = 0.0
+    full_agree = chain_agree = 0
+    for i, image in enumerate(images.astype(np.float32)):
+        x = image[None]
+        got = runners["full"](image=x)["probabilities"]
+        full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
+        full_agree += int(np.argmax(got) == np.argmax(want[i]))
+        a = x
+        for s in range(len(centres)):
+            out = runners[f"stage_{s}"](activation=a, centres=centres[s])
+            a = out["next_activation"]
+            if not np.all(np.isfinite(out["similarities"])):
+                sim_diff = float("nan")
+        got = runners["head"](activation=a)["probabilities"]
+        chain_diff = max(chain_diff, float(np.max(np.abs(got - want[i]))))
+        chain_agree += int(np.argmax(got) == np.argmax(want[i]))
+    first = images[:1].astype(np.float32)
+    compiled = run_compiled(flat, "full", {"image": first})["probabilities"]
+    compiled_diff = float(np.max(np.abs(compiled - runners["full"](image=first)["probabilities"])))
+    n = len(images)
+    report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, compiled_diff, n,
+                              quantization.value, full_agree / n, chain_agree / n)
+    problems = []
+    if min(report.full_top1_agreement, report.chain_top1_agreement) < min_top1_agreement:
+        problems.append(f"top-1 agreement with Keras: full {report.full_top1_agreement:.1%}, "
+                        f"chain {report.chain_top1_agreement:.1%} (need "
+                        f"{min_top1_agreement:.0%})")
+    if quantization == quant.Quantization.FLOAT16 and not max(full_diff, chain_diff) <= 1e-2:
+        problems.append(f"float16 probabilities differ by {max(full_diff, chain_diff):.3g} "
+                        "(tolerance 1e-2)")
+    if np.isnan(sim_diff) or not compiled_diff <= 1e-3:
+        problems.append(f"NaN similarities or CompiledModel differs by {compiled_diff:.3g}")
+    if problems:
+        raise ConversionError(f"The {quantization.value} model fails its checks: "
+                              + "; ".join(problems) + ". Nothing was written.")
+    return report
+
+
 def memory_path_for(model_path: str) -> str:
     """Where a model's semantic memory lives by convention: beside the model."""
     return os.path.splitext(model_path)[0] + ".smtm.npz"
@@ -279,7 +410,11 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
                   metric: str = "layer_aware",
                   cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                   num_check_images: int = 64, memory_output: str | None = None,
-                  seed: int = 0) -> tuple[SemanticMemory, ConversionReport]:
+                  seed: int = 0, quantization: str = "float32",
+                  qat_epochs: int = 1, qat_images: int = 6000,
+                  gpu_check: bool = True, require_gpu: bool = False,
+                  gpu_precision: str = "fp32"
+                  ) -> tuple[SemanticMemory, ConversionReport]:
     """Fits a semantic memory if none is given, then converts and checks.
 
     Args:
@@ -290,6 +425,16 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
       output_path: where the .tflite goes.
       memory: an already fitted memory (from the callback), or None.
       memory_output: where to save a newly fitted memory (None: do not save).
+      quantization: the variant (`converters.quantization`). For quantized
+        variants the exit rule is replayed on the quantized model over streams
+        of the calibration frames and recalibrated on its own similarities when
+        it misses the target (`report.exit_rule`).
+      qat_epochs, qat_images: QAT fine-tuning length (epochs over that many
+        training images).
+      gpu_check: run the GPU gate (`converters.gpu_gate`): compile every
+        signature strictly on the GPU and compare with the CPU (`report.gpu_gate`).
+      require_gpu: make a failed gate (or no GPU) an error; nothing is written then.
+      gpu_precision: "fp32" or "fp16" kernels for the gate.
 
     Returns:
       (memory, report).
@@ -310,5 +455,98 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
             seed=seed)
         if memory_output:
             memory.save(memory_output)
-    _, report = convert(model, memory, data.x_test[:num_check_images], output_path)
+    q = quant.parse(quantization)
+    (x_fit, y_fit), (x_cal, _) = data.holdout(holdout)
+    flat, report = convert(model, memory, data.x_test[:num_check_images], None,
+                           quantization=q, train_images=x_fit[:qat_images],
+                           train_labels=y_fit[:qat_images], qat_epochs=qat_epochs, seed=seed)
+    if q != quant.Quantization.FLOAT32:
+        flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
+        report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
+    if gpu_check or require_gpu:
+        from converters import gpu_gate  # pylint: disable=import-outside-toplevel
+        gate = gpu_gate.gpu_gate(flat, data.x_test[:min(16, num_check_images)],
+                                 precision=gpu_precision, require_gpu=require_gpu)
+        report = dataclasses.replace(report, gpu_gate=gate)
+    io_utils.write_bytes_atomic(output_path, flat)
+    logging.info("Wrote %s (%d bytes).", output_path, len(flat))
     return memory, report
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitRuleCheck:
+    """The descriptor's exit rule replayed on a quantized model.
+
+    Agreement is of early-exit answers with the same model's `full` answers,
+    closed loop (cache included), on streams of held-out calibration frames.
+    """
+
+    target: float
+    agreement_before: tuple[float, ...]  # Per calibration stream.
+    recalibrated: bool
+    agreement_after: tuple[float, ...] | None = None
+
+    def format(self) -> str:
+        before = ", ".join(f"{100 * a:.2f}%" for a in self.agreement_before)
+        text = f"exit rule on the quantized model: agreement {before} (target {100 * self.target:.2f}%)"
+        if self.recalibrated:
+            after = ", ".join(f"{100 * a:.2f}%" for a in self.agreement_after)
+            text += f"; recalibrated on its similarities: {after}"
+        else:
+            text += "; kept"
+        return text
+
+
+def _replay_rule(flat: bytes, x_cal: np.ndarray, stream_indices) -> tuple[
+        tuple[float, ...], list[np.ndarray], np.ndarray]:
+    from delegates.cpu import CpuBackend  # pylint: disable=import-outside-toplevel
+    from smtm_tf.runtime import SmtmRuntime  # pylint: disable=import-outside-toplevel
+
+    runtime = SmtmRuntime(flat, CpuBackend(num_threads=1))
+    shape = runtime.descriptor.full.inputs[0].shape
+    frames = np.asarray(x_cal, np.float32).reshape((-1,) + tuple(shape))
+    full = np.array([runtime.classify_full(f[None]) for f in frames])
+    agreement = []
+    for indices in stream_indices(full):
+        runtime.reset_cache()
+        agree = sum(runtime.classify_fast(frames[i][None])[0] == full[i] for i in indices)
+        agreement.append(agree / len(indices))
+    return tuple(agreement), runtime, full
+
+
+def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
+                    num_frames: int = 2000, seed: int = 0) -> tuple[bytes, ExitRuleCheck]:
+    """Replays the exit rule on a (quantized) model; recalibrates it if it misses its target.
+
+    Quantization moves the similarities, and the rule was calibrated on the
+    float ones. The rule is kept when every calibration stream (video, zipf,
+    uniform; `memory.calibration_streams`) still meets the rule's target
+    agreement with the model's own `full` answers; otherwise it is
+    recalibrated on the quantized model's similarities and full answers
+    (`memory.calibrate_rule`) and the descriptor is rewritten.
+
+    Returns:
+      (model bytes, possibly with a new exit rule; the check).
+    """
+    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
+
+    def streams_of(full):
+        return memory_lib.calibration_streams(full, num_frames=num_frames, seed=seed)
+
+    descriptor = desc.Descriptor.from_json(metadata.read_metadata(flat, desc.METADATA_NAME))
+    rule = descriptor.exit_rule
+    before, runtime, full = _replay_rule(flat, x_cal, streams_of)
+    if min(before) >= rule.target_agreement:
+        return flat, ExitRuleCheck(rule.target_agreement, before, False)
+    sims = [[] for _ in range(runtime.num_stages)]
+    for frame in np.asarray(x_cal, np.float32):
+        for s, v in enumerate(runtime.stage_similarities(frame)):
+            sims[s].append(v)
+    new_rule = memory_lib.calibrate_rule(
+        [np.stack(v) for v in sims], full, memory.plan.stage_costs, rule.target_agreement,
+        metric=rule.metric, metric_params=rule.metric_params, cache_policy=descriptor.cache,
+        seed=seed)
+    descriptor = dataclasses.replace(descriptor, exit_rule=new_rule)
+    flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
+    after, _, _ = _replay_rule(flat, x_cal, streams_of)
+    return flat, ExitRuleCheck(rule.target_agreement, before, True, after)

@@ -16,6 +16,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from converters import quantization as quant
 from converters import smtm_converter
 from smtm_tf import cache as cache_lib
 from smtm_tf import data as data_lib
@@ -49,10 +50,28 @@ _CACHE = flags.DEFINE_bool(
     "for hot classes, stricter for others); --nocache for one threshold per stage.")
 _HOLDOUT = flags.DEFINE_float("holdout", 0.1,
                               "Tail share of the train split used for calibration.")
+_QUANTIZE = flags.DEFINE_enum(
+    "quantize", "float32", ["float32", "float16", "dynamic", "int8", "qat", "int16x8"],
+    "float32; float16 weights; dynamic-range int8; full int8 (representative data from "
+    "--data's train split); qat (quantization-aware fine-tuning, tf_keras models, needs "
+    "tensorflow-model-optimization). int16x8 is refused (older runtimes cannot load it).")
+_QAT_EPOCHS = flags.DEFINE_integer("qat_epochs", 1, "QAT fine-tuning epochs.")
+_QAT_IMAGES = flags.DEFINE_integer("qat_images", 6000, "Training images QAT fine-tunes on.")
+_GPU_GATE = flags.DEFINE_bool(
+    "gpu_gate", True, "Compile every signature strictly on the GPU (software Vulkan "
+    "without a GPU), report ops that fall back, and compare GPU with CPU outputs.")
+_REQUIRE_GPU = flags.DEFINE_bool(
+    "require_gpu", False, "Make a failed GPU gate (or no GPU) an error; nothing is written.")
+_GPU_PRECISION = flags.DEFINE_enum("gpu_precision", "fp32", ["fp32", "fp16"],
+                                   "GPU kernel precision for the gate.")
 
 
 def main(argv):
     del argv
+    try:
+        quantization = quant.parse(_QUANTIZE.value)
+    except quant.QuantizationError as e:
+        raise app.UsageError(str(e)) from e
     model = kerascompat.load_model(_MODEL.value)
     image_size = tuple(int(d) for d in model.inputs[0].shape[1:3])
     channels = int(model.inputs[0].shape[-1])
@@ -73,7 +92,9 @@ def main(argv):
         num_stages=_NUM_STAGES.value, cut_layers=_CUT_LAYERS.value,
         embedding_dim=_EMBEDDING_DIM.value, target_agreement=target, metric=_METRIC.value,
         cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
-        memory_output=memory_file)
+        memory_output=memory_file, quantization=quantization, qat_epochs=_QAT_EPOCHS.value,
+        qat_images=_QAT_IMAGES.value, gpu_check=_GPU_GATE.value,
+        require_gpu=_REQUIRE_GPU.value, gpu_precision=_GPU_PRECISION.value)
     plain = len(smtm_converter.convert_keras(model))
     print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
     print("compute share per stage: "
@@ -87,10 +108,21 @@ def main(argv):
     if rule.uses_cache:
         print("exit thresholds (cold top-1 class): "
               + ", ".join("never" if t is None else f"{t:.4f}" for t in rule.cold_thresholds))
-    print(f"checks on {report.num_check_images} images: full vs Keras "
-          f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
-          f"{report.chain_max_abs_diff:.2e}, similarities {report.similarity_max_abs_diff:.2e}, "
-          f"CompiledModel vs Interpreter {report.compiled_max_abs_diff:.2e}")
+    if report.quantization == "float32":
+        print(f"checks on {report.num_check_images} images: full vs Keras "
+              f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
+              f"{report.chain_max_abs_diff:.2e}, similarities "
+              f"{report.similarity_max_abs_diff:.2e}, CompiledModel vs Interpreter "
+              f"{report.compiled_max_abs_diff:.2e}")
+    else:
+        print(f"{report.quantization} checks on {report.num_check_images} images: top-1 "
+              f"agreement with Keras: full {100 * report.full_top1_agreement:.1f}%, stage "
+              f"chain {100 * report.chain_top1_agreement:.1f}%; probabilities max diff "
+              f"{max(report.full_max_abs_diff, report.chain_max_abs_diff):.2e}")
+    if report.exit_rule is not None:
+        print(report.exit_rule.format())
+    if report.gpu_gate is not None:
+        print(report.gpu_gate.format())
     print(f"wrote {_OUTPUT.value}: {report.size_bytes} bytes "
           f"({100 * (report.size_bytes / plain - 1):+.1f}% vs a plain conversion, "
           f"{plain} bytes)")

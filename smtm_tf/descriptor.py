@@ -20,6 +20,9 @@ from smtm_tf import exit_policy
 SCHEMA_VERSION = 1
 METADATA_NAME = "smtm_descriptor"
 LOOKUP_OP_NAME = "SMTM_CACHE_LOOKUP"
+# How the weights and kernels are quantized (converters/quantization.py);
+# signature inputs and outputs are float32 in every variant.
+QUANTIZATIONS = ("float32", "float16", "dynamic", "int8", "qat")
 
 
 class DescriptorError(ValueError):
@@ -183,6 +186,9 @@ class Descriptor:
                 f"Descriptor schema_version {self.schema_version!r} is not supported; "
                 f"this smtm_tf reads version {SCHEMA_VERSION}. Re-convert the model "
                 "with this version of smtm_tf, or upgrade smtm_tf.")
+        if self.quantization not in QUANTIZATIONS:
+            raise DescriptorError(
+                f"quantization {self.quantization!r} is not one of {list(QUANTIZATIONS)}.")
         if not self.stages:
             raise DescriptorError("A descriptor needs at least one stage.")
         if self.exit_rule.uses_cache and self.cache is None:

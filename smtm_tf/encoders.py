@@ -41,23 +41,30 @@ def pool(activation, pooling: Pooling | str):
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     pooling = Pooling(pooling)
-    avg = tf.reduce_mean(activation, axis=[1, 2])
+    # Two short means (over W, then H) instead of one over H*W: a float32 sum
+    # of 784 values in sequence (TFLite's CPU kernels) is off by ~1e-5 in the
+    # stage-0 similarities from a tree reduction (the GPU's); two sums of 28
+    # keep every backend within 1e-6 of float64 (docs/gpu_and_quantization.md).
+    avg = tf.reduce_mean(tf.reduce_mean(activation, axis=2), axis=1)
     if pooling is Pooling.AVG:
         return avg
     return tf.concat([avg, tf.reduce_max(activation, axis=[1, 2])], axis=-1)
 
 
 def l2_normalize(v):
-    """v / |v| written as v * rsqrt(sum(v * v) + eps): ops every GPU path supports.
+    """v / |v| written as v * rsqrt(max(sum(v * v), eps)): ops every GPU path supports.
 
     TFLite's L2_NORMALIZATION op is not supported by the GPU accelerator, and
     the converter fuses `v * rsqrt(sum(square(v)) + eps)` (and the `sqrt` and
     `maximum` forms) back into it; with `v * v` instead of `square` it keeps
-    MUL, SUM, ADD and RSQRT. The converter's GPU gate checks the result.
+    MUL, SUM, MAXIMUM and RSQRT (the converter's GPU gate checks this).
+    `maximum` rather than `+ eps`: in a full-int8 model the added constant gets
+    a scale ~1e-8 of the sum's, which XNNPACK's int8 ADD refuses to prepare;
+    MAXIMUM requantizes eps to the sum's own scale.
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    return v * tf.math.rsqrt(tf.reduce_sum(v * v, axis=-1, keepdims=True) + EPSILON)
+    return v * tf.math.rsqrt(tf.maximum(tf.reduce_sum(v * v, axis=-1, keepdims=True), EPSILON))
 
 
 def l2_normalize_np(v: np.ndarray) -> np.ndarray:
