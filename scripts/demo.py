@@ -14,7 +14,7 @@ from absl import app
 from absl import flags
 
 from converters import smtm_converter
-from delegates import make_backend
+from delegates import backend_flags
 from smtm_tf import data as data_lib
 from smtm_tf import kerascompat
 from smtm_tf import memory as memory_lib
@@ -56,12 +56,12 @@ def main(argv):
           f"{report.full_max_abs_diff:.1e}, stage chain {report.chain_max_abs_diff:.1e}")
     print("      nearest-centre agreement with full per stage: "
           + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
-    runtime = SmtmRuntime.from_file(_OUTPUT.value, make_backend("cpu", num_threads=1))
+    runtime = SmtmRuntime.from_file(_OUTPUT.value, backend_flags.make_backend())
     rows = []
     for kind in _STREAMS.value:
         stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=_SEED.value)
-        print(f"[3/3] {kind}: {len(stream)} frames, full and SMTM interleaved (XNNPACK, "
-              "1 thread)", flush=True)
+        print(f"[3/3] {kind}: {len(stream)} frames, full and SMTM interleaved "
+              f"({backend_flags.describe()})", flush=True)
         rows.append((kind, validation.compare(runtime, stream.render(data.x_test),
                                               stream.labels)))
     print()

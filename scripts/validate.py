@@ -12,7 +12,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from delegates import make_backend
+from delegates import backend_flags
 from smtm_tf import data as data_lib
 from smtm_tf import io_utils
 from smtm_tf import streams
@@ -26,7 +26,6 @@ _STREAMS = flags.DEFINE_list("stream", ["video"], "Stream kinds: uniform, zipf, 
 _FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
 _SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
 _ZIPF_EXPONENT = flags.DEFINE_float("zipf_exponent", 1.2, "Exponent of the zipf stream.")
-_THREADS = flags.DEFINE_integer("threads", 1, "CPU threads.")
 _JSON = flags.DEFINE_string("json_output", None, "Also write the figures as JSON here.")
 _PLOT_DIR = flags.DEFINE_string(
     "plot_dir", None, "Write a PNG of hit rate and latency over each stream here "
@@ -39,7 +38,7 @@ _STATE = flags.DEFINE_string(
 def main(argv):
     del argv
     runtime = SmtmRuntime.from_file(_MODEL.value,
-                                    make_backend("cpu", num_threads=_THREADS.value))
+                                    backend_flags.make_backend())
     shape = runtime.descriptor.full.inputs[0].shape
     data = data_lib.load_data(_DATA.value, image_size=tuple(shape[1:3]), channels=shape[3])
     rows, recoveries = [], {}
