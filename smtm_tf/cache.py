@@ -67,7 +67,13 @@ class CachePolicy:
         make the capacity grow.
       prior_weight: cosine added to a cached class's similarities per nat
         of prior evidence (0: hot and cold thresholds only).
-      instance_slots: confirmed frames the short-term tier holds (0: none).
+      instance_slots: frames the short-term tier holds per stage (0: none).
+      instance_match: cosine similarity to a frame in the short-term tier at
+        which that frame's class is favoured (the rule's instance thresholds).
+      instance_shift: cosine added to a matched frame's class.
+      instance_min_confidence: a frame the full model answered enters the
+        tier only if the model's top probability reached this (frames whose
+        answer flips under a 1-pixel shift must not be copied).
       adapt_rate: step of centre adaptation toward confirmed frames (0: off).
       max_drift: bound on the norm of an adapted centre's offset from the
         original (unit centres: 0.3 is about 17 degrees).
@@ -76,20 +82,24 @@ class CachePolicy:
 
     decay: float = 0.9
     exit_weight: float = 0.25
-    hot_min: float = 0.5
+    hot_min: float = 0.3
     min_hot: int = 1
     max_hot: int = 6
-    window: int = 20
+    window: int = 10
     grow_after: int = 2
-    prior_weight: float = 1.0 / 16.0
+    prior_weight: float = 1.0 / 8.0
     instance_slots: int = 4
+    instance_match: float = 0.95
+    instance_shift: float = 0.1
+    instance_min_confidence: float = 0.9
     adapt_rate: float = 0.0
     max_drift: float = 0.3
     verify_rate: float = 0.0
 
     def __post_init__(self):
         for name in ("decay", "exit_weight", "hot_min", "prior_weight", "adapt_rate",
-                     "max_drift", "verify_rate"):
+                     "max_drift", "verify_rate", "instance_min_confidence",
+                     "instance_match", "instance_shift"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
@@ -101,7 +111,7 @@ class CachePolicy:
             object.__setattr__(self, name, int(value))
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}.")
-        for name in ("exit_weight", "adapt_rate", "verify_rate"):
+        for name in ("exit_weight", "adapt_rate", "verify_rate", "instance_min_confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if not self.hot_min > 0.0:
@@ -113,6 +123,9 @@ class CachePolicy:
                              f"max_hot={self.max_hot}.")
         if self.window < 1 or self.grow_after < 1:
             raise ValueError("window and grow_after must be >= 1.")
+        if not -1.0 <= self.instance_match <= 1.0 or not 0.0 <= self.instance_shift <= 2.0:
+            raise ValueError(f"instance_match must be in [-1, 1] and instance_shift in "
+                             f"[0, 2], got {self.instance_match}, {self.instance_shift}.")
         if not 0.0 <= self.max_drift <= 2.0:
             raise ValueError(f"max_drift must be in [0, 2], got {self.max_drift}.")
 
@@ -130,6 +143,10 @@ class CachePolicy:
             # Written before the adaptive memory: a fixed-size hot set only,
             # which is what its rule was calibrated with.
             d.update(_LEGACY, min_hot=d.get("max_hot", cls.max_hot))
+        if "instance_min_confidence" not in d:  # Older adaptive policies: no gate.
+            d["instance_min_confidence"] = 0.0
+        d.setdefault("instance_match", cls.instance_match)
+        d.setdefault("instance_shift", cls.instance_shift)
         missing = names - set(d)
         if missing:
             raise ValueError(f"Missing cache policy fields: {sorted(missing)}. Re-convert "
@@ -139,7 +156,9 @@ class CachePolicy:
 
 # The adaptive-memory fields, as a policy written without them behaves.
 _LEGACY = {"window": 20, "grow_after": 2, "prior_weight": 0.0, "instance_slots": 0,
-           "adapt_rate": 0.0, "max_drift": 0.3, "verify_rate": 0.0}
+           "instance_min_confidence": 0.9, "instance_match": 0.95,
+           "instance_shift": 0.1, "adapt_rate": 0.0, "max_drift": 0.3,
+           "verify_rate": 0.0}
 
 
 class MemoryState:
@@ -233,25 +252,37 @@ class MemoryState:
 
     # The exit decision.
 
-    def decide(self, stage: int, similarities: np.ndarray, semantic: np.ndarray) -> int:
-        """The class to exit with at `stage`, or -1 to go on."""
+    def lookup(self, stage: int, similarities: np.ndarray,
+               semantic: np.ndarray) -> tuple[int, float, bool]:
+        """The stage's (top-1 class, score, favoured) with the priors applied.
+
+        The cache's prior raises its classes' similarities; a short-term tier
+        match (cosine >= the stage's instance threshold) raises the matched
+        frame's class by `instance_shift` more. The top-1 class is favoured
+        (faces the hot threshold) if it is cached or matched.
+        """
         if self.shifting:
             similarities = similarities + self.shift
-        top1, value = self._score(self._metric, similarities, self._params[stage])
-        top1 = int(top1)
-        if self.hot[top1]:
-            ok = value >= self.hot_t[stage]
-        else:
-            ok = value >= self.cold_t[stage]
+        matched = -1
         count = self.inst_count[stage]
         if count and self.inst_t[stage] < _INF:
             match = self.inst[stage, :count] @ semantic
             j = int(match.argmax())
             if match[j] >= self.inst_t[stage]:
-                c = int(self.inst_class[stage, j])
-                # The instance and the memory disagree: trust neither here.
-                return -1 if (ok and c != top1) else c
-        return top1 if ok else -1
+                matched = int(self.inst_class[stage, j])
+                if not self.shifting:
+                    similarities = similarities.copy()
+                similarities[matched] += self.policy.instance_shift
+        top1, value = self._score(self._metric, similarities, self._params[stage])
+        top1 = int(top1)
+        return top1, float(value), bool(self.hot[top1]) or top1 == matched
+
+    def decide(self, stage: int, similarities: np.ndarray, semantic: np.ndarray) -> int:
+        """The class to exit with at `stage`, or -1 to go on."""
+        top1, value, favoured = self.lookup(stage, similarities, semantic)
+        if value >= (self.hot_t[stage] if favoured else self.cold_t[stage]):
+            return top1
+        return -1
 
     def verify_due(self) -> bool:
         """Counts an early exit; True when this one is to be checked."""
@@ -270,7 +301,8 @@ class MemoryState:
 
     # Updates after a frame.
 
-    def record(self, class_id: int, confirmed: bool, semantics=None, ran: int = 0) -> None:
+    def record(self, class_id: int, confirmed: bool, semantics=None, ran: int = 0,
+               confidence: float = 1.0) -> None:
         """Records a frame's answer.
 
         Args:
@@ -281,8 +313,10 @@ class MemoryState:
             tier, and when all stages ran and the full model confirmed a
             cached class, centre adaptation.
           ran: stages that ran for this frame.
+          confidence: the full model's top probability, for confirmed answers.
         """
-        if self.slots and ran:
+        if self.slots and ran and (
+                not confirmed or confidence >= self.policy.instance_min_confidence):
             self._remember(class_id, semantics, ran)
         if not self.use_cache:
             return
@@ -425,7 +459,8 @@ class ReplayResult:
 
 
 def replay(rule, policy: CachePolicy | None, semantics, centres, full_predictions,
-           frames=None, oracle: bool = False, similarities=None) -> ReplayResult:
+           frames=None, oracle: bool = False, similarities=None,
+           full_confidence=None) -> ReplayResult:
     """Runs a stream through the rule with the adaptive memory in the loop (no model).
 
     Args:
@@ -439,6 +474,8 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
         confirmed), whatever the rule decided: an ideal cache.
       similarities: instead of `semantics`, per stage the `[N, K]`
         similarities of the pool (then no short-term tier or adaptation).
+      full_confidence: the full model's top probability for each frame of
+        the pool (default 1: every confirmed frame may enter the tier).
 
     Returns:
       A ReplayResult. Decisions are those of the runtime, which shares
@@ -457,6 +494,8 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
     state = MemoryState(policy, rule, centres)
     idx = np.arange(sem.shape[1]) if frames is None else np.asarray(frames)
     full = np.asarray(full_predictions)[idx]
+    confidence = (np.ones(len(idx)) if full_confidence is None
+                  else np.asarray(full_confidence, np.float64)[idx])
     n, num_stages = len(idx), state.num_stages
     out = ReplayResult(np.full(n, num_stages, np.int64), full.copy(), np.zeros(n, bool),
                        np.full((num_stages, n), -1, np.int64),
@@ -464,26 +503,21 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
                        np.zeros((num_stages, n), bool),
                        np.full((num_stages, n), np.nan, np.float32),
                        np.full((num_stages, n), -1, np.int64))
-    score, metric, params = state._score, state._metric, state._params  # pylint: disable=protected-access
     for i, f in enumerate(idx):
         vectors = sem[:, f]
         answer = -1
         for s in range(num_stages):
             sims = state.centres[s] @ vectors[s] if sims_pool is None else sims_pool[s][f]
-            top1, value = score(metric, sims + state.shift if state.shifting else sims,
-                                params[s])
-            top1 = int(top1)
-            out.top1[s, i] = top1
-            out.hot[s, i] = state.hot[top1]
-            out.value[s, i] = value
+            top1, value, favoured = state.lookup(s, sims, vectors[s])
+            out.top1[s, i], out.value[s, i], out.hot[s, i] = top1, value, favoured
             if state.inst_count[s]:
                 match = state.inst[s, :state.inst_count[s]] @ vectors[s]
                 j = int(match.argmax())
                 out.inst_match[s, i], out.inst_class[s, i] = match[j], state.inst_class[s, j]
             if answer >= 0 or state.never[s]:
                 continue  # Observed for calibration, not decided.
-            answer = state.decide(s, sims, vectors[s])
-            if answer >= 0:
+            if value >= (state.hot_t[s] if favoured else state.cold_t[s]):
+                answer = top1
                 out.exit_stage[i] = s
         confirmed = answer < 0
         if answer >= 0:
@@ -498,7 +532,8 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
             answer, confirmed = int(full[i]), True
         stage = int(out.exit_stage[i])
         state.record(answer, confirmed, vectors,
-                     num_stages if (oracle or stage == num_stages) else stage + 1)
+                     num_stages if (oracle or stage == num_stages) else stage + 1,
+                     confidence[i])
         out.hit[i] = state.last_hit
     return out
 
@@ -517,21 +552,21 @@ def _stream_bounds(agree: np.ndarray, lengths, z: float) -> list[float]:
 def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage_costs,
                          streams, policy: CachePolicy, target_agreement: float = 0.99,
                          metric="margin", metric_params=None, confidence_z: float = 1.645,
-                         rounds: int = 3, instance_target: float = 0.998,
-                         instance_streams=(), similarities=None):
-    """Calibrates hot, cold and instance thresholds with the memory in the loop.
+                         rounds: int = 3, instance_target: float = 0.995,
+                         instance_streams=(), similarities=None, full_confidence=None):
+    """Calibrates hot and cold thresholds with the memory in the loop.
 
     The cache changes the decisions and the decisions change the cache, so
     thresholds are fitted on replayed streams: first with the hot sets an
     ideal cache would have, then, round by round, with the hot sets the rule
     itself produced. The result must meet the target on a closed-loop replay
-    of every stream on its own; while it does not, the open-loop target is
-    raised by the shortfall. Then the short-term tier: per stage, the lowest
-    instance threshold whose exits agree with the full model at least
-    `instance_target` of the time (Wilson bound), kept only if every stream
-    still meets the target in closed loop (else the instance target tightens).
-    Centre adaptation, if the policy has it, runs in the final closed-loop
-    check; if it breaks the target, it is switched off in the returned policy.
+    of every stream on its own; while it does not, the open-loop goal is
+    raised by bisection. This is done without and with the short-term tier
+    (whose matches favour their class like the cache does); the tier is kept
+    if it lowers the compute over all streams, held-object streams included,
+    without costing those more than 1 - instance_target of agreement. Centre
+    adaptation, if the policy has it, runs in a final closed-loop check; if it
+    breaks the target, it is switched off in the returned policy.
 
     Args:
       semantics: `[S, N, D]` semantic vectors of held-out frames.
@@ -544,9 +579,10 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
       metric, metric_params: the exit metric.
       confidence_z: z-score of the Wilson bound on the closed-loop agreement.
       rounds: refits with the rule's own hot sets.
-      instance_target: agreement required of short-term tier exits.
+      instance_target: 1 - the agreement the tier may cost a held-object stream.
       similarities: instead of `semantics`, per stage `[N, K]` similarities
         (then no short-term tier or adaptation is calibrated).
+      full_confidence: the full model's top probability per frame.
       instance_streams: more streams (e.g. a held object: the same frame
         shifted and noisy) on which the short-term tier is calibrated too.
         Their errors come in runs (one hard object, many frames), so the
@@ -567,7 +603,7 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
 
     def closed_loop(rule, pol, oracle=False):
         parts = [replay(rule, pol, semantics, centres, full_predictions, s, oracle,
-                        similarities)
+                        similarities, full_confidence)
                  for s in streams]
         return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
                                              axis=-1)
@@ -577,26 +613,32 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
         return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
 
     num_stages = len(stage_costs)
-    probe = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
-                                 (None,) * num_stages, metric_params)
+    cumulative = np.append(np.cumsum(stage_costs), 1.0)
 
-    def fit(goal, seen):
-        tops = [(seen.top1[s], seen.value[s]) for s in range(num_stages)]
-        rule = exit_policy.calibrate_scores(tops, stream_full, stage_costs, goal,
-                                            confidence_z=confidence_z, hot=list(seen.hot),
-                                            metric=metric, metric_params=metric_params)
-        rule = dataclasses.replace(rule, target_agreement=target_agreement)
-        return rule, closed_loop(rule, static)
+    def calibrate_levels(pol, inst):
+        """Hot and cold thresholds for a policy (and instance thresholds), or None."""
+        probe = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
+                                     (None,) * num_stages, metric_params, inst)
 
-    # Open loop on an ideal cache's hot sets, then refits on the rule's own.
-    seen = closed_loop(probe, static, oracle=True)
-    for _ in range(rounds):
-        rule, seen = fit(target_agreement, seen)
-    best = rule if worst(seen) >= target_agreement else None
-    if best is None:
+        def fit(goal, seen):
+            tops = [(seen.top1[s], seen.value[s]) for s in range(num_stages)]
+            rule = exit_policy.calibrate_scores(tops, stream_full, stage_costs, goal,
+                                                confidence_z=confidence_z,
+                                                hot=list(seen.hot), metric=metric,
+                                                metric_params=metric_params)
+            rule = dataclasses.replace(rule, target_agreement=target_agreement,
+                                       instance_thresholds=inst)
+            return rule, closed_loop(rule, pol)
+
+        # Open loop on an ideal cache's hot sets, then refits on the rule's own.
+        seen = closed_loop(probe, pol, oracle=True)
+        for _ in range(rounds):
+            rule, seen = fit(target_agreement, seen)
+        if worst(seen) >= target_agreement:
+            return rule
         # Every stream must meet the target on its own: raise the open-loop
         # goal, by bisection, until the closed loop does.
-        lo, hi, base = target_agreement, 1.0, seen
+        best, lo, hi, base = None, target_agreement, 1.0, seen
         for _ in range(7):
             mid = 0.5 * (lo + hi)
             rule, result = fit(mid, base)
@@ -604,73 +646,39 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
                 best, hi = rule, mid
             else:
                 lo = mid
+        return best
+
+    def on_held(rule, pol):
+        """(mean compute share, agreement) per instance stream."""
+        out = []
+        for s in instance_streams:
+            r = replay(rule, pol, semantics, centres, full_predictions, s,
+                       full_confidence=full_confidence)
+            out.append((float(cumulative[r.exit_stage].mean()),
+                        float((r.prediction == full_predictions[np.asarray(s)]).mean())))
+        return out
+
+    def cost(rule, pol):
+        r = closed_loop(rule, pol)
+        return (float(cumulative[r.exit_stage].sum()) + sum(
+            c * len(s) for (c, _), s in zip(on_held(rule, pol), instance_streams)))
+
+    no_exits = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
+                                    (None,) * num_stages, metric_params)
+    best = calibrate_levels(static, None)
+    chosen = dataclasses.replace(policy, instance_slots=0)
     if best is None:  # The cache cannot be made safe here: no exits at all.
-        return dataclasses.replace(probe, target_agreement=target_agreement), policy
-    if policy.instance_slots > 0:
-        every = list(streams) + list(instance_streams)
-        every_full = np.concatenate([full_predictions[np.asarray(s)] for s in every])
-        floors = [target_agreement] * len(streams)
-        if len(instance_streams):
-            base = [replay(best, static, semantics, centres, full_predictions, s)
-                    for s in instance_streams]
-            floors += [float((r.prediction == full_predictions[np.asarray(s)]).mean())
-                       - (1.0 - instance_target) for r, s in zip(base, instance_streams)]
-
-        def loop_all(rule, pol):
-            parts = [replay(rule, pol, semantics, centres, full_predictions, s)
-                     for s in every]
-            return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
-                                                 axis=-1)
-                                  for f in dataclasses.fields(ReplayResult)))
-
-        def fits(result):
-            agree, start = result.prediction == every_full, 0
-            for k, s in enumerate(every):
-                part = agree[start:start + len(s)]
-                start += len(s)
-                measured = (exit_policy.wilson_lower_bound(int(part.sum()), len(part),
-                                                           confidence_z)
-                            if k < len(streams) else float(part.mean()))
-                if measured < floors[k]:
-                    return False
-            return True
-
-        best = _calibrate_instances(best, policy, loop_all, fits, every_full,
-                                    instance_target, confidence_z)
-    if policy.adapt_rate > 0 and worst(closed_loop(best, policy)) < target_agreement:
-        policy = dataclasses.replace(policy, adapt_rate=0.0)
-    return best, policy
-
-
-def _calibrate_instances(rule, policy, closed_loop, fits, stream_full, instance_target, z):
-    """Adds instance thresholds to `rule` (see `calibrate_with_cache`)."""
-    from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
-
-    no_adapt = dataclasses.replace(policy, adapt_rate=0.0, verify_rate=0.0)
-    num_stages = rule.num_stages
-    # Thresholds of 2 (above any cosine) keep the tier filled but never exit,
-    # so the observed matches are those of the class-level rule's stream.
-    observe = dataclasses.replace(rule, instance_thresholds=(2.0,) * num_stages)
-    seen = closed_loop(observe, no_adapt)
-    for _ in range(6):
-        thresholds = []
-        for s in range(num_stages):
-            m = seen.inst_match[s]
-            reached = ~np.isnan(m)
-            if not reached.any():
-                thresholds.append(None)
-                continue
-            order = np.argsort(-m[reached], kind="stable")
-            values = m[reached][order]
-            agree = (seen.inst_class[s][reached][order] == stream_full[reached][order])
-            hits = np.cumsum(agree)
-            ok = [k for k in range(len(values))
-                  if (k + 1 == len(values) or values[k + 1] < values[k])
-                  and exit_policy.wilson_lower_bound(int(hits[k]), k + 1, z)
-                  >= instance_target]
-            thresholds.append(float(values[ok[-1]]) if ok else None)
-        candidate = dataclasses.replace(rule, instance_thresholds=tuple(thresholds))
-        if fits(closed_loop(candidate, no_adapt)):
-            return candidate
-        instance_target = 1.0 - (1.0 - instance_target) / 2
-    return rule
+        return no_exits, chosen
+    if policy.instance_slots > 0 and semantics is not None:
+        tier = dataclasses.replace(static, instance_slots=policy.instance_slots)
+        with_tier = calibrate_levels(tier, (policy.instance_match,) * num_stages)
+        # The tier stays if it saves compute over all streams without losing
+        # more than 1 - instance_target of agreement on any held-object stream.
+        if with_tier is not None and cost(with_tier, tier) < cost(best, static) and all(
+                a >= b - (1.0 - instance_target) for (_, a), (_, b)
+                in zip(on_held(with_tier, tier), on_held(best, static))):
+            best, chosen = with_tier, policy
+    check = dataclasses.replace(chosen, verify_rate=policy.verify_rate)
+    if policy.adapt_rate > 0 and worst(closed_loop(best, check)) < target_agreement:
+        chosen = dataclasses.replace(chosen, adapt_rate=0.0)
+    return best, chosen

@@ -182,7 +182,9 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
                      metric_params=None,
                      cache_policy: cache_lib.CachePolicy = cache_lib.CachePolicy(),
                      held_semantics: np.ndarray | None = None,
-                     held_full: np.ndarray | None = None, seed: int = 0):
+                     held_full: np.ndarray | None = None, seed: int = 0,
+                     full_confidence: np.ndarray | None = None,
+                     held_confidence: np.ndarray | None = None):
     """Calibrates every level of the adaptive memory on held-out frames.
 
     Args:
@@ -195,6 +197,8 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
         (`streams.held_object` rendered from held-out images), in stream
         order, for the short-term tier.
       seed: seed of the calibration streams.
+      full_confidence, held_confidence: the full model's top probability for
+        the held-out and held-object frames (gates the short-term tier).
 
     Returns:
       (ExitRule, CachePolicy as calibrated).
@@ -203,14 +207,18 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
     streams = calibration_streams(full_predictions, seed=seed)
     streams.append(streams_lib.scene_change(full_predictions, 3000, seed=seed + 5).indices)
     pool, full, held = semantics, np.asarray(full_predictions), []
+    confidence = None if full_confidence is None else np.asarray(full_confidence)
     if held_semantics is not None:
         pool = np.concatenate([semantics, held_semantics], axis=1)
         full = np.concatenate([full, np.asarray(held_full)])
+        if confidence is not None:
+            confidence = np.concatenate([confidence, np.asarray(held_confidence)])
         half = held_semantics.shape[1] // 2
         held = [n + np.arange(half), n + np.arange(half, held_semantics.shape[1])]
     return cache_lib.calibrate_with_cache(
         pool, centres, full, stage_costs, streams, cache_policy, target_agreement,
-        metric=metric, metric_params=metric_params, instance_streams=held)
+        metric=metric, metric_params=metric_params, instance_streams=held,
+        full_confidence=confidence)
 
 
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
@@ -318,16 +326,18 @@ def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
                               rule.metric, rule.metric_params, None, seed)
         cache_policy = None
     else:
-        held_sem = held_full = None
+        held_sem = held_full = held_conf = None
         if cache_policy.instance_slots:
             held = [streams_lib.held_object(full, 3000, seed=seed + 100 + k) for k in range(2)]
             frames = np.concatenate([h.render(x_calibration) for h in held])
             held_features = enc.extract_features(stage_models, head, frames, memory.pooling,
                                                  batch_size)
             held_sem, held_full = memory.semantics(held_features), held_features.predictions
+            held_conf = held_features.probabilities.max(axis=1)
         rule, cache_policy = calibrate_memory(
             memory.semantics(features), memory.centres, full, costs, target_agreement,
-            rule.metric, rule.metric_params, cache_policy, held_sem, held_full, seed)
+            rule.metric, rule.metric_params, cache_policy, held_sem, held_full, seed,
+            features.probabilities.max(axis=1), held_conf)
     logging.info("%s thresholds %s (cold %s, instance %s).", rule.metric.value,
                  rule.thresholds, rule.cold_thresholds, rule.instance_thresholds)
     return dataclasses.replace(memory, exit_rule=rule,

@@ -237,14 +237,15 @@ class SmtmRuntime:
                         if adapted and not memory.adapted[answer]:
                             self._write_centres(answer)  # Reverted.
                         answer, confirmed = full, True
-                memory.record(answer, confirmed, semantics, s + 1)
+                memory.record(answer, confirmed, semantics, s + 1,
+                              float(self._full_out.max()) if confirmed else 1.0)
                 return answer, s
             activation = next_act
         copyto(self._head_in, activation)
         self._head.invoke()
         answer = int(self._head_out.argmax())
         adapting = memory.adapting and memory.hot[answer]
-        memory.record(answer, True, semantics, self.num_stages)
+        memory.record(answer, True, semantics, self.num_stages, float(self._head_out.max()))
         if adapting:
             self._write_centres(answer)
         return answer, self.num_stages
