@@ -160,7 +160,8 @@ def qat_models(stage_models, head_model, x_train: np.ndarray, y_train: np.ndarra
     except ImportError as e:
         raise QuantizationError(
             "Quantization-aware training needs tensorflow-model-optimization==0.8.1: "
-            "pip install -e '.[qat]'.") from e
+            "pip install -e '.[qat]' && pip install --no-deps "
+            "tensorflow-model-optimization==0.8.1 (see pyproject.toml).") from e
     import tf_keras  # pylint: disable=import-outside-toplevel
 
     qk = tfmot.quantization.keras

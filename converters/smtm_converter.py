@@ -515,7 +515,7 @@ def _replay_rule(flat: bytes, x_cal: np.ndarray, stream_indices) -> tuple[
 
 
 def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
-                    num_frames: int = 2000, seed: int = 0) -> tuple[bytes, ExitRuleCheck]:
+                    num_frames: int = 3000, seed: int = 0) -> tuple[bytes, ExitRuleCheck]:
     """Replays the exit rule on a (quantized) model; recalibrates it if it misses its target.
 
     Quantization moves the similarities, and the rule was calibrated on the

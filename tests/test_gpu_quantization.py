@@ -46,10 +46,17 @@ def _gpu_unavailable_reason() -> str | None:
     return None
 
 
+def _skip_or_fail(test, variable: str, reason: str):
+    """Skips, unless CI set `variable`=1 after providing the dependency (then fails)."""
+    if os.environ.get(variable) == "1":
+        test.fail(f"{variable}=1 but: {reason}")
+    test.skipTest(reason)
+
+
 def _require_gpu(test):
     reason = _gpu_unavailable_reason()
     if reason:
-        test.skipTest(reason)
+        _skip_or_fail(test, "SMTM_REQUIRE_GPU", reason)
 
 
 @functools.cache
@@ -437,7 +444,7 @@ class OldRuntimeTest(parameterized.TestCase):
         try:
             old_runtime.find_python()
         except old_runtime.OldRuntimeUnavailable as e:
-            self.skipTest(str(e))
+            _skip_or_fail(self, "SMTM_REQUIRE_OLD_RUNTIME", str(e))
 
     @parameterized.named_parameters(("float32", "float32"), ("float16", "float16"),
                                     ("dynamic", "dynamic"), ("int8", "int8"))
@@ -475,8 +482,10 @@ class QatTest(absltest.TestCase):
             if importlib.util.find_spec("tensorflow_model_optimization") is None:
                 raise ImportError
         except ImportError:
-            self.skipTest("tensorflow-model-optimization is not installed "
-                          "(pip install -e '.[qat]').")
+            _skip_or_fail(self, "SMTM_REQUIRE_QAT",
+                          "tensorflow-model-optimization is not installed (pip install -e "
+                          "'.[qat]' && pip install --no-deps "
+                          "tensorflow-model-optimization==0.8.1).")
         out = os.path.join(self.create_tempdir().full_path, "qat.tflite")
         script = (
             "import sys; sys.path.insert(0, 'tests')\n"
