@@ -136,7 +136,16 @@ class CachePolicyTest(parameterized.TestCase):
         ("slots_negative", dict(instance_slots=-1), "instance_slots"),
         ("adapt_above_one", dict(adapt_rate=1.5), "adapt_rate must be in"),
         ("verify_negative", dict(verify_rate=-0.1), "verify_rate must be in"),
-        ("drift_too_far", dict(max_drift=2.5), "max_drift must be in"))
+        ("drift_too_far", dict(max_drift=2.5), "max_drift must be in"),
+        ("match_above_one", dict(instance_match=1.5), "instance_match must be in"),
+        ("match_below_minus_one", dict(instance_match=-1.5), "instance_match must be in"),
+        ("shift_negative", dict(instance_shift=-0.1), "instance_shift in"),
+        ("shift_too_large", dict(instance_shift=2.5), "instance_shift in"),
+        ("shift_string", dict(instance_shift="0.1"), "instance_shift must be a number"),
+        ("confidence_above_one", dict(instance_min_confidence=1.5),
+         "instance_min_confidence must be in"),
+        ("confidence_negative", dict(instance_min_confidence=-0.1),
+         "instance_min_confidence must be in"))
     def test_invalid(self, kwargs, pattern):
         with self.assertRaisesRegex(ValueError, pattern):
             cache.CachePolicy(**kwargs)
@@ -144,8 +153,9 @@ class CachePolicyTest(parameterized.TestCase):
     def test_round_trip(self):
         policy = cache.CachePolicy(decay=0.8125, exit_weight=0.3, hot_min=0.7, min_hot=2,
                                    max_hot=3, window=7, grow_after=3, prior_weight=0.125,
-                                   instance_slots=5, adapt_rate=0.25, max_drift=0.2,
-                                   verify_rate=0.1)
+                                   instance_slots=5, instance_match=0.875, instance_shift=0.3,
+                                   instance_min_confidence=0.625, adapt_rate=0.25,
+                                   max_drift=0.2, verify_rate=0.1)
         d = json.loads(json.dumps(policy.to_dict()))
         self.assertEqual(cache.CachePolicy.from_dict(d), policy)
         self.assertNotEqual(cache.CachePolicy.from_dict(d), cache.CachePolicy())
@@ -175,6 +185,43 @@ class CachePolicyTest(parameterized.TestCase):
         del partial["verify_rate"]
         with self.assertRaisesRegex(ValueError, "Missing cache policy fields"):
             cache.CachePolicy.from_dict(partial)
+
+    def test_adaptive_policy_without_the_instance_fields(self):
+        # Written before instance_match / instance_shift / instance_min_confidence:
+        # no confidence gate, the class defaults for match and shift.
+        policy = cache.CachePolicy(decay=0.8, exit_weight=0.5, hot_min=0.6, min_hot=2,
+                                   max_hot=3, window=7, grow_after=3, prior_weight=0.25,
+                                   instance_slots=5, instance_match=0.5, instance_shift=0.5,
+                                   instance_min_confidence=0.5, adapt_rate=0.25,
+                                   max_drift=0.2, verify_rate=0.1)
+        old = policy.to_dict()
+        for name in ("instance_match", "instance_shift", "instance_min_confidence"):
+            del old[name]
+        p = cache.CachePolicy.from_dict(old)
+        self.assertEqual(p.instance_min_confidence, 0.0)
+        self.assertEqual(p.instance_match, cache.CachePolicy.instance_match)
+        self.assertEqual(p.instance_shift, cache.CachePolicy.instance_shift)
+        self.assertEqual(p, dataclasses.replace(
+            policy, instance_match=cache.CachePolicy.instance_match,
+            instance_shift=cache.CachePolicy.instance_shift, instance_min_confidence=0.0))
+        # Each missing on its own: only that one is filled in.
+        for name, want in (("instance_match", cache.CachePolicy.instance_match),
+                           ("instance_shift", cache.CachePolicy.instance_shift),
+                           ("instance_min_confidence", 0.0)):
+            d = policy.to_dict()
+            del d[name]
+            self.assertEqual(cache.CachePolicy.from_dict(d),
+                             dataclasses.replace(policy, **{name: want}), name)
+        # An old adaptive policy lets every confirmed frame into the tier.
+        state = state_for(p, instance=(0.9, 0.9))
+        state.record(1, True, np.stack([unit(np.ones(6))] * 2), ran=2, confidence=0.01)
+        self.assertEqual(state.inst_count, [1, 1])
+
+    def test_legacy_policy_has_no_tier_whatever_the_instance_fields(self):
+        legacy = {"decay": 0.8, "exit_weight": 0.5, "hot_min": 0.6, "max_hot": 3}
+        p = cache.CachePolicy.from_dict(legacy)
+        self.assertEqual((p.instance_slots, p.window, p.grow_after), (0, 20, 2))
+        self.assertEqual(p.min_hot, p.max_hot)
 
 
 # --- MemoryState: cache, capacity, prior ------------------------------------
@@ -212,16 +259,21 @@ class ForgettingCurveTest(absltest.TestCase):
                     return frames
             return None
 
-        policy = cache.CachePolicy()  # decay 0.9, exit weight 0.25, hot_min 0.5.
+        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, min_hot=1,
+                                   max_hot=6, window=1000, prior_weight=0.0)
         self.assertEqual(frames_to_hot(policy, True), 1)
         self.assertEqual(frames_to_hot(policy, False), 3)  # 0.25, 0.475, 0.6775.
         self.assertIsNone(frames_to_hot(dataclasses.replace(policy, exit_weight=0.04), False))
+        # hot_min 0.3: two exits are enough (0.25, 0.475).
+        self.assertEqual(frames_to_hot(dataclasses.replace(policy, hot_min=0.3), False), 2)
 
     def test_reset_forgets(self):
-        state = state_for(cache.CachePolicy(min_hot=1, max_hot=3))
+        state = state_for(cache.CachePolicy(decay=0.9, hot_min=0.5, min_hot=1, max_hot=3,
+                                            window=1000, prior_weight=0.25))
         for c in (1, 2, 1, 3, 1):
             state.record(c, True)
         self.assertTrue(state.hot.any())
+        self.assertTrue(state.shift.any())
         state.reset()
         self.assertFalse(state.hot.any())
         self.assertFalse(state.scores.any())
@@ -298,7 +350,8 @@ class PriorShiftTest(absltest.TestCase):
     SEQUENCE = (0, 0, 1, 0, 2, 0, 1, 3, 0, 0)
 
     def run_sequence(self, prior_weight):
-        policy = cache.CachePolicy(prior_weight=prior_weight, min_hot=2, max_hot=2,
+        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5,
+                                   prior_weight=prior_weight, min_hot=2, max_hot=2,
                                    window=1000)
         state = state_for(policy, num_classes=5)
         shifts = []
@@ -327,7 +380,8 @@ class PriorShiftTest(absltest.TestCase):
     def test_shift_raises_a_cached_class_over_its_threshold(self):
         # Class 0 cached with a strong prior: a frame just under the hot
         # threshold on raw similarities exits once shifted.
-        policy = cache.CachePolicy(prior_weight=1.0, min_hot=1, max_hot=1, window=1000)
+        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, prior_weight=1.0,
+                                   min_hot=1, max_hot=1, window=1000, instance_slots=0)
         state = state_for(policy, thresholds=(0.3, 0.3), cold=(0.9, 0.9))
         for _ in range(5):
             state.record(0, True)
@@ -350,8 +404,9 @@ class PriorShiftTest(absltest.TestCase):
 class AdaptationTest(absltest.TestCase):
 
     def adapted_state(self, steps=200):
-        policy = cache.CachePolicy(adapt_rate=0.5, max_drift=0.3, min_hot=2, max_hot=2,
-                                   window=1000, verify_rate=0.25, instance_slots=2)
+        policy = cache.CachePolicy(decay=0.9, hot_min=0.5, adapt_rate=0.5, max_drift=0.3,
+                                   min_hot=2, max_hot=2, window=1000, verify_rate=0.25,
+                                   instance_slots=2, instance_min_confidence=0.9)
         state = state_for(policy, instance=(0.99, 0.99))
         far = np.stack([unit([-1, 0, 0, 0, 0, 1])] * 2)  # Away from class 0's centre.
         for _ in range(steps):
@@ -371,7 +426,8 @@ class AdaptationTest(absltest.TestCase):
         np.testing.assert_array_equal(state.centres[:, 1:], state.original[:, 1:])
 
     def test_exits_and_unconfirmed_answers_do_not_adapt(self):
-        policy = cache.CachePolicy(adapt_rate=0.5, min_hot=2, max_hot=2, window=1000)
+        policy = cache.CachePolicy(decay=0.9, hot_min=0.5, adapt_rate=0.5, max_drift=0.3,
+                                   min_hot=2, max_hot=2, window=1000)
         state = state_for(policy)
         far = np.stack([unit([-1, 0, 0, 0, 0, 1])] * 2)
         for _ in range(10):
@@ -408,43 +464,127 @@ class AdaptationTest(absltest.TestCase):
 
 class ShortTermTierTest(absltest.TestCase):
 
-    def test_match_exits_with_the_remembered_class(self):
-        policy = cache.CachePolicy(instance_slots=2)
-        state = state_for(policy, thresholds=(NEVER, NEVER), cold=(NEVER, NEVER),
-                          instance=(0.99, None))
-        v = unit([0.1, 0.2, 0.3, 0.9, 0.1, 0.2])
-        sims = state.centres[0] @ v
-        self.assertEqual(state.decide(0, sims, v), -1)  # Tier empty.
-        state.record(2, True, np.stack([v, v]), ran=2)
-        self.assertEqual(state.decide(0, sims, v), 2)
-        near = unit(v + np.float32(0.01) * unit([1, -1, 0, 0, 1, 0]))
-        self.assertEqual(state.decide(0, state.centres[0] @ near, near), 2)
-        far = unit([1, 0, 0, 0, 0, 0])
-        self.assertEqual(state.decide(0, state.centres[0] @ far, far), -1)
-        self.assertEqual(state.decide(1, sims, v), -1)  # No instance threshold at stage 1.
+    # No cache (max_hot 0), so only a tier match can favour a class.
+    POLICY = cache.CachePolicy(max_hot=0, min_hot=0, prior_weight=0.0, instance_slots=2,
+                               instance_match=0.99, instance_shift=0.1,
+                               instance_min_confidence=0.9)
+    V = unit([0.1, 0.2, 0.3, 0.9, 0.1, 0.2])  # Unit already. Top-1: class 3, margin 0.6.
 
-    def test_conflict_with_the_memory_goes_on(self):
-        policy = cache.CachePolicy(instance_slots=2)
-        state = state_for(policy, thresholds=(0.0, 0.0), cold=(0.0, 0.0),
-                          instance=(0.99, 0.99))
-        v = unit([1, 0.2, 0, 0, 0, 0.1])
-        state.record(2, True, np.stack([v, v]), ran=2)
-        sims = state.centres[0] @ v  # Top-1: class 0, which exits on its own.
-        self.assertEqual(int(sims.argmax()), 0)
+    def tier_state(self, policy=None, hot=(0.65, 0.65), cold=(0.7, 0.7), instance=(0.99, None)):
+        return state_for(policy or self.POLICY, thresholds=hot, cold=cold, instance=instance)
+
+    def test_match_shifts_the_remembered_class_and_favours_it(self):
+        state = self.tier_state()
+        v = self.V
+        sims = state.centres[0] @ v
+        top1, value, favoured = state.lookup(0, sims, v)  # Tier empty.
+        self.assertEqual(top1, 3)
+        self.assertAlmostEqual(value, float(sims[3] - sims[2]), places=6)
+        self.assertFalse(favoured)
+        self.assertAlmostEqual(value, 0.6, places=5)
+        self.assertEqual(state.decide(0, sims, v), -1)  # 0.6 < hot 0.65 < cold 0.7.
+        state.record(3, True, np.stack([v, v]), ran=2)
+        before = sims.copy()
+        top1, value, favoured = state.lookup(0, sims, v)
+        np.testing.assert_array_equal(sims, before)  # The caller's array is untouched.
+        self.assertEqual(top1, 3)
+        self.assertAlmostEqual(value, float(sims[3] + 0.1 - sims[2]), places=6)
+        self.assertTrue(favoured)
+        # Below the cold threshold, over the hot one once shifted: it exits.
+        self.assertEqual(state.decide(0, sims, v), 3)
+        # A near frame matches too.
+        near = unit(v + np.float32(0.01) * unit([1, -1, 0, 0, 1, 0]))
+        self.assertEqual(state.decide(0, state.centres[0] @ near, near), 3)
+        # The shift is instance_shift: doubled, the margin grows by as much again.
+        wide = self.tier_state(dataclasses.replace(self.POLICY, instance_shift=0.2))
+        wide.record(3, True, np.stack([v, v]), ran=2)
+        self.assertAlmostEqual(wide.lookup(0, sims, v)[1], float(sims[3] + 0.2 - sims[2]),
+                               places=6)
+        # The hot threshold still applies: a favoured frame under it goes on.
+        strict = self.tier_state(hot=(0.75, 0.75))
+        strict.record(3, True, np.stack([v, v]), ran=2)
+        self.assertTrue(strict.lookup(0, sims, v)[2])
+        self.assertEqual(strict.decide(0, sims, v), -1)
+
+    def test_match_can_change_the_top1_class(self):
+        state = self.tier_state()
+        v = self.V
+        sims = state.centres[0] @ v  # Class 2 is second, 0.6 below class 3.
+        gap = float(sims[3] - sims[2])
+        policy = dataclasses.replace(self.POLICY, instance_shift=gap + 0.4)
+        state = self.tier_state(policy, hot=(0.3, 0.3))
+        state.record(2, False, np.stack([v, v]), ran=1)  # An early exit said class 2.
+        top1, value, favoured = state.lookup(0, sims, v)
+        self.assertEqual((top1, favoured), (2, True))
+        self.assertAlmostEqual(value, 0.4, places=5)
+        self.assertEqual(state.decide(0, sims, v), 2)
+        # A smaller shift leaves class 3 on top: not the matched class, so not
+        # favoured, and it faces the cold threshold (the conflict goes on).
+        self.assertAlmostEqual(gap, 0.6, places=5)
+        state = self.tier_state(dataclasses.replace(self.POLICY, instance_shift=gap / 2))
+        state.record(2, False, np.stack([v, v]), ran=1)
+        top1, value, favoured = state.lookup(0, sims, v)
+        self.assertEqual((top1, favoured), (3, False))
+        self.assertAlmostEqual(value, gap / 2, places=5)
         self.assertEqual(state.decide(0, sims, v), -1)
-        state.record(0, True, np.stack([v, v]), ran=2)  # Now the newest slot says 0.
-        state.forget_instances()
-        state.record(0, True, np.stack([v, v]), ran=2)
-        self.assertEqual(state.decide(0, sims, v), 0)
+
+    def test_no_match_changes_nothing(self):
+        v = self.V
+        plain = self.tier_state()
+        state = self.tier_state()
+        state.record(1, True, np.stack([v, v]), ran=2)
+        far = unit([1, 0, 0.3, 0, 0, 0])
+        for stage, x in ((0, far), (1, v)):  # Too far; no instance threshold at stage 1.
+            sims = state.centres[stage] @ x
+            self.assertEqual(state.lookup(stage, sims, x), plain.lookup(stage, sims, x))
+            self.assertFalse(state.lookup(stage, sims, x)[2])
+        self.assertEqual(state.decide(1, state.centres[1] @ v, v), -1)
+        # Just under the instance threshold: no match.
+        state = self.tier_state(instance=(float(np.float32(far @ v)) + 1e-4, None))
+        state.record(1, True, np.stack([v, v]), ran=2)
+        sims = state.centres[0] @ far
+        self.assertEqual(state.lookup(0, sims, far), plain.lookup(0, sims, far))
+
+    def test_a_cached_class_is_favoured_as_before(self):
+        policy = dataclasses.replace(self.POLICY, max_hot=1, min_hot=1, hot_min=0.5)
+        state = self.tier_state(policy, hot=(0.5, 0.5))
+        state.record(3, True)  # Cached, no vectors: the tier stays empty.
+        self.assertEqual(state.inst_count, [0, 0])
+        v = self.V
+        top1, value, favoured = state.lookup(0, state.centres[0] @ v, v)
+        self.assertEqual((top1, favoured), (3, True))
+        self.assertEqual(state.decide(0, state.centres[0] @ v, v), 3)
+
+    def test_low_confidence_confirmations_stay_out(self):
+        v = np.stack([self.V, self.V])
+        state = self.tier_state()
+        state.record(3, True, v, ran=2, confidence=0.89)
+        self.assertEqual(state.inst_count, [0, 0])
+        self.assertEqual(state.decide(0, state.centres[0] @ self.V, self.V), -1)
+        state.record(3, True, v, ran=2, confidence=0.9)  # At the gate: in.
+        self.assertEqual(state.inst_count, [1, 1])
+        state.record(3, True, v, ran=2)  # Default confidence 1.
+        self.assertEqual(state.inst_count, [2, 2])
+        # Early exits enter whatever the confidence argument says.
+        state = self.tier_state()
+        state.record(3, False, v, ran=1, confidence=0.0)
+        self.assertEqual(state.inst_count, [1, 0])
+        # Without a gate, every confirmation enters.
+        state = self.tier_state(dataclasses.replace(self.POLICY, instance_min_confidence=0.0))
+        state.record(3, True, v, ran=2, confidence=0.0)
+        self.assertEqual(state.inst_count, [1, 1])
 
     def test_ring_buffer_keeps_the_last_slots_per_stage(self):
-        policy = cache.CachePolicy(instance_slots=3)
+        policy = cache.CachePolicy(instance_slots=3, instance_min_confidence=0.9)
         state = state_for(policy, instance=(0.9, 0.9), num_classes=6, dim=8)
         rng = np.random.default_rng(0)
         vectors, classes = [], []
-        for i in range(7):
+        for i in range(8):
             v = np.stack([unit(rng.normal(size=8)) for _ in range(2)])
-            ran = 1 if i == 6 else 2  # The last frame exited at stage 0.
+            ran = 1 if i == 6 else 2  # Frame 6 exited at stage 0.
+            if i == 7:  # A low-confidence confirmation: not remembered.
+                state.record(5, True, v, ran=2, confidence=0.5)
+                continue
             state.record(i % 6, i % 2 == 0, v, ran=ran)
             vectors.append(v)
             classes.append(i % 6)
@@ -467,18 +607,37 @@ class ShortTermTierTest(absltest.TestCase):
 
     def test_replay_held_object_exits_at_stage_zero(self):
         sem, centres, full = semantic_pool(50, seed=3)
-        rule = ep.ExitRule("margin", (NEVER,) * 3, 0.9, (NEVER,) * 3, None,
+        # Cold thresholds no frame reaches; a hot one only a matched frame
+        # reaches (a shift of 2 puts the matched class on top by a margin >= 0).
+        rule = ep.ExitRule("margin", (0.0,) * 3, 0.9, (NEVER,) * 3, None,
                            (0.999, 0.999, None))
+        policy = cache.CachePolicy(max_hot=0, min_hot=0, prior_weight=0.0, instance_slots=2,
+                                   instance_match=0.999, instance_shift=2.0,
+                                   instance_min_confidence=0.9)
         stream = np.repeat([4, 9, 17], 5)
-        out = cache.replay(rule, cache.CachePolicy(instance_slots=2), sem, centres, full,
-                           stream)
+        out = cache.replay(rule, policy, sem, centres, full, stream)
         np.testing.assert_array_equal(out.exit_stage, np.tile([3, 0, 0, 0, 0], 3))
         np.testing.assert_array_equal(out.prediction, full[stream])
+        np.testing.assert_array_equal(out.top1[0], full[stream])
         self.assertTrue(np.isnan(out.inst_match[:, 0]).all())
         np.testing.assert_allclose(out.inst_match[:2, 1], 1.0, atol=1e-5)
+        np.testing.assert_array_equal(out.hot[0], np.tile([False, True, True, True, True], 3))
+        # The observed value is the lookup's (shifted by 2 on a match).
+        state = cache.MemoryState(policy, rule, centres)
+        state.record(int(full[4]), True, sem[:, 4], ran=3)
+        want = state.lookup(0, centres[0] @ sem[0, 4], sem[0, 4])
+        self.assertAlmostEqual(float(out.value[0, 1]), want[1], places=5)
+        # Frame 9 confirmed with low confidence never enters the tier; the
+        # others do (confidence is per pool frame).
+        confidence = np.ones(50)
+        confidence[9] = 0.5
+        out = cache.replay(rule, policy, sem, centres, full, stream,
+                           full_confidence=confidence)
+        np.testing.assert_array_equal(out.exit_stage,
+                                      [3, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0])
         # Without slots the same rule never exits.
-        out = cache.replay(rule, cache.CachePolicy(instance_slots=0), sem, centres, full,
-                           stream)
+        out = cache.replay(rule, dataclasses.replace(policy, instance_slots=0), sem, centres,
+                           full, stream)
         np.testing.assert_array_equal(out.exit_stage, 3)
 
 
@@ -486,8 +645,11 @@ class ShortTermTierTest(absltest.TestCase):
 
 class MemoryArraysTest(parameterized.TestCase):
 
-    POLICY = cache.CachePolicy(min_hot=1, max_hot=3, window=5, instance_slots=3,
-                               adapt_rate=0.3, max_drift=0.3, verify_rate=0.2)
+    POLICY = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, min_hot=1,
+                               max_hot=3, window=5, grow_after=2, prior_weight=1.0 / 16,
+                               instance_slots=3, instance_match=0.95, instance_shift=0.1,
+                               instance_min_confidence=0.9, adapt_rate=0.3, max_drift=0.3,
+                               verify_rate=0.2)
 
     def busy_state(self):
         state = state_for(self.POLICY, instance=(0.95, 0.95))
@@ -595,7 +757,8 @@ class ReplayTest(absltest.TestCase):
         np.testing.assert_array_equal(out.prediction, want_pred)
 
     def test_closed_loop_matches_a_manual_loop(self):
-        for policy in (cache.CachePolicy(prior_weight=0.0, min_hot=6, max_hot=6),
+        for policy in (cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5,
+                                         prior_weight=0.0, min_hot=6, max_hot=6),
                        cache.CachePolicy(decay=0.7, exit_weight=0.5, hot_min=0.9, min_hot=1,
                                          max_hot=1, prior_weight=0.0)):
             for rule in (self.rule, cached_rule(self.stream_sims, metric="top1")):
@@ -605,13 +768,17 @@ class ReplayTest(absltest.TestCase):
                 np.testing.assert_array_equal(out.exit_stage, want_stage)
                 np.testing.assert_array_equal(out.prediction, want_pred)
         # The cache matters: without it the same rule decides otherwise.
-        with_cache = self.replay_sims(self.rule, cache.CachePolicy())
+        with_cache = self.replay_sims(self.rule, cache.CachePolicy(
+            decay=0.9, exit_weight=0.25, hot_min=0.5, min_hot=1, max_hot=6, window=20,
+            grow_after=2, prior_weight=1.0 / 16))
         without = self.replay_sims(self.rule, cache.CachePolicy(max_hot=0, min_hot=0))
         self.assertGreater((with_cache.exit_stage != without.exit_stage).sum(), 50)
 
     def test_oracle_scores_every_stage(self):
         never = ep.ExitRule(ep.Metric.MARGIN, (None,) * 3, 0.9, (None,) * 3)
-        out = self.replay_sims(never, cache.CachePolicy(prior_weight=0.0), oracle=True)
+        out = self.replay_sims(never, cache.CachePolicy(decay=0.9, hot_min=0.5, min_hot=1,
+                                                        max_hot=6, window=20,
+                                                        prior_weight=0.0), oracle=True)
         np.testing.assert_array_equal(out.exit_stage, 3)
         np.testing.assert_array_equal(out.prediction, self.stream_full)
         for s in range(3):
@@ -664,6 +831,22 @@ class ReplayTest(absltest.TestCase):
 
 # --- calibrate_with_cache -------------------------------------------------------
 
+CALIBRATION_POLICY = cache.CachePolicy(
+    decay=0.9, exit_weight=0.25, hot_min=0.3, min_hot=1, max_hot=6, window=10, grow_after=2,
+    prior_weight=1.0 / 8, instance_slots=3, instance_match=0.97, instance_shift=0.1,
+    instance_min_confidence=0.9, adapt_rate=0.0, max_drift=0.3, verify_rate=0.0)
+
+
+def check_tier_contract(test, rule, policy, out_policy):
+    """The tier is either dropped (no slots, no instance thresholds) or kept as given."""
+    if out_policy.instance_slots == 0:
+        test.assertIsNone(rule.instance_thresholds)
+        test.assertEqual(out_policy, dataclasses.replace(policy, instance_slots=0))
+    else:
+        test.assertEqual(rule.instance_thresholds, (policy.instance_match,) * len(COSTS))
+        test.assertEqual(out_policy, policy)
+
+
 class CalibrateWithCacheTest(absltest.TestCase):
 
     TARGET = 0.95
@@ -673,7 +856,7 @@ class CalibrateWithCacheTest(absltest.TestCase):
         super().setUpClass()
         cls.sem, cls.centres, cls.full = semantic_pool(3000, seed=10)
         cls.streams = [s[:600] for s in memory_lib.calibration_streams(cls.full, 600, seed=3)]
-        cls.policy = cache.CachePolicy(instance_slots=3)
+        cls.policy = CALIBRATION_POLICY
         cls.rule, cls.out_policy = cache.calibrate_with_cache(
             cls.sem, cls.centres, cls.full, COSTS, cls.streams, cls.policy, cls.TARGET)
 
@@ -689,15 +872,22 @@ class CalibrateWithCacheTest(absltest.TestCase):
         self.assertEqual(rule.target_agreement, self.TARGET)
         self.assertIsInstance(policy, cache.CachePolicy)
         self.check_meets_target(rule, policy)
+        # Distinct frames (no held object): the tier cannot lower compute, so it
+        # is dropped.
+        check_tier_contract(self, rule, self.policy, policy)
+        self.assertEqual(policy.instance_slots, 0)
         # Not safe by never exiting.
         out = cache.replay(rule, policy, self.sem, self.centres, self.full, self.streams[0])
         self.assertGreater(float((out.exit_stage < 3).mean()), 0.2)
 
     def test_with_adaptation_and_verification(self):
-        policy = cache.CachePolicy(instance_slots=3, adapt_rate=0.2, verify_rate=0.1)
+        policy = dataclasses.replace(self.policy, adapt_rate=0.2, verify_rate=0.1)
         rule, out = cache.calibrate_with_cache(self.sem, self.centres, self.full, COSTS,
                                                self.streams, policy, self.TARGET)
         self.assertIn(out.adapt_rate, (0.0, 0.2))
+        self.assertEqual(out.verify_rate, 0.1)
+        check_tier_contract(self, rule, dataclasses.replace(policy, adapt_rate=out.adapt_rate),
+                            out)
         self.check_meets_target(rule, out)
 
     def test_on_similarities(self):
@@ -711,6 +901,71 @@ class CalibrateWithCacheTest(absltest.TestCase):
             res = cache.replay(rule, out, None, None, self.full, s, similarities=sims)
             agree = int((res.prediction == self.full[s]).sum())
             self.assertGreaterEqual(ep.wilson_lower_bound(agree, len(s)), self.TARGET, k)
+
+
+class HeldObjectCalibrationTest(absltest.TestCase):
+    """The short-term tier is kept when held objects make it pay."""
+
+    TARGET = 0.95
+    INSTANCE_TARGET = 0.995
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        # Noisy early stages: the class-level rule sends many frames on.
+        cls.sem, cls.centres, cls.full = semantic_pool(3000, seed=10, noises=(3.0, 1.5, 0.6))
+        cls.streams = [s[:600] for s in memory_lib.calibration_streams(cls.full, 600, seed=3)]
+        rng = np.random.default_rng(0)
+        cls.held = [np.full(100, f) for f in rng.integers(0, 3000, 4)]
+        cls.policy = CALIBRATION_POLICY
+        cls.without = cache.calibrate_with_cache(cls.sem, cls.centres, cls.full, COSTS,
+                                                 cls.streams, cls.policy, cls.TARGET,
+                                                 instance_target=cls.INSTANCE_TARGET)
+        cls.with_held = cache.calibrate_with_cache(
+            cls.sem, cls.centres, cls.full, COSTS, cls.streams, cls.policy, cls.TARGET,
+            instance_target=cls.INSTANCE_TARGET, instance_streams=cls.held)
+
+    def replays(self, rule, policy, streams):
+        return [cache.replay(rule, policy, self.sem, self.centres, self.full, s)
+                for s in streams]
+
+    def test_tier_dropped_without_held_objects(self):
+        rule, out = self.without
+        check_tier_contract(self, rule, self.policy, out)
+        self.assertEqual(out.instance_slots, 0)
+        self.assertTrue(rule.uses_cache)
+
+    def test_tier_kept_for_held_objects(self):
+        rule, out = self.with_held
+        check_tier_contract(self, rule, self.policy, out)
+        self.assertEqual(out.instance_slots, 3)
+        self.assertEqual(rule.instance_thresholds, (0.97, 0.97, 0.97))
+        # Every calibration stream still meets the target in closed loop.
+        for k, r in enumerate(self.replays(rule, out, self.streams)):
+            agree = int((r.prediction == self.full[self.streams[k]]).sum())
+            self.assertGreaterEqual(ep.wilson_lower_bound(agree, 600), self.TARGET, k)
+        # Less compute over all streams, held objects included, than without the tier...
+        cumulative = np.append(np.cumsum(COSTS), 1.0)
+        every = list(self.streams) + self.held
+
+        def total(rule, policy):
+            return sum(float(cumulative[r.exit_stage].sum())
+                       for r in self.replays(rule, policy, every))
+
+        base_rule, base_policy = self.without
+        self.assertLess(total(rule, out), total(base_rule, base_policy))
+        # ... and no held object loses more than 1 - instance_target of agreement.
+        for s, a, b in zip(self.held, self.replays(rule, out, self.held),
+                           self.replays(base_rule, base_policy, self.held)):
+            want = self.full[s]
+            self.assertGreaterEqual(float((a.prediction == want).mean()),
+                                    float((b.prediction == want).mean())
+                                    - (1.0 - self.INSTANCE_TARGET))
+        # Held objects exit earlier with the tier.
+        held_with = np.concatenate([r.exit_stage for r in self.replays(rule, out, self.held)])
+        held_without = np.concatenate([r.exit_stage for r in self.replays(
+            base_rule, base_policy, self.held)])
+        self.assertLess(held_with.mean(), held_without.mean())
 
 
 class CalibrationStreamsTest(absltest.TestCase):
@@ -887,9 +1142,14 @@ class RuntimeMemoryTest(absltest.TestCase):
         # A video stream of held objects: runs of the same frame.
         base = streams_lib.video(cls.full, 120, seed=3).indices
         cls.stream = np.repeat(base, np.random.default_rng(0).integers(1, 4, len(base)))[:300]
-        cls.policy = cache.CachePolicy(instance_slots=3, prior_weight=1.0 / 16,
-                                       adapt_rate=0.2, max_drift=0.3, verify_rate=0.25,
-                                       window=10)
+        # instance_min_confidence 0: replay (full_confidence 1 by default) and
+        # the runtime (the head's top probability) fill the tier alike.
+        cls.policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.3, min_hot=1,
+                                       max_hot=6, window=10, grow_after=2,
+                                       prior_weight=1.0 / 16, instance_slots=3,
+                                       instance_match=0.995, instance_shift=0.1,
+                                       instance_min_confidence=0.0, adapt_rate=0.2,
+                                       max_drift=0.3, verify_rate=0.25)
         stream_sims = [s[cls.stream] for s in cls.sims]
         cls.rule = cached_rule(stream_sims, instance=(0.995, 0.995, None))
 
@@ -905,8 +1165,9 @@ class RuntimeMemoryTest(absltest.TestCase):
         for rule, policy in ((self.rule, self.policy),
                              (self.rule, dataclasses.replace(self.policy, adapt_rate=0.0,
                                                              verify_rate=0.0)),
-                             (self.rule, cache.CachePolicy(max_hot=1, min_hot=1,
-                                                           instance_slots=1))):
+                             (self.rule, dataclasses.replace(
+                                 self.policy, max_hot=1, min_hot=1, instance_slots=1,
+                                 adapt_rate=0.0, verify_rate=0.0))):
             self.rt.set_exit_rule(rule, policy)
             classes, stages_ = self.run_frames(self.rt, self.stream)
             want = cache.replay(rule, policy, self.sem, self.centres, self.full, self.stream)
