@@ -30,12 +30,12 @@ _BLOCK = flags.DEFINE_integer("block", 100, "Frames a contender runs before the 
 _SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
 _HOLDOUT = flags.DEFINE_float("holdout", 0.1, "Calibration tail of the train split.")
 _THREADS = flags.DEFINE_integer("num_threads", 1, "Interpreter threads.")
-_CHECK_IMAGES = flags.DEFINE_integer("check_images", 32,
+_CHECK_IMAGES = flags.DEFINE_integer("check_images", 16,
                                      "Test images the conversion checks run on.")
 _OUTPUT_DIR = flags.DEFINE_string("output_dir", "out/benchmark",
                                   "Where the table, JSON, plots and .tflite files go.")
 _QUICK = flags.DEFINE_bool(
-    "quick", False, "CI mode: 300 frames, the memories' own budget (1 point), 8 check "
+    "quick", False, "CI mode: 300 frames, the memories' own budget (1 point), 4 check "
     "images; fails unless every method produced finite numbers.")
 
 
@@ -61,7 +61,7 @@ def main(argv):
     frames_per_stream = 300 if quick else _FRAMES.value
     warmup = 20 if quick else _WARMUP.value
     budgets = [1.0] if quick else [float(b) for b in _BUDGETS.value]
-    check_images = 8 if quick else _CHECK_IMAGES.value
+    check_images = 4 if quick else _CHECK_IMAGES.value
     stream_specs = [s for s in benchmark.STREAMS
                     if _STREAMS.value is None or s[0] in _STREAMS.value]
     if _STREAMS.value and len(stream_specs) != len(_STREAMS.value):
@@ -97,16 +97,18 @@ def main(argv):
         model = kerascompat.load_model(keras_path)
         memory = memory_lib.SemanticMemory.load(memory_path)
         heads = baselines.BaselineHeads.load(heads_path)
-        test_pred = model.predict(data.x_test, verbose=0, batch_size=500).argmax(1)
+        test_pred = model.predict(data.x_test, verbose=0, batch_size=1000).argmax(1)
         test_acc = 100 * float((test_pred == data.y_test).mean())
         print(f"[{name}] {keras_path}: {model.count_params()} parameters, test accuracy "
-              f"{test_acc:.2f}%; converting with the baselines' signatures", flush=True)
+              f"{test_acc:.2f}%; converting with the baselines' signatures "
+              f"({time.time() - t0:.0f} s)", flush=True)
         flat = baselines.convert(model, memory, heads, data.x_test[:check_images])
         io_utils.write_bytes_atomic(os.path.join(out_dir, stem + ".bench.tflite"), flat)
         stage_models, head = stages_lib.split_model(model, memory.plan)
         calibration = enc.extract_features(stage_models, head, x_cal, memory.pooling)
         print(f"[{name}] calibrating {len(benchmark.METHODS) - 1} methods x "
-              f"{len(budgets)} budgets on {len(x_cal)} held-out frames", flush=True)
+              f"{len(budgets)} budgets on {len(x_cal)} held-out frames "
+              f"({time.time() - t0:.0f} s)", flush=True)
         calibrated = benchmark.calibrate_all(memory, heads, calibration, budgets, model,
                                              x_cal)
         contenders = benchmark.make_contenders(flat, calibrated, budgets,
@@ -146,7 +148,7 @@ def main(argv):
         model_info[-1]["host_work_us"] = {
             c.method: benchmark.host_work_us(c.runtime, frames[:300])
             for c in contenders if c.budget in (None, summary_budget)}
-        print(f"[{name}] host work per frame (us): " + ", ".join(
+        print(f"[{name}] ({time.time() - t0:.0f} s) host work per frame (us): " + ", ".join(
             f"{m} {v:.1f}" for m, v in model_info[-1]["host_work_us"].items()
             if v is not None), flush=True)
         model_info[-1]["seconds"] = time.time() - t0

@@ -165,40 +165,53 @@ def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int
     return out
 
 
-def host_work_us(runtime, frames: np.ndarray, repeats: int = 3) -> float | None:
-    """Mean per-frame host work of a contender's loop, in microseconds.
+def host_work_us(runtime, frames: np.ndarray) -> float | None:
+    """Per-frame host work of a contender's loop, in microseconds.
 
     Host work is everything but the model: copies between stages, reading
-    outputs, the decision. It is the time of `classify_fast` minus that of
-    the bare invokes the same frames make (same signatures, same order);
-    fastest of `repeats` passes each (as `validation.host_overhead_us`, for
-    any contender). None when the runtime does not expose its invokes.
+    outputs, the decision. Per frame, the time of `classify_fast` minus that
+    of the bare invokes of the signatures it ran, timed back to back. The
+    second of the two runs finds the weights warm, so one pass times
+    classify first and bare invokes second, another the reverse (replaying
+    the first pass's exits; every pass starts from an empty memory), and the
+    figure is the mean of the two passes' medians: the warmth cancels, and
+    medians keep bursts of other work on a shared machine out. None when
+    the runtime does not expose its invokes.
     """
     stage_invokes = getattr(runtime, "stage_invokes", None)
     head_invoke = getattr(runtime, "head_invoke", None)
     if stage_invokes is None or head_invoke is None:
         return None
-    reset(runtime)
-    exits = [runtime.classify_fast(f)[1] for f in frames]
     invokes = list(stage_invokes) + [head_invoke]
     num_stages = len(stage_invokes)
-    paths = [invokes[:e + 1] if e < num_stages else invokes for e in exits]
     clock = time.perf_counter_ns
-    whole, bare = [], []
-    for _ in range(repeats):
-        reset(runtime)
-        t0 = clock()
-        for f in frames:
-            runtime.classify_fast(f)
-        t1 = clock()
-        for path in paths:
-            for invoke in path:
-                invoke()
-        t2 = clock()
-        whole.append(t1 - t0)
-        bare.append(t2 - t1)
+
+    def path(e):
+        return invokes[:e + 1] if e < num_stages else invokes
+
     reset(runtime)
-    return (min(whole) - min(bare)) / len(frames) / 1e3
+    exits, first = [], []
+    for f in frames:
+        t0 = clock()
+        _, e = runtime.classify_fast(f)
+        t1 = clock()
+        for invoke in path(e):
+            invoke()
+        t2 = clock()
+        exits.append(e)
+        first.append((t1 - t0) - (t2 - t1))
+    reset(runtime)
+    second = []
+    for f, e in zip(frames, exits):
+        t0 = clock()
+        for invoke in path(e):
+            invoke()
+        t1 = clock()
+        runtime.classify_fast(f)
+        t2 = clock()
+        second.append((t2 - t1) - (t1 - t0))
+    reset(runtime)
+    return float(np.median(first) + np.median(second)) / 2e3
 
 
 def compute_speedup(exit_shares, stage_costs) -> float:
