@@ -366,6 +366,38 @@ class QuantizationTest(parameterized.TestCase):
                 smtm_converter.check_quantized(flat, builder, tu.check_images(),
                                                quant.Quantization.INT8)
 
+    def test_exit_rule_kept_when_the_quantized_model_meets_its_target(self):
+        flat, _ = tu.exiting_converted("tf_keras")
+        with mock.patch.object(smtm_converter, "_replay_rule",
+                               return_value=((0.95, 0.97), mock.Mock(), np.zeros(3))):
+            same, check = smtm_converter.check_exit_rule(flat, tu.exiting_memory("tf_keras"),
+                                                         tu.calibration_data()[0])
+        self.assertIs(same, flat)
+        self.assertFalse(check.recalibrated)
+        self.assertIn("kept", check.format())
+
+    def test_exit_rule_recalibrated_on_quantized_similarities_when_it_misses(self):
+        flat, _ = tu.exiting_converted("tf_keras")
+        mem = tu.exiting_memory("tf_keras")
+        old_rule = runtime.read_descriptor(flat).exit_rule
+        new_rule = dataclasses.replace(old_rule, thresholds=tuple(
+            None if t is None else t + 0.5 for t in old_rule.thresholds))
+        x_cal = tu.calibration_data()[0][:50]
+        rt = runtime.SmtmRuntime(flat)
+        replays = [((0.85, 0.95), rt, np.arange(50) % tu.NUM_CLASSES),
+                   ((0.93, 0.96), rt, np.arange(50) % tu.NUM_CLASSES)]
+        with mock.patch.object(smtm_converter, "_replay_rule", side_effect=replays), \
+                mock.patch("smtm_tf.memory.calibrate_rule", return_value=new_rule) as calib:
+            rewritten, check = smtm_converter.check_exit_rule(flat, mem, x_cal)
+        self.assertTrue(check.recalibrated)
+        self.assertEqual((check.agreement_before, check.agreement_after),
+                         ((0.85, 0.95), (0.93, 0.96)))
+        self.assertEqual(runtime.read_descriptor(rewritten).exit_rule, new_rule)
+        sims, full = calib.call_args.args[:2]
+        self.assertLen(sims, rt.num_stages)
+        self.assertEqual(sims[0].shape, (50, tu.NUM_CLASSES))
+        self.assertEqual(calib.call_args.args[3], old_rule.target_agreement)
+
     def test_qat_refuses_keras3_models_before_importing_tfmot(self):
         x, y = tu.train_data()
         with self.assertRaisesRegex(quant.QuantizationError, "needs a tf_keras functional"):
