@@ -46,9 +46,15 @@ harness decides exactly as the rule was calibrated.
 from __future__ import annotations
 
 import dataclasses
+import math
+
 import numpy as np
 
+from smtm_tf import exit_policy
+
 _INF = float("inf")
+_TOP1 = exit_policy.Metric.TOP1
+_LAYER_AWARE = exit_policy.Metric.LAYER_AWARE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +182,6 @@ class MemoryState:
     """
 
     def __init__(self, policy: CachePolicy | None, rule, centres):
-        from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
-
         dims = {np.shape(c)[1] for c in centres}
         if len(dims) != 1:
             raise ValueError(f"All stages need the same embedding size, got {sorted(dims)}.")
@@ -187,7 +191,7 @@ class MemoryState:
         self.num_stages, self.num_classes, dim = self.original.shape
         p = self.policy
         self.use_cache = policy is not None and p.max_hot > 0 and rule.uses_cache
-        self._score = exit_policy.score
+        self._work = np.zeros((self.num_stages, self.num_classes), np.float32)
         self._metric = rule.metric
         self._params = [rule.stage_params(s) for s in range(self.num_stages)]
 
@@ -261,8 +265,11 @@ class MemoryState:
         frame's class by `instance_shift` more. The top-1 class is favoured
         (faces the hot threshold) if it is cached or matched.
         """
+        work = self._work[stage]
         if self.shifting:
-            similarities = similarities + self.shift
+            np.add(similarities, self.shift, out=work)
+        else:
+            np.copyto(work, similarities)
         matched = -1
         count = self.inst_count[stage]
         if count and self.inst_t[stage] < _INF:
@@ -270,11 +277,19 @@ class MemoryState:
             j = int(match.argmax())
             if match[j] >= self.inst_t[stage]:
                 matched = int(self.inst_class[stage, j])
-                if not self.shifting:
-                    similarities = similarities.copy()
-                similarities[matched] += self.policy.instance_shift
-        top1, value = self._score(self._metric, similarities, self._params[stage])
-        top1 = int(top1)
+                work[matched] += self.policy.instance_shift
+        # The metric, for one frame (as `exit_policy.score`, in float32, so
+        # rules calibrated on batches decide identically here).
+        top1 = int(work.argmax())
+        best = work[top1]
+        if self._metric is _TOP1:
+            value = best
+        else:
+            work[top1] = -np.inf
+            value = best - work.max()
+            if self._metric is _LAYER_AWARE:
+                a, b = self._params[stage][top1]
+                value = a + b * value
         return top1, float(value), bool(self.hot[top1]) or top1 == matched
 
     def decide(self, stage: int, similarities: np.ndarray, semantic: np.ndarray) -> int:
@@ -336,18 +351,26 @@ class MemoryState:
         self._refresh()
 
     def _refresh(self) -> None:
+        # Runs every frame: few numpy calls on K classes, Python for the few
+        # cached ones.
         p, scores, hot = self.policy, self.scores, self.hot
         np.greater_equal(scores, p.hot_min, out=hot)
-        if hot.sum() > self.capacity:
+        cached = hot.nonzero()[0]
+        if len(cached) > self.capacity:
             keep = np.argsort(-scores, kind="stable")[:self.capacity]
             hot[:] = False
             hot[keep] = True
+            cached = np.sort(keep)
         if self.shifting:
             # Share of recent answers, smoothed by one frame spread evenly.
-            share = (scores + 1.0 / self.num_classes) / (scores.sum() + 1.0)
-            evidence = np.log(share * self.num_classes)
-            np.multiply(np.maximum(evidence, 0.0) * p.prior_weight, hot, out=self.shift,
-                        casting="unsafe")
+            k = self.num_classes
+            total = float(scores.sum()) + 1.0
+            shift = self.shift
+            shift[:] = 0.0
+            for c in cached.tolist():
+                evidence = math.log((float(scores[c]) + 1.0 / k) / total * k)
+                if evidence > 0.0:
+                    shift[c] = p.prior_weight * evidence
 
     def _resize(self) -> None:
         p = self.policy
@@ -539,8 +562,6 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
 
 
 def _stream_bounds(agree: np.ndarray, lengths, z: float) -> list[float]:
-    from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
-
     bounds, start = [], 0
     for length in lengths:
         part = agree[start:start + length]
@@ -592,8 +613,6 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
     Returns:
       (ExitRule with cold and instance thresholds, the policy as calibrated).
     """
-    from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
-
     full_predictions = np.asarray(full_predictions)
     lengths = [len(s) for s in streams]
     stream_full = np.concatenate([full_predictions[np.asarray(s)] for s in streams])
