@@ -187,7 +187,31 @@ def qat_models(stage_models, head_model, x_train: np.ndarray, y_train: np.ndarra
                  loss=tf_keras.losses.SparseCategoricalCrossentropy(
                      from_logits=not _ends_with_softmax(head_model)))
     full.fit(x_train, y_train, epochs=epochs, batch_size=batch_size, verbose=2)
+    _tie_boundary_ranges(quantized)
     return quantized[:-1], quantized[-1], full
+
+
+def _tie_boundary_ranges(quantized) -> None:
+    """Gives each model's input quantizer the range of the previous model's output.
+
+    Between two stages the activation is quantized twice in a row (the
+    previous stage's output quantizer, then the next stage's input
+    QuantizeLayer, which learnt its own moving-average range). The stage
+    signatures dequantize and requantize there; a converted chain of the two
+    (the `full` signature) keeps only one of them. With equal ranges both
+    paths compute the same thing.
+    """
+    for prev, nxt in zip(quantized[:-1], quantized[1:]):
+        out = {w.name.rsplit("/", 1)[-1].split(":")[0]: w for w in prev.layers[-1].weights}
+        layer = next((l for l in nxt.layers if type(l).__name__ == "QuantizeLayer"), None)
+        if layer is None or "output_min" not in out or "output_max" not in out:
+            continue
+        for w in layer.weights:
+            name = w.name.rsplit("/", 1)[-1].split(":")[0]
+            if name.endswith("_min"):
+                w.assign(out["output_min"])
+            elif name.endswith("_max"):
+                w.assign(out["output_max"])
 
 
 def _ends_with_softmax(model) -> bool:

@@ -25,6 +25,15 @@ class Signature:
         details = runner.get_input_details()
         self.input_details = details
         self.output_details = runner.get_output_details()
+        for kind, dets in (("input", details), ("output", self.output_details)):
+            for name, d in dets.items():
+                if np.dtype(d["dtype"]) != np.float32:
+                    # The harness copies float32 frames and centres into input
+                    # views: an int8 input would silently take truncated values.
+                    raise ValueError(
+                        f"Signature {key!r} {kind} {name!r} is {np.dtype(d['dtype'])}; SMTM "
+                        "models keep float32 signature inputs and outputs (quantized inside "
+                        "the graph). Re-convert with scripts/convert.py --quantize=...")
         self._inputs = {name: d["index"] for name, d in details.items()}
         self._outputs = {name: d["index"] for name, d in self.output_details.items()}
         # One call through the public runner allocates the subgraph's tensors.

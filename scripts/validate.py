@@ -12,6 +12,7 @@ import numpy as np
 from absl import app
 from absl import flags
 
+from delegates import agreement
 from delegates import backend_flags
 from smtm_tf import data as data_lib
 from smtm_tf import io_utils
@@ -41,6 +42,15 @@ def main(argv):
                                     backend_flags.make_backend())
     shape = runtime.descriptor.full.inputs[0].shape
     data = data_lib.load_data(_DATA.value, image_size=tuple(shape[1:3]), channels=shape[3])
+    if backend_flags.BACKEND.value != "cpu" or backend_flags.DELEGATE_LIBRARY.value:
+        # A GPU kernel can be wrong without an error: check before measuring.
+        with open(_MODEL.value, "rb") as f:
+            check = agreement.compare_with_cpu(f.read(), backend_flags.make_backend(),
+                                               data.x_test[:16],
+                                               precision=backend_flags.GPU_PRECISION.value)
+        print(f"{backend_flags.describe()} vs CPU on 16 images "
+              f"({check.precision} tolerances):\n{check.format()}")
+        agreement.require_agreement(check)
     rows, recoveries = [], {}
     if _STATE.value and os.path.exists(_STATE.value):
         runtime.load_state(_STATE.value)
