@@ -68,7 +68,8 @@ def main(argv):
         raise app.UsageError(f"Known streams: {[s[0] for s in benchmark.STREAMS]}.")
     unknown = [m for m in _MODELS.value if m not in models_lib.BENCHMARK_MODELS]
     if unknown:
-        raise app.UsageError(f"Unknown models {unknown}; known: {sorted(models_lib.BENCHMARK_MODELS)}.")
+        raise app.UsageError(f"Unknown models {unknown}; known: "
+                             f"{sorted(models_lib.BENCHMARK_MODELS)}.")
     out_dir = _OUTPUT_DIR.value
     os.makedirs(out_dir, exist_ok=True)
     data = data_lib.load_fashion_mnist()

@@ -276,7 +276,8 @@ def train_baselines(model, plan, x_train: np.ndarray, y_train: np.ndarray,
             pooled, full, num_classes, (learned_cache_hidden,), epochs, batch_size,
             seed=seed + 100 + s))
     result = BaselineHeads(plan.cut_layers, pooling, heads)
-    agreement = {m: tuple(float((t == full).mean()) for t, _ in result.stage_tops(m, features.pooled))
+    agreement = {m: tuple(float((t == full).mean())
+                          for t, _ in result.stage_tops(m, features.pooled))
                  for m in result.methods}
     return dataclasses.replace(result, stage_agreement=agreement)
 
