@@ -1,0 +1,90 @@
+"""Tests for the harness's stream measurements: host work, recovery, plots."""
+
+import os
+import tempfile
+
+import numpy as np
+from absl.testing import absltest
+
+from smtm_tf import runtime
+from smtm_tf import validation
+import testing_utils as tu
+
+
+class RecoveryFramesTest(absltest.TestCase):
+
+    def test_counts_frames_until_the_window_reaches_the_level(self):
+        # 100 frames all hits, a change at 100, misses on frames 100-104 and
+        # hits after: the 10-frame window 103-112 is the first at 80%.
+        hits = np.r_[np.ones(100), np.zeros(5), np.ones(95)].astype(bool)
+        self.assertEqual(validation.recovery_frames(hits, [0, 100]), [13])
+
+    def test_scene_without_recovery_counts_its_length(self):
+        hits = np.r_[np.ones(100), np.zeros(30), np.ones(50)].astype(bool)
+        self.assertEqual(validation.recovery_frames(hits, [0, 100, 130]), [30, 10])
+
+    def test_scenes_without_enough_history_are_skipped(self):
+        hits = np.ones(300, bool)
+        self.assertEqual(validation.recovery_frames(hits, [0, 50, 200]), [10])
+
+    def test_lower_level_recovers_sooner(self):
+        hits = np.r_[np.ones(100), np.zeros(5), np.ones(95)].astype(bool)
+        strict = validation.recovery_frames(hits, [0, 100], level=0.9)[0]
+        loose = validation.recovery_frames(hits, [0, 100], level=0.5)[0]
+        self.assertLess(loose, strict)
+
+
+class HarnessMeasurementTest(absltest.TestCase):
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.flat, _ = tu.converted("tf_keras")
+        cls.frames, cls.labels = tu.stripes(120, seed=31)
+
+    def test_host_overhead_is_small_and_leaves_the_runtime_intact(self):
+        rt = runtime.SmtmRuntime(self.flat)
+        rt.reset_cache()
+        before = [rt.classify_fast(f) for f in validation._frames(rt, self.frames)]
+        host = validation.host_overhead_us(rt, self.frames[:40], repeats=1)
+        self.assertTrue(np.isfinite(host))
+        self.assertGreater(host, 0.0)
+        self.assertLess(host, 5000.0)
+        # The timing wrappers are gone: same decisions, plain invokes.
+        rt.reset_cache()
+        after = [rt.classify_fast(f) for f in validation._frames(rt, self.frames)]
+        self.assertEqual(before, after)
+        self.assertNotIn("invoke", vars(rt._head))  # pylint: disable=protected-access
+
+    def test_compare_records_hits_and_latencies_and_plots(self):
+        rt = runtime.SmtmRuntime(self.flat)
+        c = validation.compare(rt, self.frames, self.labels, warmup=5, block=30)
+        self.assertLen(c.hits, len(self.frames))
+        self.assertEqual(c.smtm_us.shape, (len(self.frames),))
+        self.assertTrue((c.full_us > 0).all())
+        with tempfile.TemporaryDirectory() as d:
+            path = os.path.join(d, "stream.png")
+            validation.plot_stream(path, c, [0, 60], "title")
+            with open(path, "rb") as f:
+                self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+            self.assertEqual(os.listdir(d), ["stream.png"])
+
+    def test_keep_state_starts_from_the_runtime_memory(self):
+        rt = runtime.SmtmRuntime(self.flat)
+        if rt.cache_policy is None:
+            self.skipTest("the test model's memory has no cache")
+        frames = validation._frames(rt, self.frames)
+        for f in frames[:60]:
+            rt.classify_fast(f)
+        decay = rt.cache_policy.decay
+        scores = rt.memory.scores.copy()
+        self.assertTrue(scores.any())
+        validation.compare(rt, self.frames[:1], self.labels[:1], warmup=0, keep_state=True)
+        # One frame later the memory went on from where it was, not from empty:
+        # every class but the answered one decayed once.
+        kept = np.isclose(rt.memory.scores, decay * scores)
+        self.assertGreaterEqual(kept.sum(), len(scores) - 1)
+
+
+if __name__ == "__main__":
+    absltest.main()
