@@ -168,6 +168,16 @@ class EndToEndTest(absltest.TestCase):
         with open(path, "rb") as f:
             self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
 
+    def test_host_work(self):
+        memory, heads, flat, calib = tiny_setup()
+        calibrated = benchmark.calibrate_all(memory, heads, calib, [10.0])
+        frames = tu.stripes(40, seed=51)[0].astype(np.float32)[:, None]
+        for c in benchmark.make_contenders(flat, calibrated, [10.0]):
+            value = benchmark.host_work_us(c.runtime, frames)
+            self.assertTrue(np.isfinite(value), c.key)
+        # A runtime that does not expose its invokes has no figure.
+        self.assertIsNone(benchmark.host_work_us(_Recorder("a", []), frames))
+
     def test_machine_info(self):
         info = benchmark.machine_info(1)
         self.assertEqual(info["num_threads"], 1)
