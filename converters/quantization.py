@@ -87,6 +87,12 @@ def configure(converter, quantization: Quantization, representative_dataset=None
             raise QuantizationError("int8 quantization needs a representative dataset.")
         converter.representative_dataset = representative_dataset
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    elif q == Quantization.DYNAMIC:
+        # Per-channel int8 weights make hybrid FULLY_CONNECTED version 12,
+        # which tflite-runtime 2.14 cannot load (measured on the demo model);
+        # per-tensor weights give a version it has. (Tensors under 1024
+        # elements stay float, so tiny models never showed it.)
+        converter._experimental_disable_per_channel_quantization_for_dense_layers = True  # pylint: disable=protected-access
     # DYNAMIC: weights only. QAT: the fake-quant ranges learnt in training.
     # Signature inputs and outputs stay float32 in every case (the default
     # inference_input_type / inference_output_type).

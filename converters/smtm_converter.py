@@ -50,6 +50,7 @@ class ConversionReport:
     chain_top1_agreement: float = 1.0
     exit_rule: "ExitRuleCheck | None" = None
     gpu_gate: object = None  # converters.gpu_gate.GateReport, when the gate ran.
+    old_runtime: object = None  # delegates.old_runtime.ModelResult, when checked.
 
 
 def _outputs_probabilities(model) -> bool:
@@ -422,7 +423,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
                   seed: int = 0, quantization: str = "float32",
                   qat_epochs: int = 1, qat_images: int = 6000,
                   gpu_check: bool = True, require_gpu: bool = False,
-                  gpu_precision: str = "fp32"
+                  gpu_precision: str = "fp32", old_runtime_check: bool = True,
+                  require_old_runtime: bool = False
                   ) -> tuple[SemanticMemory, ConversionReport]:
     """Fits a semantic memory if none is given, then converts and checks.
 
@@ -444,6 +446,10 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         signature strictly on the GPU and compare with the CPU (`report.gpu_gate`).
       require_gpu: make a failed gate (or no GPU) an error; nothing is written then.
       gpu_precision: "fp32" or "fp16" kernels for the gate.
+      old_runtime_check: when a tflite-runtime 2.14 environment is found
+        (`delegates.old_runtime`), load and run every signature there
+        (`report.old_runtime`; a failure is flagged in the report).
+      require_old_runtime: make that check mandatory and a failure an error.
 
     Returns:
       (memory, report).
@@ -477,9 +483,33 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         gate = gpu_gate.gpu_gate(flat, data.x_test[:min(16, num_check_images)],
                                  precision=gpu_precision, require_gpu=require_gpu)
         report = dataclasses.replace(report, gpu_gate=gate)
+    if old_runtime_check or require_old_runtime:
+        report = dataclasses.replace(
+            report, old_runtime=_check_old_runtime(flat, data.x_test[:1], require_old_runtime))
     io_utils.write_bytes_atomic(output_path, flat)
     logging.info("Wrote %s (%d bytes).", output_path, len(flat))
     return memory, report
+
+
+def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool):
+    """tflite-runtime 2.14 loads and runs every signature? None when not installed."""
+    from delegates import old_runtime  # pylint: disable=import-outside-toplevel
+
+    try:
+        old_runtime.find_python()
+    except old_runtime.OldRuntimeUnavailable as e:
+        if required:
+            raise ConversionError(f"--require_old_runtime: {e}") from e
+        return None
+    with tempfile.TemporaryDirectory(prefix="smtm-oldrt-") as tmp:
+        path = os.path.join(tmp, "model.tflite")
+        with open(path, "wb") as f:
+            f.write(flat)
+        (result,) = old_runtime.check_models([path], images)
+    if required and not result.ok:
+        raise ConversionError("--require_old_runtime: " + result.format()
+                              + "\nNothing was written.")
+    return result
 
 
 @dataclasses.dataclass(frozen=True)

@@ -64,6 +64,10 @@ _REQUIRE_GPU = flags.DEFINE_bool(
     "require_gpu", False, "Make a failed GPU gate (or no GPU) an error; nothing is written.")
 _GPU_PRECISION = flags.DEFINE_enum("gpu_precision", "fp32", ["fp32", "fp16"],
                                    "GPU kernel precision for the gate.")
+_REQUIRE_OLD_RUNTIME = flags.DEFINE_bool(
+    "require_old_runtime", False, "Fail unless tflite-runtime 2.14 (its virtualenv, see "
+    "README.md) loads and runs every signature; without the flag the check runs when that "
+    "environment exists and a failure is flagged.")
 
 
 def main(argv):
@@ -94,7 +98,8 @@ def main(argv):
         cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
         memory_output=memory_file, quantization=quantization, qat_epochs=_QAT_EPOCHS.value,
         qat_images=_QAT_IMAGES.value, gpu_check=_GPU_GATE.value,
-        require_gpu=_REQUIRE_GPU.value, gpu_precision=_GPU_PRECISION.value)
+        require_gpu=_REQUIRE_GPU.value, gpu_precision=_GPU_PRECISION.value,
+        require_old_runtime=_REQUIRE_OLD_RUNTIME.value)
     plain = len(smtm_converter.convert_keras(model))
     print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
     print("compute share per stage: "
@@ -123,6 +128,12 @@ def main(argv):
         print(report.exit_rule.format())
     if report.gpu_gate is not None:
         print(report.gpu_gate.format())
+    if report.old_runtime is None:
+        print("tflite-runtime 2.14 check: skipped (no .venv-tflite214; see README.md)")
+    elif report.old_runtime.ok:
+        print(report.old_runtime.format())
+    else:
+        print("WARNING: NOT LOADABLE ON OLDER APP RUNTIMES: " + report.old_runtime.format())
     print(f"wrote {_OUTPUT.value}: {report.size_bytes} bytes "
           f"({100 * (report.size_bytes / plain - 1):+.1f}% vs a plain conversion, "
           f"{plain} bytes)")

@@ -398,6 +398,17 @@ class QuantizationTest(parameterized.TestCase):
         self.assertEqual(sims[0].shape, (50, tu.NUM_CLASSES))
         self.assertEqual(calib.call_args.args[3], old_rule.target_agreement)
 
+    def test_dynamic_uses_per_tensor_dense_weights(self):
+        # Per-channel hybrid FULLY_CONNECTED (version 12) does not load on
+        # tflite-runtime 2.14 (the demo's dynamic model failed there).
+        converter = mock.Mock()
+        quant.configure(converter, quant.Quantization.DYNAMIC)
+        self.assertIs(
+            converter._experimental_disable_per_channel_quantization_for_dense_layers, True)
+        converter = mock.Mock()
+        quant.configure(converter, quant.Quantization.INT8, representative_dataset=list)
+        self.assertIs(converter.representative_dataset, list)
+
     def test_qat_refuses_keras3_models_before_importing_tfmot(self):
         x, y = tu.train_data()
         with self.assertRaisesRegex(quant.QuantizationError, "needs a tf_keras functional"):
