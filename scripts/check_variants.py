@@ -18,6 +18,7 @@ every signature.
 """
 
 import json
+import time
 
 from absl import app
 from absl import flags
@@ -107,6 +108,33 @@ def _measure(path: str, data, frames, labels, decision_frames, x_cal) -> dict:
     return row
 
 
+def _interleaved_latency(paths, frames: np.ndarray, block: int = 100,
+                         rounds: int = 10) -> dict:
+    """Mean us per frame of `full` and of SMTM for every model, measured side by side.
+
+    Blocks of `block` frames rotate over models and methods (order reversed
+    every round), so machine load hits all of them alike.
+    """
+    runtimes = {}
+    for p in paths:
+        with open(p, "rb") as f:
+            runtimes[p] = SmtmRuntime(f.read())
+    frames = np.asarray(frames, np.float32)[:, None]
+    totals = {(p, m): [0.0, 0] for p in paths for m in ("full", "smtm")}
+    jobs = [(p, m) for p in paths for m in ("full", "smtm")]
+    for r in range(rounds):
+        for p, m in (jobs if r % 2 == 0 else jobs[::-1]):
+            rt = runtimes[p]
+            chunk = frames[(r * block) % len(frames):][:block]
+            run = rt.classify_full if m == "full" else rt.classify_fast
+            t0 = time.perf_counter()
+            for x in chunk:
+                run(x)
+            totals[(p, m)][0] += time.perf_counter() - t0
+            totals[(p, m)][1] += len(chunk)
+    return {k: 1e6 * t / n for k, (t, n) in totals.items()}
+
+
 def main(argv):
     del argv
     data = data_lib.load_data(_DATA.value)
@@ -115,13 +143,17 @@ def main(argv):
     decision = streams.make_stream(_STREAM.value, data.y_test, _DECISION_FRAMES.value,
                                    seed=_SEED.value + 1).render(data.x_test)
     (_, _), (x_cal, _) = data.holdout(_HOLDOUT.value)
-    rows = [_measure(p, data, frames, labels, decision, x_cal)
-            for p in [_REFERENCE.value] + _VARIANTS.value]
+    paths = [_REFERENCE.value] + _VARIANTS.value
+    rows = [_measure(p, data, frames, labels, decision, x_cal) for p in paths]
+    latency = _interleaved_latency(paths, frames)
+    for p, r in zip(paths, rows):
+        r["full_us"], r["smtm_us"] = latency[(p, "full")], latency[(p, "smtm")]
     ref = rows[0]
     print()
     print(f"| variant | bytes | full top-1 | drop vs float32 | {_STREAM.value} speed-up | "
-          "SMTM vs full | GPU strict (fp32) | GPU vs CPU (fp32) | tflite-runtime 2.14 |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "SMTM vs full | full us | SMTM us | SMTM vs float32 full | GPU strict (fp32) | "
+          "GPU vs CPU (fp32) | tflite-runtime 2.14 |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         g = r["gpu_fp32"]
         strict = ("n/a" if not g["available"] else
@@ -132,7 +164,9 @@ def main(argv):
         old = r["tflite_runtime_2_14"]["ok"]
         print(f"| {r['quantization']} | {r['bytes']} | {100 * r['full_top1']:.2f}% | "
               f"{100 * (ref['full_top1'] - r['full_top1']):+.2f} | "
-              f"{r['stream_speedup']:.2f}x | {-r['stream_accuracy_drop']:+.2f} | {strict} | "
+              f"{r['stream_speedup']:.2f}x | {-r['stream_accuracy_drop']:+.2f} | "
+              f"{r['full_us']:.0f} | {r['smtm_us']:.0f} | {ref['full_us'] / r['smtm_us']:.2f}x | "
+              f"{strict} | "
               f"{agrees} | {'n/a' if old is None else 'runs' if old else 'FAILS'} |")
     if _JSON.value:
         io_utils.write_bytes_atomic(_JSON.value, json.dumps(rows, indent=2).encode())
