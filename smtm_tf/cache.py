@@ -17,14 +17,15 @@ Three levels, from the slowest to change to the fastest:
   cosine, as Bayes' rule on the cosine classifier's logits would), and a
   frame whose top-1 class is cached faces the stage's hot threshold; other
   classes face the stricter cold one and are never lowered.
-- The **short-term tier**: per stage, the semantic vectors of the last
-  `instance_slots` frames that ran that stage, with their answers. When the
-  camera holds still, the next frame's vector matches the last one's far more
-  tightly than any class centre does, so it can exit at an earlier stage
-  (instance thresholds of the rule). Answers of early exits enter it too, so
-  a held object that exits at stage 1 can exit at stage 0 from the next frame
-  on; a verified disagreement empties the tier, and the calibration replays
-  this loop.
+- The **short-term tier**: the semantic vectors, at every stage, of the last
+  `instance_slots` frames the full model confirmed with a top probability of
+  at least `instance_min_confidence`, with their answers. When the camera
+  holds still, the next frame's vector matches the last one's far more
+  tightly than any class centre does: a match (cosine >= the rule's instance
+  threshold) raises the remembered class's similarity by `instance_shift`
+  and lets it face the hot threshold, so the frame can exit earlier. Early
+  exits never enter it (a wrong exit would otherwise be copied for the rest
+  of a held object); a verified disagreement empties it.
 
 Capacity, in one sentence: every `window` frames, the capacity grows by one
 if at least `grow_after` of the window's answers were classes that scored
@@ -330,8 +331,8 @@ class MemoryState:
           ran: stages that ran for this frame.
           confidence: the full model's top probability, for confirmed answers.
         """
-        if self.slots and ran and (
-                not confirmed or confidence >= self.policy.instance_min_confidence):
+        if (self.slots and ran and confirmed
+                and confidence >= self.policy.instance_min_confidence):
             self._remember(class_id, semantics, ran)
         if not self.use_cache:
             return
@@ -573,7 +574,7 @@ def _stream_bounds(agree: np.ndarray, lengths, z: float) -> list[float]:
 def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage_costs,
                          streams, policy: CachePolicy, target_agreement: float = 0.99,
                          metric="margin", metric_params=None, confidence_z: float = 1.645,
-                         rounds: int = 3, instance_target: float = 0.995,
+                         rounds: int = 3, instance_target: float = 0.998,
                          instance_streams=(), similarities=None, full_confidence=None):
     """Calibrates hot and cold thresholds with the memory in the loop.
 
