@@ -396,6 +396,7 @@ class MemoryState:
     def _adapt(self, class_id: int, semantics) -> None:
         p = self.policy
         offset = self.offsets[:, class_id]
+        semantics = np.asarray(semantics, np.float32).reshape(self.original[:, class_id].shape)
         offset += p.adapt_rate * (semantics - self.original[:, class_id] - offset)
         norm = np.sqrt((offset * offset).sum(axis=1, keepdims=True))
         np.multiply(offset, np.minimum(1.0, p.max_drift / np.maximum(norm, 1e-12)), out=offset)

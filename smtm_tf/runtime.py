@@ -113,8 +113,9 @@ class SmtmRuntime:
                 st.invoke, st.input_view("activation"), st.output_view("similarities"),
                 st.output_view("semantic"), st.output_view("next_activation"),
                 self.memory.never[s]))
-        self._semantics = np.zeros((self.num_stages, self.memory.inst.shape[-1]), np.float32)
-        self._keeps = self.memory.slots > 0 or self.memory.adapting
+        # Each stage's `semantic` output keeps the frame's vector until that
+        # stage runs again, so the memory reads them there, uncopied.
+        self._semantics = [p[3] for p in self._plan]
 
     def _write_centres(self, class_id: int | None = None) -> None:
         """Copies the memory's current centres (all, or one class's) into the stages."""
@@ -217,12 +218,9 @@ class SmtmRuntime:
         decide = memory.decide
         copyto = np.copyto
         semantics = self._semantics
-        keeps = self._keeps
         for s, (invoke, act_in, sims, semantic, next_act, never) in enumerate(self._plan):
             copyto(act_in, activation)
             invoke()
-            if keeps:
-                copyto(semantics[s], semantic)
             if never:
                 activation = next_act
                 continue
