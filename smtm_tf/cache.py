@@ -37,8 +37,9 @@ centres move toward the frame's semantic vectors (per stage, an exponential
 average of offsets with rate `adapt_rate`, its norm bounded by `max_drift`);
 the original centres stay in the memory. A share `verify_rate` of early exits
 is checked against the full model (its cost counts in the frame's time); a
-disagreement reverts the exit class's centres to the originals and the full
-model's answer is returned.
+disagreement reverts the exit class's centres to the originals, empties the
+short-term tier, evicts the exit class from the cache and returns the full
+model's answer.
 
 `MemoryState` is shared by the runtime and by `replay` (calibration), so the
 harness decides exactly as the rule was calibrated.
@@ -311,6 +312,10 @@ class MemoryState:
         if exit_class != full_class:
             self.disagreements += 1
             self.forget_instances()
+            # The exit class leaves the cache: a wrong class that stays cached
+            # would keep attracting wrong exits (lock-in on a held object).
+            self.scores[exit_class] = 0.0
+            self._refresh()
             if self.adapted[exit_class]:
                 self.revert_centres(exit_class)
                 self.reverts += 1

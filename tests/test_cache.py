@@ -450,6 +450,20 @@ class AdaptationTest(absltest.TestCase):
         self.assertEqual(state.inst_count, [0, 0])
         self.assertEqual((state.checks, state.disagreements, state.reverts), (2, 1, 1))
 
+    def test_verified_disagreement_evicts_the_exit_class(self):
+        policy = cache.CachePolicy(min_hot=3, max_hot=3, hot_min=0.5, prior_weight=0.0,
+                                   instance_slots=0)
+        state = state_for(policy)
+        for c in (0, 0, 1, 0):
+            state.record(c, True)
+        self.assertTrue(state.hot[0] and state.hot[1])
+        state.verified(1, 1)  # Agreement: class 1 stays.
+        self.assertTrue(state.hot[1])
+        state.verified(0, 1)  # Class 0 was wrong: out of the cache.
+        self.assertEqual(state.scores[0], 0.0)
+        self.assertFalse(state.hot[0])
+        self.assertTrue(state.hot[1])
+
     def test_verify_due_every_round_one_over_rate(self):
         for rate, every in ((0.25, 4), (0.3, 3), (1.0, 1), (0.1, 10)):
             state = state_for(cache.CachePolicy(verify_rate=rate))
