@@ -63,7 +63,8 @@ class ExitRule:
         holding (intercept, slope) per class.
       instance_thresholds: with a short-term tier, per stage the cosine
         similarity to a recently confirmed frame's semantic vector at which
-        the frame exits with that frame's class (None: never).
+        that frame's class is favoured (raised, and held to the hot
+        threshold; None: never).
     """
 
     metric: Metric
