@@ -559,7 +559,7 @@ def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
 
     Quantization moves the similarities, and the rule was calibrated on the
     float ones. The rule is kept when every calibration stream (video, zipf,
-    uniform; `memory.calibration_streams`) still meets the rule's target
+    uniform, scene_change; `memory.calibration_streams`) still meets the rule's target
     agreement with the model's own `full` answers; otherwise it is
     recalibrated on the quantized model's similarities and full answers
     (`memory.calibrate_rule`) and the descriptor is rewritten.

@@ -143,14 +143,17 @@ def calibration_streams(full_predictions: np.ndarray, num_frames: int = 3000,
     """Streams to calibrate a cached rule on, from held-out frames.
 
     Two `video` streams (scenes of 1-3 hot classes), two `zipf` streams (a
-    long tail with no scenes: the hot set is a weaker prior there) and one
+    long tail with no scenes: the hot set is a weaker prior there), one
     `uniform` stream, so cold thresholds also face frames of classes not in
-    the cache. Built from the full model's answers: no labels are needed.
+    the cache, and one `scene_change` stream (hot sets of 1-6 classes, which
+    the cache's capacity must follow). Built from the full model's answers:
+    no labels are needed.
     """
     kinds = [streams_lib.video(full_predictions, num_frames, seed=seed + k) for k in range(2)]
     kinds += [streams_lib.zipf(full_predictions, num_frames, exponent=e, seed=seed + 2 + k)
               for k, e in enumerate((1.2, 0.8))]
     kinds.append(streams_lib.uniform(full_predictions, num_frames, seed=seed + 4))
+    kinds.append(streams_lib.scene_change(full_predictions, num_frames, seed=seed + 5))
     return [k.indices for k in kinds]
 
 
@@ -205,7 +208,6 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
     """
     n = semantics.shape[1]
     streams = calibration_streams(full_predictions, seed=seed)
-    streams.append(streams_lib.scene_change(full_predictions, 3000, seed=seed + 5).indices)
     pool, full, held = semantics, np.asarray(full_predictions), []
     confidence = None if full_confidence is None else np.asarray(full_confidence)
     if held_semantics is not None:
