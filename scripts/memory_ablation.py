@@ -72,6 +72,9 @@ def main(argv):
         "no hot set": calibrated(None),
         "cache, no prior": calibrated(dataclasses.replace(base, prior_weight=0.0,
                                                           instance_slots=0)),
+        # The prior before `Prior.CONTRAST`: log share over uniform, weight 1/8.
+        "cache + share prior": calibrated(dataclasses.replace(
+            base, prior=cache.Prior.SHARE, prior_weight=1.0 / 8.0, instance_slots=0)),
         "cache + prior": calibrated(dataclasses.replace(base, instance_slots=0)),
         "cache + prior + short-term tier": calibrated(base),
     }

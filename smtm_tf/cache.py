@@ -12,11 +12,12 @@ Three levels, from the slowest to change to the fastest:
   wrong exit cannot lock its class in). The cache holds the classes scoring at
   least `hot_min`, at most `capacity` of them, the highest first. The cache
   is a prior: a cached class's similarities are raised by `prior_weight`
-  times the log of its share of recent answers over the uniform share (with
-  the encoders' CosFace scale s, 1/s turns nats of prior evidence into
-  cosine, as Bayes' rule on the cosine classifier's logits would), and a
-  frame whose top-1 class is cached faces the stage's hot threshold; other
-  classes face the stricter cold one and are never lowered.
+  times the log-odds of its recent answers against those of an uncached
+  class (`Prior.CONTRAST`; with the encoders' CosFace scale s, a weight of
+  1/s turns nats of prior evidence into cosine, as Bayes' rule on the cosine
+  classifier's logits would), and a frame whose top-1 class is cached faces
+  the stage's hot threshold; other classes face the stricter cold one and are
+  never lowered.
 - The **short-term tier**: the semantic vectors, at every stage, of the last
   `instance_slots` frames the full model confirmed with a top probability of
   at least `instance_min_confidence`, with their answers. When the camera
@@ -48,6 +49,7 @@ harness decides exactly as the rule was calibrated.
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 
 import numpy as np
@@ -57,6 +59,21 @@ from smtm_tf import exit_policy
 _INF = float("inf")
 _TOP1 = exit_policy.Metric.TOP1
 _LAYER_AWARE = exit_policy.Metric.LAYER_AWARE
+
+
+class Prior(str, enum.Enum):
+    """What a cached class's prior evidence is measured against."""
+
+    # log((score + 1/K) / (mean uncached score + 1/K)): against a class the
+    # scene is not showing. In a scene of n classes out of K this stays
+    # large (log ~ K/n times the scene's rate over the background rate), so
+    # the prior separates the scene from the rest however many classes it
+    # holds.
+    CONTRAST = "contrast"
+    # log((score + 1/K) / ((total + 1) / K)): against the uniform share. It
+    # fades as the hot set grows (a share of 1/6 is log 10/6) and is how
+    # policies written before `prior` existed were calibrated.
+    SHARE = "share"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +92,7 @@ class CachePolicy:
         make the capacity grow.
       prior_weight: cosine added to a cached class's similarities per nat
         of prior evidence (0: hot and cold thresholds only).
+      prior: what the evidence is measured against (a `Prior`).
       instance_slots: frames the short-term tier holds per stage (0: none).
       instance_match: cosine similarity to a frame in the short-term tier at
         which that frame's class is favoured (the rule's instance thresholds).
@@ -95,7 +113,8 @@ class CachePolicy:
     max_hot: int = 6
     window: int = 10
     grow_after: int = 2
-    prior_weight: float = 1.0 / 8.0
+    prior_weight: float = 1.0 / 16.0
+    prior: Prior = Prior.CONTRAST
     instance_slots: int = 4
     instance_match: float = 0.95
     instance_shift: float = 0.1
@@ -105,6 +124,11 @@ class CachePolicy:
     verify_rate: float = 0.0
 
     def __post_init__(self):
+        try:
+            object.__setattr__(self, "prior", Prior(self.prior))
+        except ValueError:
+            raise ValueError(f"prior must be one of {[p.value for p in Prior]}, got "
+                             f"{self.prior!r}.") from None
         for name in ("decay", "exit_weight", "hot_min", "prior_weight", "adapt_rate",
                      "max_drift", "verify_rate", "instance_min_confidence",
                      "instance_match", "instance_shift"):
@@ -138,7 +162,9 @@ class CachePolicy:
             raise ValueError(f"max_drift must be in [0, 2], got {self.max_drift}.")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        d["prior"] = self.prior.value
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "CachePolicy":
@@ -153,6 +179,8 @@ class CachePolicy:
             d.update(_LEGACY, min_hot=d.get("max_hot", cls.max_hot))
         if "instance_min_confidence" not in d:  # Older adaptive policies: no gate.
             d["instance_min_confidence"] = 0.0
+        # Written before `prior` existed: calibrated with the share prior.
+        d.setdefault("prior", Prior.SHARE.value)
         d.setdefault("instance_match", cls.instance_match)
         d.setdefault("instance_shift", cls.instance_shift)
         missing = names - set(d)
@@ -218,6 +246,7 @@ class MemoryState:
         self.hot = np.zeros(self.num_classes, bool)
         self.shift = np.zeros(self.num_classes, np.float32)
         self.shifting = self.use_cache and p.prior_weight > 0
+        self._contrast = p.prior is Prior.CONTRAST
         self.answers = np.zeros(self.num_classes, np.int64)
         self.reset()
 
@@ -368,13 +397,19 @@ class MemoryState:
             hot[keep] = True
             cached = np.sort(keep)
         if self.shifting:
-            # Share of recent answers, smoothed by one frame spread evenly.
+            # Log-odds of recent answers, each score smoothed by 1/K (one
+            # frame spread evenly over the classes).
             k = self.num_classes
-            total = float(scores.sum()) + 1.0
+            if self._contrast:
+                outside = k - len(cached)
+                rest = float(scores.sum()) - float(scores[cached].sum()) if outside else 0.0
+                base = rest / max(outside, 1) + 1.0 / k
+            else:
+                base = (float(scores.sum()) + 1.0) / k
             shift = self.shift
             shift[:] = 0.0
             for c in cached.tolist():
-                evidence = math.log((float(scores[c]) + 1.0 / k) / total * k)
+                evidence = math.log((float(scores[c]) + 1.0 / k) / base)
                 if evidence > 0.0:
                     shift[c] = p.prior_weight * evidence
 

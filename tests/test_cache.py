@@ -155,8 +155,9 @@ class CachePolicyTest(parameterized.TestCase):
                                    max_hot=3, window=7, grow_after=3, prior_weight=0.125,
                                    instance_slots=5, instance_match=0.875, instance_shift=0.3,
                                    instance_min_confidence=0.625, adapt_rate=0.25,
-                                   max_drift=0.2, verify_rate=0.1)
+                                   max_drift=0.2, verify_rate=0.1, prior="share")
         d = json.loads(json.dumps(policy.to_dict()))
+        self.assertEqual(d["prior"], "share")
         self.assertEqual(cache.CachePolicy.from_dict(d), policy)
         self.assertNotEqual(cache.CachePolicy.from_dict(d), cache.CachePolicy())
 
@@ -185,6 +186,15 @@ class CachePolicyTest(parameterized.TestCase):
         del partial["verify_rate"]
         with self.assertRaisesRegex(ValueError, "Missing cache policy fields"):
             cache.CachePolicy.from_dict(partial)
+
+    def test_policy_without_a_prior_field_keeps_the_share_prior(self):
+        # Written before `prior` existed: its rule was calibrated with the share prior.
+        old = cache.CachePolicy().to_dict()
+        del old["prior"]
+        self.assertIs(cache.CachePolicy.from_dict(old).prior, cache.Prior.SHARE)
+        self.assertIs(cache.CachePolicy().prior, cache.Prior.CONTRAST)
+        with self.assertRaisesRegex(ValueError, "prior must be one of"):
+            cache.CachePolicy(prior="uniform")
 
     def test_adaptive_policy_without_the_instance_fields(self):
         # Written before instance_match / instance_shift / instance_min_confidence:
@@ -349,10 +359,10 @@ class PriorShiftTest(absltest.TestCase):
 
     SEQUENCE = (0, 0, 1, 0, 2, 0, 1, 3, 0, 0)
 
-    def run_sequence(self, prior_weight):
+    def run_sequence(self, prior_weight, prior=cache.Prior.CONTRAST):
         policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5,
                                    prior_weight=prior_weight, min_hot=2, max_hot=2,
-                                   window=1000)
+                                   window=1000, prior=prior)
         state = state_for(policy, num_classes=5)
         shifts = []
         for c in self.SEQUENCE:
@@ -360,17 +370,41 @@ class PriorShiftTest(absltest.TestCase):
             shifts.append((state.shift.copy(), state.hot.copy(), state.scores.copy()))
         return shifts
 
-    def test_only_cached_classes_are_shifted_proportionally(self):
-        one, two = self.run_sequence(1.0 / 16), self.run_sequence(1.0 / 8)
+    def check_proportional(self, prior, want_evidence):
+        one, two = self.run_sequence(1.0 / 16, prior), self.run_sequence(1.0 / 8, prior)
         for step, ((shift, hot, scores), (shift2, hot2, _)) in enumerate(zip(one, two)):
             np.testing.assert_array_equal(hot, hot2)
             self.assertTrue((shift >= 0).all(), step)
             np.testing.assert_array_equal(shift[~hot], 0.0)
             np.testing.assert_allclose(shift2, 2 * shift, rtol=1e-6, err_msg=str(step))
-            share = (scores + 1 / 5) / (scores.sum() + 1)
-            want = np.where(hot, np.maximum(np.log(share * 5), 0) / 16, 0)
+            want = np.where(hot, np.maximum(want_evidence(scores, hot), 0) / 16, 0)
             np.testing.assert_allclose(shift, want, rtol=1e-5, atol=1e-7)
         self.assertTrue(any(s[0][s[1]].max() > 0 for s in one))
+        return one
+
+    def test_share_prior_is_the_log_share_over_uniform(self):
+        self.check_proportional(cache.Prior.SHARE, lambda scores, hot: np.log(
+            (scores + 1 / 5) / (scores.sum() + 1) * 5))
+
+    def test_contrast_prior_is_the_log_odds_against_uncached_classes(self):
+        def evidence(scores, hot):
+            rest = scores[~hot].mean() if (~hot).any() else 0.0
+            return np.log((scores + 1 / 5) / (rest + 1 / 5))
+        self.check_proportional(cache.Prior.CONTRAST, evidence)
+
+    def test_contrast_prior_stays_strong_in_a_larger_scene(self):
+        # Two classes seen equally often, nothing else: the share prior sees
+        # half the uniform odds (log 5/2), the contrast prior the odds against
+        # the unseen classes.
+        shifts = {}
+        for prior in cache.Prior:
+            policy = cache.CachePolicy(max_hot=2, min_hot=2, prior=prior, prior_weight=1.0)
+            state = state_for(policy, num_classes=5)
+            for _ in range(30):
+                for c in (0, 1):
+                    state.record(c, True)
+            shifts[prior] = state.shift[0]
+        self.assertGreater(shifts[cache.Prior.CONTRAST], 2 * shifts[cache.Prior.SHARE])
 
     def test_zero_prior_weight_gives_no_shift(self):
         for shift, hot, _ in self.run_sequence(0.0):
@@ -380,7 +414,7 @@ class PriorShiftTest(absltest.TestCase):
     def test_shift_raises_a_cached_class_over_its_threshold(self):
         # Class 0 cached with a strong prior: a frame just under the hot
         # threshold on raw similarities exits once shifted.
-        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, prior_weight=1.0,
+        policy = cache.CachePolicy(decay=0.9, exit_weight=0.25, hot_min=0.5, prior_weight=0.25,
                                    min_hot=1, max_hot=1, window=1000, instance_slots=0)
         state = state_for(policy, thresholds=(0.3, 0.3), cold=(0.9, 0.9))
         for _ in range(5):
