@@ -89,10 +89,11 @@ def main(argv):
     for kind in _STREAMS.value:
         for seed in _SEEDS.value:
             stream = streams.make_stream(kind, data.y_test, _FRAMES.value, seed=int(seed))
-            sem, full, _ = features(stream.render(data.x_test))
+            sem, full, confidence = features(stream.render(data.x_test))
             cells = []
             for r, p in variants.values():
-                out = cache.replay(r, p, sem, memory.centres, full)
+                out = cache.replay(r, p, sem, memory.centres, full,
+                                   full_confidence=confidence)
                 cost = cumulative[out.exit_stage].mean()
                 if p is not None:
                     cost += p.verify_rate * (out.exit_stage < memory.plan.num_stages).mean()
