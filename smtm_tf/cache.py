@@ -8,8 +8,12 @@ Three levels, from the slowest to change to the fastest:
   through the cache.
 - The **cache** of hot classes. Each class has a score that every frame
   multiplies by `decay` (a forgetting curve) and that grows by 1 when the full
-  model answers that class and by `exit_weight` when an early exit does (a
-  wrong exit cannot lock its class in). The cache holds the classes scoring at
+  model answers that class with a top probability of at least
+  `admit_min_confidence`, and by `exit_weight` when an early exit does (a
+  wrong exit cannot lock its class in). A full-model answer below that
+  confidence adds nothing: the model is unsure (a trouser it reads as a
+  dress on 40% of the frames), and caching its guess would lock the guess in
+  for as long as the object stays in view. The cache holds the classes scoring at
   least `hot_min`, at most `capacity` of them, the highest first. The cache
   is a prior: a cached class's similarities are raised by `prior_weight`
   times the log-odds of its recent answers against those of an uncached
@@ -84,6 +88,8 @@ class CachePolicy:
       decay: per-frame factor on every class score (0 < decay < 1).
       exit_weight: what an early exit adds to its class (0..1), against 1
         for a full-model answer.
+      admit_min_confidence: a full-model answer adds to its class's score
+        only if the model's top probability reached this (0: always).
       hot_min: score a class needs to be cached.
       min_hot: smallest capacity of the cache.
       max_hot: largest capacity of the cache (0 disables the cache).
@@ -108,6 +114,7 @@ class CachePolicy:
 
     decay: float = 0.9
     exit_weight: float = 0.25
+    admit_min_confidence: float = 0.9
     hot_min: float = 0.3
     min_hot: int = 1
     max_hot: int = 6
@@ -131,6 +138,7 @@ class CachePolicy:
                              f"{self.prior!r}.") from None
         for name in ("decay", "exit_weight", "hot_min", "prior_weight", "adapt_rate",
                      "max_drift", "verify_rate", "instance_min_confidence",
+                     "admit_min_confidence",
                      "instance_match", "instance_shift"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
@@ -143,7 +151,8 @@ class CachePolicy:
             object.__setattr__(self, name, int(value))
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}.")
-        for name in ("exit_weight", "adapt_rate", "verify_rate", "instance_min_confidence"):
+        for name in ("exit_weight", "adapt_rate", "verify_rate", "instance_min_confidence",
+                     "admit_min_confidence"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if not self.hot_min > 0.0:
@@ -181,6 +190,8 @@ class CachePolicy:
             d["instance_min_confidence"] = 0.0
         # Written before `prior` existed: calibrated with the share prior.
         d.setdefault("prior", Prior.SHARE.value)
+        # Written before the admission gate: every full-model answer counted.
+        d.setdefault("admit_min_confidence", 0.0)
         d.setdefault("instance_match", cls.instance_match)
         d.setdefault("instance_shift", cls.instance_shift)
         missing = names - set(d)
@@ -377,7 +388,10 @@ class MemoryState:
             self.left_out += 1  # It qualified but the cache was full.
         self.answers[class_id] += 1
         scores *= p.decay
-        scores[class_id] += 1.0 if confirmed else p.exit_weight
+        if not confirmed:
+            scores[class_id] += p.exit_weight
+        elif confidence >= p.admit_min_confidence:
+            scores[class_id] += 1.0
         if self.adapting and confirmed and ran == self.num_stages and hot[class_id]:
             self._adapt(class_id, semantics)
         self.frame_in_window += 1

@@ -187,6 +187,14 @@ class CachePolicyTest(parameterized.TestCase):
         with self.assertRaisesRegex(ValueError, "Missing cache policy fields"):
             cache.CachePolicy.from_dict(partial)
 
+    def test_policy_without_the_admission_gate_admits_every_answer(self):
+        old = cache.CachePolicy().to_dict()
+        del old["admit_min_confidence"]
+        self.assertEqual(cache.CachePolicy.from_dict(old).admit_min_confidence, 0.0)
+        self.assertEqual(cache.CachePolicy().admit_min_confidence, 0.9)
+        with self.assertRaisesRegex(ValueError, "admit_min_confidence must be in"):
+            cache.CachePolicy(admit_min_confidence=1.5)
+
     def test_policy_without_a_prior_field_keeps_the_share_prior(self):
         # Written before `prior` existed: its rule was calibrated with the share prior.
         old = cache.CachePolicy().to_dict()
@@ -353,6 +361,30 @@ class CapacityTest(absltest.TestCase):
             for c in (0, 1):
                 state.record(c, True)
         self.assertEqual(state.capacity, 2)
+
+
+class AdmissionGateTest(absltest.TestCase):
+
+    def test_unsure_full_answers_do_not_enter_the_cache(self):
+        policy = cache.CachePolicy(admit_min_confidence=0.9, instance_slots=0)
+        state = state_for(policy)
+        for _ in range(10):
+            state.record(2, True, confidence=0.6)  # The model is unsure: no evidence.
+        self.assertFalse(state.hot.any())
+        self.assertEqual(state.scores[2], 0.0)
+        state.record(2, True, confidence=0.95)
+        self.assertTrue(state.hot[2])
+        self.assertEqual(state.scores[2], 1.0)
+
+    def test_early_exits_still_count_as_exits(self):
+        state = state_for(cache.CachePolicy(admit_min_confidence=0.9, instance_slots=0))
+        state.record(1, False, confidence=0.1)  # Exits carry no full-model confidence.
+        self.assertEqual(state.scores[1], 0.25)
+
+    def test_gate_zero_admits_every_answer(self):
+        state = state_for(cache.CachePolicy(admit_min_confidence=0.0, instance_slots=0))
+        state.record(3, True, confidence=0.2)
+        self.assertTrue(state.hot[3])
 
 
 class PriorShiftTest(absltest.TestCase):
