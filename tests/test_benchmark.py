@@ -124,6 +124,18 @@ class FiguresTest(absltest.TestCase):
         self.assertLen(targets, 1)
         self.assertIn("misses >= 2x within 1", targets[0])
 
+    def test_a_drop_of_exactly_the_budget_is_within_it(self):
+        contenders, results, labels = self._results()
+        rows = benchmark.rows_for("m", "video", contenders, results, labels, (0.25, 0.25))
+        smtm = next(r for r in rows if r.method == benchmark.SMTM_ADAPTIVE)
+        drop = 100 * (1900 / 2000 - 1880 / 2000)  # 20 frames of 2,000, as float math gives it.
+        self.assertGreater(drop, 1.0)
+        at_budget = benchmark.Row(**{**smtm.to_dict(), "speedup": 2.5, "drop": drop})
+        over = benchmark.Row(**{**smtm.to_dict(), "speedup": 2.5, "drop": 1.05})
+        base = benchmark.Row(**{**smtm.to_dict(), "method": benchmark.BRANCHY, "speedup": 2.0})
+        self.assertIn("meets >= 2x within 1", benchmark.check_targets([at_budget, base], 1.0)[0])
+        self.assertIn("misses >= 2x within 1", benchmark.check_targets([over, base], 1.0)[0])
+
 
 @functools.cache
 def tiny_setup():
