@@ -81,13 +81,15 @@ def main(argv):
         "cache + prior, no admission gate": calibrated(dataclasses.replace(
             base, admit_min_confidence=0.0, instance_slots=0)),
         "cache + prior": calibrated(dataclasses.replace(base, instance_slots=0)),
-        "cache + prior + short-term tier": calibrated(base),
+        "cache + prior + short-term tier": calibrated(
+            dataclasses.replace(base, instance_slots=4)),
     }
-    tier_rule, tier_policy = variants["cache + prior + short-term tier"]
+    tier_policy = variants["cache + prior + short-term tier"][1]
     print(f"short-term tier kept by calibration: {tier_policy.instance_slots > 0}")
-    # Adaptation on the default rule, as is (calibration may switch it off).
-    variants["+ centre adaptation 0.1, verify 2%"] = (tier_rule, dataclasses.replace(
-        tier_policy, adapt_rate=0.1, verify_rate=0.02))
+    # Adaptation on the default rule (cache + prior), as is.
+    default_rule, default_policy = variants["cache + prior"]
+    variants["cache + prior + centre adaptation 0.1, verify 2%"] = (
+        default_rule, dataclasses.replace(default_policy, adapt_rate=0.1, verify_rate=0.02))
     cumulative = np.append(np.cumsum(memory.plan.stage_costs), 1.0)
     print("| stream | seed | " + " | ".join(variants) + " |")
     print("|---|---|" + "---|" * len(variants))

@@ -99,7 +99,11 @@ class CachePolicy:
       prior_weight: cosine added to a cached class's similarities per nat
         of prior evidence (0: hot and cold thresholds only).
       prior: what the evidence is measured against (a `Prior`).
-      instance_slots: frames the short-term tier holds per stage (0: none).
+      instance_slots: frames the short-term tier holds per stage (0: none;
+        off by default: its match costs about 2 us per stage looked up, more
+        than its compute saving outside held objects, see
+        docs/adaptive_memory.md). Calibration keeps the tier only if it
+        saves compute.
       instance_match: cosine similarity to a frame in the short-term tier at
         which that frame's class is favoured (the rule's instance thresholds).
       instance_shift: cosine added to a matched frame's class.
@@ -122,7 +126,7 @@ class CachePolicy:
     grow_after: int = 2
     prior_weight: float = 1.0 / 16.0
     prior: Prior = Prior.CONTRAST
-    instance_slots: int = 4
+    instance_slots: int = 0
     instance_match: float = 0.95
     instance_shift: float = 0.1
     instance_min_confidence: float = 0.9
