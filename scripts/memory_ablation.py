@@ -74,9 +74,9 @@ def main(argv):
         "no hot set": calibrated(None),
         "cache, no prior": calibrated(dataclasses.replace(base, prior_weight=0.0,
                                                           instance_slots=0)),
-        # The prior before `Prior.CONTRAST`: log share over uniform, weight 1/8.
-        "cache + share prior": calibrated(dataclasses.replace(
-            base, prior=cache.Prior.SHARE, prior_weight=1.0 / 8.0, instance_slots=0)),
+        # The other prior: log-odds against the uncached classes, weight 1/16.
+        "cache + contrast prior": calibrated(dataclasses.replace(
+            base, prior=cache.Prior.CONTRAST, prior_weight=1.0 / 16.0, instance_slots=0)),
         # Before the admission gate: every full-model answer adds to its class.
         "cache + prior, no admission gate": calibrated(dataclasses.replace(
             base, admit_min_confidence=0.0, instance_slots=0)),

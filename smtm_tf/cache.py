@@ -16,12 +16,13 @@ Three levels, from the slowest to change to the fastest:
   for as long as the object stays in view. The cache holds the classes scoring at
   least `hot_min`, at most `capacity` of them, the highest first. The cache
   is a prior: a cached class's similarities are raised by `prior_weight`
-  times the log-odds of its recent answers against those of an uncached
-  class (`Prior.CONTRAST`; with the encoders' CosFace scale s, a weight of
-  1/s turns nats of prior evidence into cosine, as Bayes' rule on the cosine
-  classifier's logits would), and a frame whose top-1 class is cached faces
-  the stage's hot threshold; other classes face the stricter cold one and are
-  never lowered.
+  times the log of its share of recent answers over the uniform share
+  (`Prior.SHARE`; `Prior.CONTRAST` measures it against the uncached classes
+  instead; with the encoders' CosFace scale s, a weight of 1/s turns nats of
+  prior evidence into cosine, as Bayes' rule on the cosine classifier's
+  logits would), and a frame whose top-1 class is cached faces the stage's
+  hot threshold; other classes face the stricter cold one and are never
+  lowered.
 - The **short-term tier**: the semantic vectors, at every stage, of the last
   `instance_slots` frames the full model confirmed with a top probability of
   at least `instance_min_confidence`, with their answers. When the camera
@@ -68,16 +69,17 @@ _LAYER_AWARE = exit_policy.Metric.LAYER_AWARE
 class Prior(str, enum.Enum):
     """What a cached class's prior evidence is measured against."""
 
-    # log((score + 1/K) / (mean uncached score + 1/K)): against a class the
-    # scene is not showing. In a scene of n classes out of K this stays
-    # large (log ~ K/n times the scene's rate over the background rate), so
-    # the prior separates the scene from the rest however many classes it
-    # holds.
-    CONTRAST = "contrast"
     # log((score + 1/K) / ((total + 1) / K)): against the uniform share. It
-    # fades as the hot set grows (a share of 1/6 is log 10/6) and is how
-    # policies written before `prior` existed were calibrated.
+    # fades as the hot set grows (a share of 1/6 is log 10/6). The default,
+    # and how policies written before `prior` existed were calibrated.
     SHARE = "share"
+    # log((score + 1/K) / (mean uncached score + 1/K)): against a class the
+    # scene is not showing. In a scene of n classes out of K it stays large
+    # (log ~ K/n times the scene's rate over the background rate). Without
+    # the admission gate it was 2-5% faster than SHARE on scene changes and
+    # video; with the gate it is 0-2% slower there and 6% slower on held
+    # objects (docs/adaptive_memory.md).
+    CONTRAST = "contrast"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,8 +126,8 @@ class CachePolicy:
     max_hot: int = 6
     window: int = 10
     grow_after: int = 2
-    prior_weight: float = 1.0 / 16.0
-    prior: Prior = Prior.CONTRAST
+    prior_weight: float = 1.0 / 8.0
+    prior: Prior = Prior.SHARE
     instance_slots: int = 0
     instance_match: float = 0.95
     instance_shift: float = 0.1

@@ -200,7 +200,7 @@ class CachePolicyTest(parameterized.TestCase):
         old = cache.CachePolicy().to_dict()
         del old["prior"]
         self.assertIs(cache.CachePolicy.from_dict(old).prior, cache.Prior.SHARE)
-        self.assertIs(cache.CachePolicy().prior, cache.Prior.CONTRAST)
+        self.assertIs(cache.CachePolicy().prior, cache.Prior.SHARE)
         with self.assertRaisesRegex(ValueError, "prior must be one of"):
             cache.CachePolicy(prior="uniform")
 
