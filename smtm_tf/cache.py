@@ -241,6 +241,10 @@ class MemoryState:
         self._work = np.zeros((self.num_stages, self.num_classes), np.float32)
         self._metric = rule.metric
         self._params = [rule.stage_params(s) for s in range(self.num_stages)]
+        # Per stage, the work row and each class's (a, b) as numpy scalars of
+        # the parameters' dtype: the per-frame lookup indexes lists, not arrays.
+        self._rows = list(self._work)
+        self._ab = [None if q is None else [tuple(row) for row in q] for q in self._params]
 
         def finite(t):
             return _INF if t is None else float(t)
@@ -313,7 +317,7 @@ class MemoryState:
         frame's class by `instance_shift` more. The top-1 class is favoured
         (faces the hot threshold) if it is cached or matched.
         """
-        work = self._work[stage]
+        work = self._rows[stage]
         if self.shifting:
             np.add(similarities, self.shift, out=work)
         else:
@@ -334,9 +338,9 @@ class MemoryState:
             value = best
         else:
             work[top1] = -np.inf
-            value = best - work.max()
+            value = best - work[work.argmax()]  # The second best (argmax is cheaper than max).
             if self._metric is _LAYER_AWARE:
-                a, b = self._params[stage][top1]
+                a, b = self._ab[stage][top1]
                 value = a + b * value
         return top1, float(value), bool(self.hot[top1]) or top1 == matched
 
