@@ -238,13 +238,12 @@ class MemoryState:
         self.num_stages, self.num_classes, dim = self.original.shape
         p = self.policy
         self.use_cache = policy is not None and p.max_hot > 0 and rule.uses_cache
-        self._work = np.zeros((self.num_stages, self.num_classes), np.float32)
         self._metric = rule.metric
-        self._params = [rule.stage_params(s) for s in range(self.num_stages)]
-        # Per stage, the work row and each class's (a, b) as numpy scalars of
+        # Per stage, a work row and each class's (a, b) as numpy scalars of
         # the parameters' dtype: the per-frame lookup indexes lists, not arrays.
-        self._rows = list(self._work)
-        self._ab = [None if q is None else [tuple(row) for row in q] for q in self._params]
+        self._rows = list(np.zeros((self.num_stages, self.num_classes), np.float32))
+        self._ab = [None if q is None else [tuple(row) for row in q]
+                    for q in map(rule.stage_params, range(self.num_stages))]
 
         def finite(t):
             return _INF if t is None else float(t)
