@@ -33,10 +33,12 @@ Three levels, from the slowest to change to the fastest:
   exits never enter it (a wrong exit would otherwise be copied for the rest
   of a held object); a verified disagreement empties it.
 
-Capacity, in one sentence: every `window` frames, the capacity grows by one
-if at least `grow_after` of the window's answers were classes that scored
-hot enough but were left out for lack of room, and otherwise shrinks by one
-if a cached class got no answer in the window, within [min_hot, max_hot].
+Capacity, in one sentence: every `window` frames, if at least `grow_after`
+of the window's answers were classes that scored hot enough but were left out
+for lack of room, the capacity grows by the number of distinct classes left
+out, and otherwise shrinks by one if a cached class got no answer in the
+window, within [min_hot, max_hot]. (Growing by one per window took 50 frames
+to follow a change to a scene of six classes.)
 
 Centre adaptation: when the full model confirms a cached class, that class's
 centres move toward the frame's semantic vectors (per stage, an exponential
@@ -97,7 +99,7 @@ class CachePolicy:
       max_hot: largest capacity of the cache (0 disables the cache).
       window: frames between capacity decisions.
       grow_after: answers left out for lack of room, within a window, that
-        make the capacity grow.
+        make the capacity grow (by the number of distinct classes left out).
       prior_weight: cosine added to a cached class's similarities per nat
         of prior evidence (0: hot and cold thresholds only).
       prior: what the evidence is measured against (a `Prior`).
@@ -268,6 +270,8 @@ class MemoryState:
         self.shifting = self.use_cache and p.prior_weight > 0
         self._contrast = p.prior is Prior.CONTRAST
         self.answers = np.zeros(self.num_classes, np.int64)
+        # Per class, answers in this window that were left out for lack of room.
+        self.left_out = np.zeros(self.num_classes, np.int64)
         self.reset()
 
     def reset(self) -> None:
@@ -279,7 +283,7 @@ class MemoryState:
         self.answers[:] = 0
         self.capacity = p.min_hot
         self.frame_in_window = 0
-        self.left_out = 0
+        self.left_out[:] = 0
         self.forget_instances()
         self.last_hit = False
         self.exits = 0
@@ -394,7 +398,7 @@ class MemoryState:
         scores, hot = self.scores, self.hot
         self.last_hit = bool(hot[class_id])
         if not self.last_hit and scores[class_id] >= p.hot_min:
-            self.left_out += 1  # It qualified but the cache was full.
+            self.left_out[class_id] += 1  # It qualified but the cache was full.
         self.answers[class_id] += 1
         scores *= p.decay
         if not confirmed:
@@ -438,12 +442,13 @@ class MemoryState:
 
     def _resize(self) -> None:
         p = self.policy
-        if self.left_out >= p.grow_after:
-            self.capacity = min(p.max_hot, self.capacity + 1)
+        left_out = self.left_out
+        if left_out.sum() >= p.grow_after:
+            self.capacity = min(p.max_hot, self.capacity + int(np.count_nonzero(left_out)))
         elif (self.hot & (self.answers == 0)).any():
             self.capacity = max(p.min_hot, self.capacity - 1)
         self.frame_in_window = 0
-        self.left_out = 0
+        left_out[:] = 0
         self.answers[:] = 0
 
     def _remember(self, class_id: int, semantics, ran: int) -> None:
@@ -473,7 +478,7 @@ class MemoryState:
         """The state as named arrays (for `SmtmRuntime.save_state`)."""
         return {
             "scores": self.scores, "hot": self.hot, "capacity": np.int64(self.capacity),
-            "window": np.array([self.frame_in_window, self.left_out], np.int64),
+            "frame_in_window": np.int64(self.frame_in_window), "left_out": self.left_out,
             "answers": self.answers, "inst": self.inst, "inst_class": self.inst_class,
             "inst_pos": np.array([self.inst_count, self.inst_next], np.int64).T,
             "offsets": self.offsets, "adapted": self.adapted,
@@ -484,6 +489,9 @@ class MemoryState:
     def from_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Restores `to_arrays` output; raises ValueError if it does not fit."""
         expected = self.to_arrays()
+        missing = sorted(set(expected) - set(arrays))
+        if missing:
+            raise ValueError(f"state arrays {missing} are missing.")
         for name, value in expected.items():
             got = np.asarray(arrays[name])
             if got.shape != np.shape(value):
@@ -503,18 +511,20 @@ class MemoryState:
             raise ValueError("the short-term tier's slots do not fit this model.")
         if (np.asarray(arrays["scores"]) < 0).any():
             raise ValueError("class scores must be >= 0.")
-        window = np.asarray(arrays["window"])
-        if not (0 <= window[0] < p.window and window[1] >= 0):
-            raise ValueError(f"window counters {window.tolist()} are outside [0, {p.window}).")
-        if (np.asarray(arrays["answers"]) < 0).any() or (np.asarray(arrays["counters"]) < 0).any():
-            raise ValueError("answer and exit counters must be >= 0.")
+        frame_in_window = int(arrays["frame_in_window"])
+        if not 0 <= frame_in_window < p.window:
+            raise ValueError(f"frame_in_window {frame_in_window} is outside [0, {p.window}).")
+        if any((np.asarray(arrays[name]) < 0).any()
+               for name in ("answers", "left_out", "counters")):
+            raise ValueError("answer, left-out and exit counters must be >= 0.")
         offsets = np.asarray(arrays["offsets"], np.float32)
         if (np.sqrt((offsets * offsets).sum(axis=-1)) > p.max_drift + 1e-4).any():
             raise ValueError("an adapted centre lies further than max_drift from its original.")
         self.scores[:] = arrays["scores"]
         self.hot[:] = arrays["hot"]
         self.capacity = capacity
-        self.frame_in_window, self.left_out = (int(v) for v in arrays["window"])
+        self.frame_in_window = frame_in_window
+        self.left_out[:] = arrays["left_out"]
         self.answers[:] = arrays["answers"]
         self.inst[:] = arrays["inst"]
         self.inst_class[:] = classes

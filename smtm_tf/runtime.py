@@ -26,7 +26,7 @@ from smtm_tf import descriptor as desc
 from smtm_tf import exit_policy
 from smtm_tf import io_utils
 
-STATE_FORMAT_VERSION = 1
+STATE_FORMAT_VERSION = 2
 
 
 class ModelFileError(ValueError):
