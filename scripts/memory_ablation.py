@@ -127,6 +127,9 @@ def main(argv):
         # Before the admission gate: every full-model answer adds to its class.
         "cache + prior, no admission gate": calibrated(dataclasses.replace(
             base, admit_min_confidence=0.0, instance_slots=0)),
+        # Before exit runs were checked.
+        "cache + prior, no run checks": calibrated(dataclasses.replace(
+            base, verify_after=0, instance_slots=0)),
         "cache + prior": calibrated(dataclasses.replace(base, instance_slots=0)),
         "cache + prior + short-term tier": calibrated(
             dataclasses.replace(base, instance_slots=4)),
@@ -151,9 +154,8 @@ def main(argv):
             for r, p in variants.values():
                 out = cache.replay(r, p, sem, memory.centres, full,
                                    full_confidence=confidence)
-                cost = cumulative[out.exit_stage].mean()
-                if p is not None:
-                    cost += p.verify_rate * (out.exit_stage < memory.plan.num_stages).mean()
+                # A checked exit ran the full model too.
+                cost = cumulative[out.exit_stage].mean() + out.verified.mean()
                 drop = 100 * ((full == stream.labels).mean()
                               - (out.prediction == stream.labels).mean())
                 cells.append(f"{1 / cost:.2f}x, {100 * (out.prediction == full).mean():.2f}%, "
@@ -167,7 +169,8 @@ def main(argv):
                     rule.metric_params, full_confidence=confidence)
                 out = cache.replay(fitted, fitted_policy, sem, memory.centres, full,
                                    full_confidence=confidence)
-                cells.append(f"{base_cost / cumulative[out.exit_stage].mean():.2f}x over "
+                fitted_cost = cumulative[out.exit_stage].mean() + out.verified.mean()
+                cells.append(f"{base_cost / fitted_cost:.2f}x over "
                              f"{1 / base_cost:.2f}x")
                 cells.append(f"{oracle:.2f}x")
             print(f"| {kind} | {seed} | " + " | ".join(cells) + " |", flush=True)

@@ -49,6 +49,14 @@ disagreement reverts the exit class's centres to the originals, empties the
 short-term tier, evicts the exit class from the cache and returns the full
 model's answer.
 
+Exit runs: exits keep their class cached, so a frame misread at stage 0 as
+the cached class (a coat held in view after a pullover) can exit as it for
+as long as it stays in view, and the full model never sees it. After
+`verify_after` early exits in a row with no full-model answer between them,
+the next exit is checked against the full model like a sampled one: a
+disagreement evicts the class, and the next frames run on to the full model.
+A wrong run lasts at most `verify_after` frames.
+
 `MemoryState` is shared by the runtime and by `replay` (calibration), so the
 harness decides exactly as the rule was calibrated.
 """
@@ -118,6 +126,9 @@ class CachePolicy:
       max_drift: bound on the norm of an adapted centre's offset from the
         original (unit centres: 0.3 is about 17 degrees).
       verify_rate: share of early exits checked against the full model.
+      verify_after: an early exit that follows this many early exits in a
+        row (no full-model answer between them) is checked against the full
+        model (0: never). It bounds how long wrong exits can hold a class.
     """
 
     decay: float = 0.9
@@ -137,6 +148,7 @@ class CachePolicy:
     adapt_rate: float = 0.0
     max_drift: float = 0.3
     verify_rate: float = 0.0
+    verify_after: int = 64
 
     def __post_init__(self):
         try:
@@ -152,7 +164,8 @@ class CachePolicy:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
             object.__setattr__(self, name, float(value))  # numpy scalars -> JSON-safe.
-        for name in ("min_hot", "max_hot", "window", "grow_after", "instance_slots"):
+        for name in ("min_hot", "max_hot", "window", "grow_after", "instance_slots",
+                     "verify_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name} must be a whole number, got {value!r}.")
@@ -165,8 +178,9 @@ class CachePolicy:
                 raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
         if not self.hot_min > 0.0:
             raise ValueError(f"hot_min must be > 0, got {self.hot_min}.")
-        if self.max_hot < 0 or self.instance_slots < 0 or self.prior_weight < 0:
-            raise ValueError("max_hot, instance_slots and prior_weight must be >= 0.")
+        for name in ("max_hot", "instance_slots", "prior_weight", "verify_after"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}.")
         if not 0 <= self.min_hot <= self.max_hot:
             raise ValueError(f"Need 0 <= min_hot <= max_hot, got min_hot={self.min_hot}, "
                              f"max_hot={self.max_hot}.")
@@ -200,6 +214,8 @@ class CachePolicy:
         d.setdefault("prior", Prior.SHARE.value)
         # Written before the admission gate: every full-model answer counted.
         d.setdefault("admit_min_confidence", 0.0)
+        # Written before exit runs were checked.
+        d.setdefault("verify_after", 0)
         d.setdefault("instance_match", cls.instance_match)
         d.setdefault("instance_shift", cls.instance_shift)
         missing = names - set(d)
@@ -213,7 +229,7 @@ class CachePolicy:
 _LEGACY = {"window": 20, "grow_after": 2, "prior_weight": 0.0, "instance_slots": 0,
            "instance_min_confidence": 0.9, "instance_match": 0.95,
            "instance_shift": 0.1, "adapt_rate": 0.0, "max_drift": 0.3,
-           "verify_rate": 0.0}
+           "verify_rate": 0.0, "verify_after": 0}
 
 
 class MemoryState:
@@ -234,7 +250,8 @@ class MemoryState:
         dims = {np.shape(c)[1] for c in centres}
         if len(dims) != 1:
             raise ValueError(f"All stages need the same embedding size, got {sorted(dims)}.")
-        self.policy = policy or CachePolicy(max_hot=0, min_hot=0, instance_slots=0)
+        self.policy = policy or CachePolicy(max_hot=0, min_hot=0, instance_slots=0,
+                                            verify_after=0)
         self.rule = rule
         self.original = np.stack([np.asarray(c, np.float32) for c in centres])
         self.num_stages, self.num_classes, dim = self.original.shape
@@ -287,6 +304,7 @@ class MemoryState:
         self.forget_instances()
         self.last_hit = False
         self.exits = 0
+        self.exit_run = 0
         self.checks = 0
         self.disagreements = 0
         self.reverts = 0
@@ -357,6 +375,11 @@ class MemoryState:
     def verify_due(self) -> bool:
         """Counts an early exit; True when this one is to be checked."""
         self.exits += 1
+        self.exit_run += 1
+        after = self.policy.verify_after
+        if after and self.exit_run > after:
+            self.exit_run = 0
+            return True
         return self._verify_every > 0 and self.exits % self._verify_every == 0
 
     def verified(self, exit_class: int, full_class: int) -> None:
@@ -392,6 +415,8 @@ class MemoryState:
         if (self.slots and ran and confirmed
                 and confidence >= self.policy.instance_min_confidence):
             self._remember(class_id, semantics, ran)
+        if confirmed:
+            self.exit_run = 0
         if not self.use_cache:
             return
         p = self.policy
@@ -483,7 +508,7 @@ class MemoryState:
             "inst_pos": np.array([self.inst_count, self.inst_next], np.int64).T,
             "offsets": self.offsets, "adapted": self.adapted,
             "counters": np.array([self.exits, self.checks, self.disagreements,
-                                  self.reverts], np.int64),
+                                  self.reverts, self.exit_run], np.int64),
         }
 
     def from_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -529,7 +554,7 @@ class MemoryState:
         self.inst[:] = arrays["inst"]
         self.inst_class[:] = classes
         self.inst_count, self.inst_next = count, nxt
-        self.exits, self.checks, self.disagreements, self.reverts = (
+        self.exits, self.checks, self.disagreements, self.reverts, self.exit_run = (
             int(v) for v in arrays["counters"])
         self.revert_centres()
         for c in np.flatnonzero(np.asarray(arrays["adapted"], bool)):
@@ -554,6 +579,7 @@ class ReplayResult:
     hot: np.ndarray
     inst_match: np.ndarray  # Best short-term match (NaN: tier empty).
     inst_class: np.ndarray
+    verified: np.ndarray  # Per frame: the early exit was checked (the full model ran too).
 
 
 def replay(rule, policy: CachePolicy | None, semantics, centres, full_predictions,
@@ -600,7 +626,7 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
                        np.full((num_stages, n), np.nan, np.float32),
                        np.zeros((num_stages, n), bool),
                        np.full((num_stages, n), np.nan, np.float32),
-                       np.full((num_stages, n), -1, np.int64))
+                       np.full((num_stages, n), -1, np.int64), np.zeros(n, bool))
     for i, f in enumerate(idx):
         vectors = sem[:, f]
         answer = -1
@@ -620,6 +646,7 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
         confirmed = answer < 0
         if answer >= 0:
             if state.verify_due():
+                out.verified[i] = True
                 state.verified(answer, int(full[i]))
                 if answer != full[i]:
                     answer, confirmed = int(full[i]), True
@@ -691,7 +718,8 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
     full_predictions = np.asarray(full_predictions)
     lengths = [len(s) for s in streams]
     stream_full = np.concatenate([full_predictions[np.asarray(s)] for s in streams])
-    static = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0, verify_rate=0.0)
+    static = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0, verify_rate=0.0,
+                                 verify_after=0)
     if semantics is None:
         policy = static
 
@@ -772,7 +800,8 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
                 a >= b - (1.0 - instance_target) for (_, a), (_, b)
                 in zip(on_held(with_tier, tier), on_held(best, static))):
             best, chosen = with_tier, policy
-    check = dataclasses.replace(chosen, verify_rate=policy.verify_rate)
+    check = dataclasses.replace(chosen, verify_rate=policy.verify_rate,
+                                verify_after=policy.verify_after)
     if policy.adapt_rate > 0 and worst(closed_loop(best, check)) < target_agreement:
         chosen = dataclasses.replace(chosen, adapt_rate=0.0)
     return best, chosen

@@ -136,6 +136,8 @@ class CachePolicyTest(parameterized.TestCase):
         ("slots_negative", dict(instance_slots=-1), "instance_slots"),
         ("adapt_above_one", dict(adapt_rate=1.5), "adapt_rate must be in"),
         ("verify_negative", dict(verify_rate=-0.1), "verify_rate must be in"),
+        ("verify_after_negative", dict(verify_after=-1), "verify_after must be >= 0"),
+        ("verify_after_float", dict(verify_after=2.5), "verify_after must be a whole number"),
         ("drift_too_far", dict(max_drift=2.5), "max_drift must be in"),
         ("match_above_one", dict(instance_match=1.5), "instance_match must be in"),
         ("match_below_minus_one", dict(instance_match=-1.5), "instance_match must be in"),
@@ -543,12 +545,80 @@ class AdaptationTest(absltest.TestCase):
 
     def test_verify_due_every_round_one_over_rate(self):
         for rate, every in ((0.25, 4), (0.3, 3), (1.0, 1), (0.1, 10)):
-            state = state_for(cache.CachePolicy(verify_rate=rate))
+            state = state_for(cache.CachePolicy(verify_rate=rate, verify_after=0))
             due = [state.verify_due() for _ in range(40)]
             self.assertEqual([i + 1 for i, d in enumerate(due) if d],
                              list(range(every, 41, every)), rate)
-        state = state_for(cache.CachePolicy(verify_rate=0.0))
+        state = state_for(cache.CachePolicy(verify_rate=0.0, verify_after=0))
         self.assertFalse(any(state.verify_due() for _ in range(100)))
+
+
+class ExitRunTest(absltest.TestCase):
+    """`verify_after`: a long run of early exits gets one checked."""
+
+    def exit_frame(self, state, class_id):
+        """What the runtime does for an early exit; True if it was checked."""
+        due = state.verify_due()
+        state.record(class_id, False)
+        return due
+
+    def test_the_exit_after_a_run_of_verify_after_is_checked(self):
+        state = state_for(cache.CachePolicy(verify_after=4, prior_weight=0.0))
+        due = [self.exit_frame(state, 0) for _ in range(12)]
+        self.assertEqual([i + 1 for i, d in enumerate(due) if d], [5, 10])
+
+    def test_a_full_model_answer_restarts_the_run(self):
+        state = state_for(cache.CachePolicy(verify_after=4, prior_weight=0.0))
+        due = [self.exit_frame(state, 0) for _ in range(3)]
+        state.record(0, True)  # The full model answered: a new run starts.
+        due += [self.exit_frame(state, 0) for _ in range(5)]
+        self.assertEqual([i + 1 for i, d in enumerate(due) if d], [8])
+
+    def test_zero_never_checks(self):
+        state = state_for(cache.CachePolicy(verify_after=0, prior_weight=0.0))
+        self.assertFalse(any(self.exit_frame(state, 0) for _ in range(500)))
+
+    def test_a_class_held_by_wrong_exits_is_evicted_within_the_run(self):
+        # Class 0 was confirmed; then every frame is class 1 (the full model
+        # says so) but exits as class 0, which the exits keep cached. The run
+        # check catches it: the class leaves and the frame returns class 1.
+        policy = cache.CachePolicy(verify_after=8, prior_weight=0.0, exit_weight=0.25)
+        state = state_for(policy)
+        for _ in range(3):
+            state.record(0, True)
+        wrong = 0
+        for _ in range(30):
+            if not state.hot[0]:
+                break  # The next frame faces the cold threshold: no lock-in.
+            if state.verify_due():
+                state.verified(0, 1)
+                state.record(1, True)
+            else:
+                state.record(0, False)
+                wrong += 1
+        self.assertFalse(state.hot[0])
+        self.assertEqual(wrong, 8)
+
+    def test_a_policy_without_the_field_never_checks(self):
+        d = cache.CachePolicy().to_dict()
+        del d["verify_after"]
+        self.assertEqual(cache.CachePolicy.from_dict(d).verify_after, 0)
+
+    def test_no_cache_never_checks(self):
+        state = cache.MemoryState(None, ep.ExitRule("margin", (0.2, 0.2), 0.9),
+                                  basis_centres(2, 4, 6))
+        self.assertFalse(any(state.verify_due() for _ in range(500)))
+
+    def test_the_run_survives_save_and_restore(self):
+        policy = cache.CachePolicy(verify_after=4, prior_weight=0.0)
+        state = state_for(policy)
+        for _ in range(3):
+            self.exit_frame(state, 0)
+        restored = state_for(policy)
+        restored.from_arrays(state.to_arrays())
+        self.assertEqual(restored.exit_run, 3)
+        self.assertFalse(self.exit_frame(restored, 0))
+        self.assertTrue(self.exit_frame(restored, 0))
 
 
 # --- Short-term tier --------------------------------------------------------
