@@ -138,7 +138,8 @@ def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int
     same one (whose weights it would find in or evict from the caches).
 
     Returns:
-      {contender key: (predictions, exit stages, nanoseconds per frame)}.
+      {contender key: (predictions, exit stages, nanoseconds per frame,
+      early exits the runtime also checked against the full model)}.
     """
     if block < 1:
         raise ValueError(f"block must be >= 1, got {block}.")
@@ -162,7 +163,9 @@ def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int
                 t0 = clock()
                 pred[i], stage[i] = classify(frames[i])
                 ns[i] = clock() - t0
-    return out
+    # The adaptive memory counts its checks since the reset above.
+    return {c.key: (*out[c.key], int(getattr(getattr(c.runtime, "memory", None), "checks", 0)))
+            for c in contenders}
 
 
 def host_work_us(runtime, frames: np.ndarray) -> float | None:
@@ -214,17 +217,21 @@ def host_work_us(runtime, frames: np.ndarray) -> float | None:
     return float(np.median(first) + np.median(second)) / 2e3
 
 
-def compute_speedup(exit_shares, stage_costs) -> float:
-    """1 / the expected share of full's multiply-adds, given where frames exited."""
+def compute_speedup(exit_shares, stage_costs, checked: float = 0.0) -> float:
+    """1 / the expected share of full's multiply-adds, given where frames exited.
+
+    `checked` is the share of frames whose early exit was also checked
+    against the full model, which then ran as well.
+    """
     cumulative = np.append(np.cumsum(stage_costs), 1.0)
-    return float(1.0 / np.dot(exit_shares, cumulative))
+    return float(1.0 / (np.dot(exit_shares, cumulative) + checked))
 
 
 def rows_for(model: str, stream: str, contenders: list[Contender], results: dict,
              labels: np.ndarray, stage_costs, block: int = 100) -> list[Row]:
     """Turns one stream's raw results into rows, against its `full` contender."""
     num_stages = len(stage_costs)
-    full_pred, _, full_ns = results[FULL]
+    full_pred, _, full_ns, *_ = results[FULL]
     starts = np.arange(0, len(full_ns), block)
 
     def block_means(ns):
@@ -236,7 +243,7 @@ def rows_for(model: str, stream: str, contenders: list[Contender], results: dict
     full_mean = float(full_ns.mean()) / 1e3
     rows = []
     for c in contenders:
-        pred, stage, ns = results[c.key]
+        pred, stage, ns, *checks = results[c.key]
         us = ns / 1e3
         shares = np.bincount(stage, minlength=num_stages + 1)[:num_stages + 1] / len(stage)
         acc = float((pred == labels).mean())
@@ -244,7 +251,8 @@ def rows_for(model: str, stream: str, contenders: list[Contender], results: dict
                         100 * (full_acc - acc), 100 * float((pred == full_pred).mean()),
                         float(us.mean()), float(np.percentile(us, 95)),
                         full_mean / float(us.mean()),
-                        compute_speedup(shares, stage_costs),
+                        compute_speedup(shares, stage_costs,
+                                        checks[0] / len(stage) if checks else 0.0),
                         tuple(float(s) for s in shares),
                         float(np.median(full_blocks / block_means(ns)))))
     return rows

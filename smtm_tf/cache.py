@@ -10,18 +10,19 @@ Three levels, from the slowest to change to the fastest:
   multiplies by `decay` (a forgetting curve) and that grows by 1 when the full
   model answers that class with a top probability of at least
   `admit_min_confidence`, and by `exit_weight` when an early exit does (a
-  wrong exit cannot lock its class in). A full-model answer below that
-  confidence adds nothing: the model is unsure (a trouser it reads as a
-  dress on 40% of the frames), and caching its guess would lock the guess in
-  for as long as the object stays in view. The cache holds the classes scoring at
-  least `hot_min`, at most `capacity` of them, the highest first. The cache
-  is a prior: a cached class's similarities are raised by `prior_weight`
-  times the log of its share of recent answers over the uniform share
-  (`Prior.SHARE`; `Prior.CONTRAST` measures it against the uncached classes
-  instead; with the encoders' CosFace scale s, a weight of 1/s turns nats of
-  prior evidence into cosine, as Bayes' rule on the cosine classifier's
-  logits would), and a frame whose top-1 class is cached faces the stage's
-  hot threshold; other classes face the stricter cold one and are never
+  wrong exit counts for less; long runs of exits are checked, see below). A
+  full-model answer below that confidence adds nothing: the model is unsure
+  (a trouser it reads as a dress on 40% of the frames), and caching its
+  guess would lock the guess in for as long as the object stays in view.
+  The cache holds the classes scoring at least `hot_min`, at most
+  `capacity` of them, the highest first. The cache is a prior: a cached
+  class's similarities are raised by `prior_weight` times the log of its
+  share of recent answers over the uniform share (`Prior.SHARE`;
+  `Prior.CONTRAST` measures it against the uncached classes instead; with
+  the encoders' CosFace scale s, a weight of 1/s turns nats of prior
+  evidence into cosine, as Bayes' rule on the cosine classifier's logits
+  would), and a frame whose top-1 class is cached faces the stage's hot
+  threshold; other classes face the stricter cold one and are never
   lowered.
 - The **short-term tier**: the semantic vectors, at every stage, of the last
   `instance_slots` frames the full model confirmed with a top probability of

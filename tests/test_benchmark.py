@@ -43,7 +43,8 @@ class InterleaveTest(absltest.TestCase):
         for c, r in zip(contenders, rts):
             self.assertEqual(r.resets, 1)  # After the warm-up, before timing.
             self.assertEqual(r.seen, list(range(1000)))
-            pred, stage, ns = out[c.key]
+            pred, stage, ns, checks = out[c.key]
+            self.assertEqual(checks, 0)  # No adaptive memory here.
             np.testing.assert_array_equal(pred, np.arange(1000))
             np.testing.assert_array_equal(stage, 1)
             self.assertTrue((ns > 0).all())
@@ -95,6 +96,15 @@ class FiguresTest(absltest.TestCase):
     def test_compute_speedup(self):
         self.assertAlmostEqual(benchmark.compute_speedup((1, 0, 0), (0.25, 0.25)), 4.0)
         self.assertAlmostEqual(benchmark.compute_speedup((0, 0, 1), (0.25, 0.25)), 1.0)
+        # A tenth of the frames exited at stage 0 and were checked by `full`.
+        self.assertAlmostEqual(benchmark.compute_speedup((1, 0, 0), (0.25, 0.25), 0.1),
+                               1 / 0.35)
+
+    def test_checked_exits_count_in_the_compute(self):
+        contenders, results, labels = self._results()
+        results["smtm_adaptive@1"] = (*results["smtm_adaptive@1"], 2)  # 2 of 10 checked.
+        rows = benchmark.rows_for("m", "video", contenders, results, labels, (0.25, 0.25))
+        self.assertAlmostEqual(rows[1].compute_speedup, 1 / (0.475 + 0.2))
 
     def test_missing_numbers(self):
         contenders, results, labels = self._results()
