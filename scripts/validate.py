@@ -76,7 +76,9 @@ def main(argv):
     print(validation.format_table(rows))
     for kind, c in rows:
         if runtime.cache_policy is not None:
-            print(f"{kind}: cache hit rate {100 * c.hits.mean():.1f}%", end="")
+            print(f"{kind}: cache hit rate {100 * c.hits.mean():.1f}%; exits checked against "
+                  f"full {int(c.checked.sum())} ({100 * c.checked.mean():.1f}% of frames, "
+                  "their time included)", end="")
             if kind in recoveries and recoveries[kind]:
                 r = np.asarray(recoveries[kind])
                 print(f"; frames to recover 80% of the hit rate after a scene change: "
@@ -93,6 +95,7 @@ def main(argv):
         payload = [{"stream": k, "speedup": c.speedup, "accuracy_drop": c.accuracy_drop,
                     "full": c.full.to_dict(), "smtm": c.smtm.to_dict(),
                     "hit_rate": float(c.hits.mean()),
+                    "checked_exits": int(c.checked.sum()),
                     "recovery_frames": recoveries.get(k, [])} for k, c in rows]
         io_utils.write_bytes_atomic(_JSON.value, json.dumps(payload, indent=2).encode())
 

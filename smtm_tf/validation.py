@@ -42,6 +42,8 @@ class Comparison:
       full, smtm: the figures of each method.
       hits: per frame, whether SMTM's answer was in the cache when it came.
       smtm_us, full_us: per-frame latencies in microseconds.
+      checked: per frame, whether SMTM's early exit was also checked against
+        the full model (a sampled or exit-run check; its time is in smtm_us).
     """
 
     full: RunStats
@@ -49,6 +51,7 @@ class Comparison:
     hits: np.ndarray | None = None
     smtm_us: np.ndarray | None = None
     full_us: np.ndarray | None = None
+    checked: np.ndarray | None = None
 
     @property
     def speedup(self) -> float:
@@ -89,6 +92,7 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
     full_ns = np.empty(n, np.int64)
     smtm_ns = np.empty(n, np.int64)
     hits = np.zeros(n, bool)
+    checked = np.zeros(n, bool)
     memory = runtime.memory
     for i in range(min(warmup, n)):
         runtime.classify_full(frames[i])
@@ -108,17 +112,19 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
                     full_ns[i] = clock() - t0
             else:
                 for i in range(start, end):
+                    checks = memory.checks
                     t0 = clock()
                     smtm_pred[i], exit_stage[i] = classify(frames[i])
                     smtm_ns[i] = clock() - t0
                     hits[i] = memory.last_hit
+                    checked[i] = memory.checks != checks
     shares = np.bincount(exit_stage, minlength=runtime.num_stages + 1) / n
     no_exit = np.zeros(runtime.num_stages + 1)
     no_exit[-1] = 1.0
     return Comparison(
         full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
         smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares),
-        hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3)
+        hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3, checked=checked)
 
 
 def recovery_frames(hits: np.ndarray, scene_starts, level: float = 0.8, before: int = 100,

@@ -1,5 +1,6 @@
 """Tests for the harness's stream measurements: host work, recovery, plots."""
 
+import dataclasses
 import os
 import tempfile
 
@@ -68,6 +69,19 @@ class HarnessMeasurementTest(absltest.TestCase):
             with open(path, "rb") as f:
                 self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
             self.assertEqual(os.listdir(d), ["stream.png"])
+
+    def test_compare_marks_the_exits_checked_against_full(self):
+        rt = runtime.SmtmRuntime(self.flat)
+        # Check the exit after every two in a row.
+        rt.memory.policy = dataclasses.replace(rt.memory.policy, verify_after=2)
+        c = validation.compare(rt, self.frames, self.labels, warmup=5, block=30)
+        self.assertEqual(c.checked.shape, (len(self.frames),))
+        self.assertEqual(int(c.checked.sum()), rt.memory.checks)
+        exits = round(len(self.frames) * (1.0 - c.smtm.exit_shares[-1]))
+        if exits < 3:
+            self.skipTest("the test model exits too rarely for a run of three")
+        self.assertGreater(c.checked.sum(), 0)
+        self.assertLessEqual(c.checked.sum(), exits // 3)
 
     def test_keep_state_starts_from_the_runtime_memory(self):
         rt = runtime.SmtmRuntime(self.flat)
