@@ -1449,6 +1449,18 @@ class RuntimeMemoryTest(absltest.TestCase):
         self.rt.set_exit_rule(self.rule, dataclasses.replace(self.policy, window=11))
         self.check_fresh_after_bad_load(self.rt, path)
 
+    def test_state_of_an_older_format(self):
+        # Format 1 kept one left-out count for the window, not one per class.
+        path = self.saved()
+        with np.load(path) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays["meta"]))
+        meta["format_version"] = runtime.STATE_FORMAT_VERSION - 1
+        arrays["meta"] = np.array(json.dumps(meta))
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        self.check_fresh_after_bad_load(self.rt, path)
+
     def test_missing_file(self):
         path = os.path.join(self.create_tempdir().full_path, "nothing.npz")
         self.check_fresh_after_bad_load(self.rt, path)
