@@ -53,10 +53,10 @@ model's answer.
 Exit runs: exits keep their class cached, so a frame misread at stage 0 as
 the cached class (a coat held in view after a pullover) can exit as it for
 as long as it stays in view, and the full model never sees it. After
-`verify_after` early exits in a row with no full-model answer between them,
-the next exit is checked against the full model like a sampled one: a
-disagreement evicts the class, and the next frames run on to the full model.
-A wrong run lasts at most `verify_after` frames.
+`verify_after` early exits in a row with no full-model answer between them
+(a check is one), the next exit is checked against the full model like a
+sampled one: a disagreement evicts the class, and the next frames run on to
+the full model. A wrong run lasts at most `verify_after` frames.
 
 `MemoryState` is shared by the runtime and by `replay` (calibration), so the
 harness decides exactly as the rule was calibrated.
@@ -378,14 +378,13 @@ class MemoryState:
         self.exits += 1
         self.exit_run += 1
         after = self.policy.verify_after
-        if after and self.exit_run > after:
-            self.exit_run = 0
-            return True
-        return self._verify_every > 0 and self.exits % self._verify_every == 0
+        return bool(after and self.exit_run > after) or (
+            self._verify_every > 0 and self.exits % self._verify_every == 0)
 
     def verified(self, exit_class: int, full_class: int) -> None:
         """Records the full model's check of an early exit."""
         self.checks += 1
+        self.exit_run = 0  # The full model has answered: a new run starts.
         if exit_class != full_class:
             self.disagreements += 1
             self.forget_instances()

@@ -557,8 +557,11 @@ class ExitRunTest(absltest.TestCase):
     """`verify_after`: a long run of early exits gets one checked."""
 
     def exit_frame(self, state, class_id):
-        """What the runtime does for an early exit; True if it was checked."""
+        """What the runtime does for an early exit the full model agrees with;
+        True if it was checked."""
         due = state.verify_due()
+        if due:
+            state.verified(class_id, class_id)
         state.record(class_id, False)
         return due
 
@@ -573,6 +576,13 @@ class ExitRunTest(absltest.TestCase):
         state.record(0, True)  # The full model answered: a new run starts.
         due += [self.exit_frame(state, 0) for _ in range(5)]
         self.assertEqual([i + 1 for i, d in enumerate(due) if d], [8])
+
+    def test_a_sampled_check_restarts_the_run(self):
+        state = state_for(cache.CachePolicy(verify_after=4, verify_rate=1 / 3,
+                                            prior_weight=0.0))
+        due = [self.exit_frame(state, 0) for _ in range(12)]
+        # Every third exit is sampled, so no run ever reaches five.
+        self.assertEqual([i + 1 for i, d in enumerate(due) if d], [3, 6, 9, 12])
 
     def test_zero_never_checks(self):
         state = state_for(cache.CachePolicy(verify_after=0, prior_weight=0.0))
