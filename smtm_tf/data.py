@@ -198,24 +198,84 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
                         tuple(class_names))
 
 
+# A source image at most this much smaller than the model's input (per side)
+# is zero-padded around its centre; a smaller one is resized.
+PAD_LIMIT = 1.25
+
+
+def adapt_images(images: np.ndarray, image_size: tuple[int, int],
+                 channels: int) -> np.ndarray:
+    """Brings pixel images `[N, h, w, c]` to a model's input size and channels.
+
+    The rule, applied to the built-in data sets and image folders alike:
+      * channels: 1 -> 3 repeats the grey channel; 3 -> 1 takes the ITU-R
+        BT.601 luma (0.299 R + 0.587 G + 0.114 B); equal counts are kept.
+      * size: when the input is larger than the image by at most 25% on both
+        sides (Fashion-MNIST's 28x28 into 32x32), the image is zero-padded
+        around its centre, so no pixel is interpolated; otherwise it is
+        resized bilinearly to (height, width), aspect ratio not kept.
+    Values stay pixels (0..255 for 8-bit images): preprocessing comes after.
+
+    Raises:
+      DataError: for channel counts that have no rule (e.g. 2 or 4 -> 3).
+    """
+    x = np.asarray(images, np.float32)
+    if x.ndim != 4:
+        raise DataError(f"images must be [N, H, W, C], got shape {x.shape}.")
+    c = x.shape[-1]
+    if c != channels:
+        if c == 1 and channels == 3:
+            x = np.repeat(x, 3, axis=-1)
+        elif c == 3 and channels == 1:
+            x = (x @ np.array([0.299, 0.587, 0.114], np.float32))[..., None]
+        else:
+            raise DataError(
+                f"The images have {c} channels and the model takes {channels}; only "
+                "1 -> 3 (repeat) and 3 -> 1 (luma) are converted. Pass images with "
+                f"{channels} channels.")
+    h, w = int(image_size[0]), int(image_size[1])
+    if x.shape[1:3] == (h, w):
+        return x
+    if (x.shape[1] <= h <= PAD_LIMIT * x.shape[1]
+            and x.shape[2] <= w <= PAD_LIMIT * x.shape[2]):
+        top, left = (h - x.shape[1]) // 2, (w - x.shape[2]) // 2
+        return np.pad(x, ((0, 0), (top, h - x.shape[1] - top),
+                          (left, w - x.shape[2] - left), (0, 0)))
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    out = [tf.image.resize(x[i:i + 256], (h, w), method="bilinear").numpy()
+           for i in range(0, len(x), 256)]
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(
+        (0, h, w, x.shape[-1]), np.float32)
+
+
+def adapt(data: LabelledData, image_size: tuple[int, int], channels: int) -> LabelledData:
+    """`data` with both splits brought to the model's input by `adapt_images`."""
+    return dataclasses.replace(data, x_train=adapt_images(data.x_train, image_size, channels),
+                               x_test=adapt_images(data.x_test, image_size, channels))
+
+
 def load_data(spec: str, image_size: tuple[int, int] | None = None,
               channels: int = 3) -> LabelledData:
     """Loads data named by a `--data` flag value.
 
     Args:
       spec: `fashion_mnist`, a `.npz` file, or a folder of per-class sub-folders.
-      image_size: (height, width) images in a folder are resized to.
-      channels: channels of images loaded from a folder.
+      image_size: (height, width) of the model's input: images are brought to
+        it (and to `channels`) by `adapt_images`; None keeps them as stored
+        (a folder needs it).
+      channels: the model's input channels.
 
     Raises:
       DataError: when the spec names nothing readable.
     """
-    if spec == "fashion_mnist":
-        return load_fashion_mnist()
-    if spec.endswith(".npz"):
-        if not os.path.isfile(spec):
+    if spec == "fashion_mnist" or spec.endswith(".npz"):
+        if spec == "fashion_mnist":
+            data = load_fashion_mnist()
+        elif not os.path.isfile(spec):
             raise DataError(f"--data={spec}: no such .npz file.")
-        return load_npz(spec)
+        else:
+            data = load_npz(spec)
+        return data if image_size is None else adapt(data, image_size, channels)
     if os.path.isdir(spec):
         return load_image_folder(spec, image_size=image_size, channels=channels)
     raise DataError(
