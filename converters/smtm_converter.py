@@ -24,7 +24,10 @@ from smtm_tf import cache as cache_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
 from smtm_tf import io_utils
+from smtm_tf import data as data_lib
 from smtm_tf import kerascompat
+from smtm_tf import memory as memory_lib
+from smtm_tf import preprocessing as prep
 from smtm_tf import stages as stages_lib
 from smtm_tf.memory import SemanticMemory
 
@@ -50,6 +53,7 @@ class ConversionReport:
     chain_top1_agreement: float = 1.0
     exit_rule: "ExitRuleCheck | None" = None
     gpu_gate: object = None  # converters.gpu_gate.GateReport, when the gate ran.
+    accuracy: "AccuracyCheck | None" = None  # The Keras model on the data, before fitting.
     old_runtime: object = None  # delegates.old_runtime.ModelResult, when checked.
 
 
@@ -154,7 +158,8 @@ class _SmtmModule:
             tf.TensorSpec((1,) + self.input_shape, tf.float32, name="image")])
         return sigs
 
-    def descriptor(self, model_name: str) -> desc.Descriptor:
+    def descriptor(self, model_name: str,
+                   preprocessing: prep.Preprocessing) -> desc.Descriptor:
         in_shapes = [self.input_shape] + self.stage_shapes[:-1]
         k = self.num_classes
         stages = []
@@ -184,7 +189,7 @@ class _SmtmModule:
         return desc.Descriptor(model_name, self.memory.class_names, self.memory.pooling.value,
                                tuple(stages), head, full, rule, lookup,
                                quantization=self.quantization.value,
-                               cache=self.memory.cache_policy)
+                               cache=self.memory.cache_policy, preprocessing=preprocessing)
 
 
 def convert_keras(model) -> bytes:
@@ -217,7 +222,8 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
             atol: float = 1e-5, quantization: str | quant.Quantization = "float32",
             train_images: np.ndarray | None = None, train_labels: np.ndarray | None = None,
             qat_epochs: int = 1, min_top1_agreement: float = 0.9,
-            seed: int = 0) -> tuple[bytes, ConversionReport]:
+            seed: int = 0, preprocessing: prep.Preprocessing | None = None
+            ) -> tuple[bytes, ConversionReport]:
     """Converts a Keras classifier and its semantic memory to an SMTM .tflite.
 
     After conversion, `full` and the chain stage_0..head are compared with
@@ -237,6 +243,9 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
       qat_epochs: fine-tuning epochs for qat.
       min_top1_agreement: quantized variants are checked by the share of check
         images whose top-1 answer equals Keras's (float16: numerically too).
+      preprocessing: what runtimes do to pixels before the model (recorded in
+        the descriptor; default: pixels as they are). `check_images` and
+        `train_images` are model inputs, i.e. already preprocessed.
 
     Returns:
       (model bytes, report).
@@ -258,7 +267,8 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
                                epochs=qat_epochs, seed=seed)
     builder = _SmtmModule(model, memory, qat, q)
     sigs = builder.signatures()
-    descriptor = builder.descriptor(model_name or model.name)
+    descriptor = builder.descriptor(model_name or model.name,
+                                    preprocessing or prep.Preprocessing.raw())
     rep_data = None
     if q == quant.Quantization.INT8:
         rng = np.random.default_rng(seed)
@@ -337,7 +347,8 @@ def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
     `full` and the stage chain give Keras's top-1 answer on at least
     `min_top1_agreement` of the images, that no output is NaN, and for
     float16 (float kernels, rounded weights) that probabilities stay within
-    1e-2. The differences are reported either way.
+    1e-2. The differences are reported either way, the similarities' against
+    the memory's float encoders on the Keras stage activations.
 
     Raises:
       ConversionError: when a check fails; nothing is written then.
@@ -355,12 +366,12 @@ def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
             runners[key](**{n: np.zeros(d["shape"], d["dtype"])
                             for n, d in runners[key].get_input_details().items()})
         except RuntimeError as e:
-            # XNNPACK (what apps run on the CPU) refuses some int8 scale ratios,
-            # e.g. per-channel weight scales far above the input's.
+            stage = key[len("stage_"):] if key.startswith("stage_") else ""
+            encoder = builder.memory.encoders[int(stage)] if stage.isdigit() else None
             raise ConversionError(
                 f"The {quantization.value} model's signature {key} does not run in the "
-                f"LiteRT interpreter with XNNPACK ({e}). Nothing was written; try "
-                "--quantize=dynamic or qat.") from e
+                f"LiteRT interpreter with XNNPACK ({e}). "
+                + quant.xnnpack_refusal(flat, key, encoder)) from e
     for key, runner in runners.items():
         for kind, details in (("input", runner.get_input_details()),
                               ("output", runner.get_output_details())):
@@ -371,19 +382,24 @@ def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
     want = np.asarray(builder.model.predict(images, verbose=0, batch_size=64))
     if builder.apply_softmax:
         want = np.asarray(tf.nn.softmax(want))
+    memory = builder.memory
     full_diff = chain_diff = sim_diff = 0.0
     full_agree = chain_agree = 0
+    nearest_agree = np.zeros(len(centres))
     for i, image in enumerate(images.astype(np.float32)):
         x = image[None]
         got = runners["full"](image=x)["probabilities"]
         full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
         full_agree += int(np.argmax(got) == np.argmax(want[i]))
-        a = x
+        a = keras_a = x
         for s in range(len(centres)):
             out = runners[f"stage_{s}"](activation=a, centres=centres[s])
             a = out["next_activation"]
-            if not np.all(np.isfinite(out["similarities"])):
-                sim_diff = float("nan")
+            keras_a = np.asarray(builder.stage_models[s](keras_a, training=False))
+            sims = memory.encoders[s].encode(
+                np.asarray(enc.pool(keras_a, memory.pooling)))[0] @ centres[s].T
+            sim_diff = float(np.maximum(sim_diff, np.max(np.abs(out["similarities"] - sims))))
+            nearest_agree[s] += int(np.argmax(out["similarities"]) == np.argmax(sims))
         got = runners["head"](activation=a)["probabilities"]
         chain_diff = max(chain_diff, float(np.max(np.abs(got - want[i]))))
         chain_agree += int(np.argmax(got) == np.argmax(want[i]))
@@ -391,6 +407,9 @@ def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
     compiled = run_compiled(flat, "full", {"image": first})["probabilities"]
     compiled_diff = float(np.max(np.abs(compiled - runners["full"](image=first)["probabilities"])))
     n = len(images)
+    logging.info("%s similarities: at most %.3g from the float encoders; nearest centre "
+                 "the same on %s of %d images per stage.", quantization.value, sim_diff,
+                 "/".join(str(int(c)) for c in nearest_agree), n)
     report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, compiled_diff, n,
                               quantization.value, full_agree / n, chain_agree / n)
     problems = []
@@ -401,41 +420,157 @@ def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
     if quantization == quant.Quantization.FLOAT16 and not max(full_diff, chain_diff) <= 1e-2:
         problems.append(f"float16 probabilities differ by {max(full_diff, chain_diff):.3g} "
                         "(tolerance 1e-2)")
-    if np.isnan(sim_diff) or not compiled_diff <= 1e-3:
-        problems.append(f"NaN similarities or CompiledModel differs by {compiled_diff:.3g}")
+    if not np.isfinite(sim_diff) or not compiled_diff <= 1e-3:
+        problems.append(f"similarities differ by {sim_diff:.3g} from the float encoders "
+                        f"(NaN or inf?) or CompiledModel differs by {compiled_diff:.3g}")
     if problems:
         raise ConversionError(f"The {quantization.value} model fails its checks: "
                               + "; ".join(problems) + ". Nothing was written.")
     return report
 
 
-def memory_path_for(model_path: str) -> str:
-    """Where a model's semantic memory lives by convention: beside the model."""
-    return os.path.splitext(model_path)[0] + ".smtm.npz"
+def memory_path_for(path: str) -> str:
+    """Where the semantic memory of a model or .tflite lives by convention: beside it.
+
+    `model.keras` -> `model.smtm.npz`; `out/model.smtm.tflite` -> `out/model.smtm.npz`.
+    """
+    stem = os.path.splitext(path)[0]
+    if stem.endswith(".smtm"):
+        stem = stem[:-len(".smtm")]
+    return stem + ".smtm.npz"
+
+
+class DataMismatchError(ConversionError):
+    """Raised when the labelled data does not look like what the model was trained on."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AccuracyCheck:
+    """The Keras model's own top-1 accuracy on the labelled data, before any fitting.
+
+    Attributes:
+      accuracy: with the preprocessing the conversion uses.
+      images: how many test images were scored.
+      chance: 1 / the number of classes present in the labels.
+      alternatives: preset name -> accuracy with that preset instead (only
+        when the preprocessing is not done by the model itself).
+    """
+
+    accuracy: float
+    images: int
+    chance: float
+    alternatives: dict
+
+    def best_alternative(self) -> tuple[str, float] | None:
+        if not self.alternatives:
+            return None
+        return max(self.alternatives.items(), key=lambda kv: kv[1])
+
+    def format(self) -> str:
+        text = (f"Keras model's own top-1 accuracy on {self.images} labelled test images: "
+                f"{100 * self.accuracy:.1f}% (chance {100 * self.chance:.1f}%)")
+        if self.alternatives:
+            text += "; with other --preprocessing presets: " + ", ".join(
+                f"{k} {100 * v:.1f}%" for k, v in self.alternatives.items())
+        return text
+
+
+def check_accuracy(model, data, preprocessing: prep.Preprocessing,
+                   num_images: int = 1000) -> AccuracyCheck:
+    """Scores the Keras model on the data's test split with `preprocessing`, and
+    with every preset too, unless the model preprocesses its input itself."""
+    x = data.x_test[:num_images]
+    y = data.y_test[:num_images]
+    if not len(x):
+        raise DataMismatchError("The data has no test images to check the model on.")
+
+    def accuracy(p):
+        pred = np.asarray(model.predict(p.apply(x), verbose=0, batch_size=128)).argmax(-1)
+        return float((pred == y).mean())
+
+    alternatives = {}
+    if preprocessing.source != "model":
+        channels = x.shape[-1]
+        for preset in prep.Preset:
+            if preset is prep.Preset.IMAGENET and channels != 3:
+                continue
+            candidate = prep.Preprocessing.preset(preset, channels)
+            if candidate.scale != preprocessing.scale or candidate.offset != preprocessing.offset:
+                alternatives[preset.value] = accuracy(candidate)
+    return AccuracyCheck(accuracy(preprocessing), len(x), 1.0 / len(np.unique(y)), alternatives)
+
+
+def judge_accuracy(check: AccuracyCheck) -> None:
+    """Raises DataMismatchError when the data does not look like the model's own."""
+    flags = ("Tell the converter what the model expects with --preprocessing="
+             "raw|unit|symmetric|imagenet or --input_scale/--input_offset, or pass "
+             "--nocheck_accuracy to convert anyway (e.g. an untrained model, for a "
+             "structural conversion).")
+    best = check.best_alternative()
+    top = max(check.accuracy, best[1] if best else 0.0)
+    if top < min(2.0 * check.chance, 0.5 * (1.0 + check.chance)):
+        raise DataMismatchError(
+            f"The Keras model scores {100 * check.accuracy:.1f}% on the labelled data, near "
+            f"chance ({100 * check.chance:.1f}%), and no preprocessing preset does better: "
+            "the data does not look like what the model was trained on (other images, "
+            "labels in another order, or other preprocessing). " + flags)
+    if best is not None and best[1] >= check.accuracy + 0.10:
+        raise DataMismatchError(
+            f"The Keras model scores {100 * check.accuracy:.1f}% on the labelled data with "
+            f"this preprocessing but {100 * best[1]:.1f}% with --preprocessing={best[0]}: "
+            "the data does not look like what the model was trained on. " + flags)
+
+
+def class_names_for(model, data) -> tuple[str, ...]:
+    """One name per model output: the data's names, then the output index.
+
+    The class count is the model's: a calibration set need not hold every
+    class (a 1,000-class model checked on a few hundred images).
+
+    Raises:
+      DataMismatchError: when the data has more classes than the model outputs.
+    """
+    k = int(model.outputs[0].shape[-1])
+    names = tuple(data.class_names)
+    if len(names) > k:
+        raise DataMismatchError(
+            f"The data has {len(names)} classes but the model outputs {k}: labels "
+            f"{k}..{len(names) - 1} have no output. Pass data labelled 0..{k - 1}.")
+    return names + tuple(str(i) for i in range(len(names), k))
 
 
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
-                  holdout: float = 0.1, num_stages: int = 4, cut_layers=None,
-                  embedding_dim: int = 32, target_agreement: float = 0.99,
+                  holdout: float = 0.1, num_stages: int | None = None, cut_layers=None,
+                  embedding_dim: int | None = None, target_agreement: float = 0.99,
                   metric: str = "layer_aware",
                   cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                   num_check_images: int = 64, memory_output: str | None = None,
-                  seed: int = 0, quantization: str = "float32",
+                  memory_candidates=(), seed: int = 0, quantization: str = "float32",
                   qat_epochs: int = 1, qat_images: int = 6000,
                   gpu_check: bool = True, require_gpu: bool = False,
                   gpu_precision: str = "fp32", old_runtime_check: bool = True,
-                  require_old_runtime: bool = False
+                  require_old_runtime: bool = False,
+                  preprocessing: prep.Preprocessing | None = None,
+                  accuracy_check: bool = True, progress=None
                   ) -> tuple[SemanticMemory, ConversionReport]:
-    """Fits a semantic memory if none is given, then converts and checks.
+    """Fits a semantic memory unless a matching one exists, then converts and checks.
+
+    Nothing is written unless every check passes: then the memory (when newly
+    fitted) goes to `memory_output` and the model to `output_path`.
 
     Args:
       model: the trained Keras classifier.
-      data: `smtm_tf.data.LabelledData`; the tail `holdout` of its train split
-        calibrates the exits, the rest trains the encoders, and test images
-        serve the numeric checks.
+      data: `smtm_tf.data.LabelledData` of camera pixels; images are brought
+        to the model's input (`data.adapt`) and preprocessed. The tail
+        `holdout` of its train split calibrates the exits, the rest trains
+        the encoders, and test images serve the checks.
       output_path: where the .tflite goes.
-      memory: an already fitted memory (from the callback), or None.
+      memory: an already fitted memory to use as it is, or None.
+      num_stages, cut_layers, embedding_dim: the stages and semantic size to
+        fit (None: 4 stages, 32 dimensions; a reused memory keeps its own).
       memory_output: where to save a newly fitted memory (None: do not save).
+      memory_candidates: memory files to reuse, in order; one is used only
+        when its key and choices match this conversion (`SemanticMemory.mismatches`).
       quantization: the variant (`converters.quantization`). For quantized
         variants the exit rule is replayed on the quantized model over streams
         of the calibration frames and recalibrated on its own similarities when
@@ -450,45 +585,98 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         (`delegates.old_runtime`), load and run every signature there
         (`report.old_runtime`; a failure is flagged in the report).
       require_old_runtime: make that check mandatory and a failure an error.
+      preprocessing: what the model expects done to pixels (default: found
+        from its first layer, else pixels as they are; `preprocessing.resolve`).
+      accuracy_check: score the Keras model on the labelled data first and
+        stop (DataMismatchError) when the data does not look like its own.
+      progress: called with a line of text at each step (None: silent).
 
     Returns:
-      (memory, report).
+      (memory, report); `report.accuracy` holds the accuracy check.
     """
-    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
-
-    expected = tuple(int(d) for d in model.inputs[0].shape[1:])
-    if tuple(data.x_train.shape[1:]) != expected:
-        raise ValueError(
-            f"The data's images are {tuple(data.x_train.shape[1:])} but the model takes "
-            f"{expected}; pass data of the model's input shape.")
-    if memory is None:
-        (x_fit, _), (x_cal, _) = data.holdout(holdout)
-        memory = memory_lib.fit_semantic_memory(
-            model, x_fit, x_cal, class_names=data.class_names, num_stages=num_stages,
-            cut_layers=cut_layers, embedding_dim=embedding_dim,
-            target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-            seed=seed)
-        if memory_output:
-            memory.save(memory_output)
-    q = quant.parse(quantization)
+    say = progress or (lambda _: None)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    data = data_lib.adapt(data, shape[:2], shape[2])
+    if preprocessing is None:
+        preprocessing = prep.resolve(model)
+    preprocessing.check_channels(shape[2])
+    say(f"preprocessing: {preprocessing.describe()}")
+    class_names = class_names_for(model, data)
+    absent = len(class_names) - len(np.unique(data.y_train))
+    if absent:
+        say(f"{absent} of the model's {len(class_names)} classes have no labelled training "
+            "image; unless the model answers them anyway, they cannot exit")
+    accuracy = None
+    if accuracy_check:
+        accuracy = check_accuracy(model, data, preprocessing)
+        say(accuracy.format())
+        judge_accuracy(accuracy)
     (x_fit, y_fit), (x_cal, _) = data.holdout(holdout)
-    flat, report = convert(model, memory, data.x_test[:num_check_images], None,
-                           quantization=q, train_images=x_fit[:qat_images],
-                           train_labels=y_fit[:qat_images], qat_epochs=qat_epochs, seed=seed)
+    x_fit_in, x_cal_in = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
+    x_check = preprocessing.apply(data.x_test[:num_check_images])
+    key = memory_lib.MemoryKey(memory_lib.fingerprint_model(model), preprocessing.to_dict(),
+                               memory_lib.fingerprint_arrays(x_fit_in, x_cal_in))
+    fitted = False
+    if memory is None:
+        memory = _matching_memory(memory_candidates, key, say, num_stages=num_stages,
+                                  cut_layers=cut_layers, embedding_dim=embedding_dim,
+                                  target_agreement=target_agreement, metric=metric,
+                                  cache=cache_policy is not None)
+    if memory is None:
+        say(f"fitting the semantic memory on {len(x_fit)} images, calibrating on "
+            f"{len(x_cal)}")
+        memory = memory_lib.fit_semantic_memory(
+            model, x_fit_in, x_cal_in, class_names=class_names,
+            num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
+            embedding_dim=32 if embedding_dim is None else embedding_dim,
+            target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
+            seed=seed, key=key)
+        fitted = True
+    q = quant.parse(quantization)
+    say(f"converting ({q.value}) and checking against Keras")
+    flat, report = convert(model, memory, x_check, None, quantization=q,
+                           train_images=x_fit_in[:qat_images],
+                           train_labels=y_fit[:qat_images], qat_epochs=qat_epochs, seed=seed,
+                           preprocessing=preprocessing)
     if q != quant.Quantization.FLOAT32:
+        say("replaying the exit rule on the quantized model")
         flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
         report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
     if gpu_check or require_gpu:
         from converters import gpu_gate  # pylint: disable=import-outside-toplevel
-        gate = gpu_gate.gpu_gate(flat, data.x_test[:min(16, num_check_images)],
-                                 precision=gpu_precision, require_gpu=require_gpu)
+        say("GPU gate")
+        gate = gpu_gate.gpu_gate(flat, x_check[:16], precision=gpu_precision,
+                                 require_gpu=require_gpu)
         report = dataclasses.replace(report, gpu_gate=gate)
     if old_runtime_check or require_old_runtime:
         report = dataclasses.replace(
-            report, old_runtime=_check_old_runtime(flat, data.x_test[:1], require_old_runtime))
+            report, old_runtime=_check_old_runtime(flat, x_check[:1], require_old_runtime))
+    report = dataclasses.replace(report, accuracy=accuracy)
+    if fitted and memory_output:
+        memory.save(memory_output)
+        say(f"wrote the semantic memory to {memory_output}")
     io_utils.write_bytes_atomic(output_path, flat)
     logging.info("Wrote %s (%d bytes).", output_path, len(flat))
     return memory, report
+
+
+def _matching_memory(paths, key: memory_lib.MemoryKey, say, **wanted) -> SemanticMemory | None:
+    """The first memory file among `paths` that matches the conversion, or None."""
+    for path in paths:
+        if not path or not os.path.exists(path):
+            continue
+        try:
+            candidate = memory_lib.SemanticMemory.load(path)
+        except memory_lib.MemoryFileError as e:
+            say(f"not using {path}: {e}")
+            continue
+        why = candidate.mismatches(key, **wanted)
+        if why:
+            say(f"not using the semantic memory {path}: " + "; ".join(why))
+            continue
+        say(f"using the semantic memory {path} (its key matches this model and data)")
+        return candidate
+    return None
 
 
 def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool):
@@ -567,8 +755,6 @@ def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
     Returns:
       (model bytes, possibly with a new exit rule; the check).
     """
-    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
-
     def streams_of(full):
         return memory_lib.calibration_streams(full, num_frames=num_frames, seed=seed)
 

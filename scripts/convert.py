@@ -4,13 +4,19 @@ Example:
   python scripts/convert.py --model=model.keras --data=fashion_mnist \
       --output=model.smtm.tflite
 
-If a semantic memory file (from `SemanticMemoryCallback`, by default
-`<model>.smtm.npz` beside the model) exists it is used; otherwise the
-encoders are trained and the exits calibrated from `--data`, and the memory is
-saved beside the model.
+Models that expect preprocessed input (x / 255, [-1, 1], ImageNet mean/std)
+and do not do it in their first layer need `--preprocessing` or
+`--input_scale`/`--input_offset`; the .tflite records it and runtimes apply
+it to camera pixels.
+
+A semantic memory file (`--memory`; by default `<output>.smtm.npz`, or
+`<model>.smtm.npz` from `SemanticMemoryCallback`) is used only when its key
+matches this model, preprocessing, data and choices; otherwise the encoders
+are trained and the exits calibrated from `--data`, and the memory is saved to
+`--memory` or beside the output, once every check has passed.
 """
 
-import os
+import sys
 
 from absl import app
 from absl import flags
@@ -22,7 +28,8 @@ from smtm_tf import cache as cache_lib
 from smtm_tf import data as data_lib
 from smtm_tf import exit_policy
 from smtm_tf import kerascompat
-from smtm_tf import memory as memory_lib
+from smtm_tf import preprocessing as prep
+from smtm_tf import stages as stages_lib
 
 _MODEL = flags.DEFINE_string("model", None, "Trained Keras model (.keras or .h5).",
                              required=True)
@@ -31,12 +38,29 @@ _DATA = flags.DEFINE_string(
     "folder with one sub-folder of images per class.", required=True)
 _OUTPUT = flags.DEFINE_string("output", None, "Where to write the .tflite.", required=True)
 _MEMORY = flags.DEFINE_string(
-    "memory", None, "Semantic memory file; default <model>.smtm.npz when it exists.")
+    "memory", None, "Semantic memory file to reuse (when its key matches) and to write a "
+    "newly fitted memory to; default <output>.smtm.npz (reading <model>.smtm.npz too).")
 _RETRAIN = flags.DEFINE_bool("retrain", False,
-                             "Fit a new memory even if a memory file exists.")
-_NUM_STAGES = flags.DEFINE_integer("num_stages", 4, "Stages when --cut_layers is not set.")
+                             "Fit a new memory even if a matching memory file exists.")
+_PREPROCESSING = flags.DEFINE_enum(
+    "preprocessing", None, [p.value for p in prep.Preset],
+    "What the model expects done to pixels (0..255) outside it: raw (nothing), unit "
+    "(x/255), symmetric (x/127.5-1), imagenet ((x/255-mean)/std, RGB). Default: none, or "
+    "what the model's first Rescaling/Normalization layer does itself.")
+_INPUT_SCALE = flags.DEFINE_list(
+    "input_scale", None, "The model sees pixel*scale+offset: scale, one value or one per "
+    "channel (instead of --preprocessing).")
+_INPUT_OFFSET = flags.DEFINE_list("input_offset", None,
+                                  "offset, one value or one per channel (see --input_scale).")
+_CHECK_ACCURACY = flags.DEFINE_bool(
+    "check_accuracy", True, "Score the Keras model on the labelled data first and stop when "
+    "it looks like other data or other preprocessing; --nocheck_accuracy for structural "
+    "conversions of untrained models.")
+_NUM_STAGES = flags.DEFINE_integer("num_stages", None,
+                                   "Stages when --cut_layers is not set (default 4).")
 _CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
-_EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", 32, "Semantic vector size.")
+_EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
+                                      "Semantic vector size (default 32).")
 _BUDGET = flags.DEFINE_float(
     "max_accuracy_drop", 1.0, "Budget: points of top-1 agreement with the full model the "
     "early exits may lose (calibrated with a 95% lower confidence bound).")
@@ -70,42 +94,67 @@ _REQUIRE_OLD_RUNTIME = flags.DEFINE_bool(
     "environment exists and a failure is flagged.")
 
 
+def _floats(flag, values):
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError as e:
+        raise app.UsageError(f"--{flag} takes numbers, got {values}.") from e
+
+
 def main(argv):
     del argv
     try:
         quantization = quant.parse(_QUANTIZE.value)
     except quant.QuantizationError as e:
         raise app.UsageError(str(e)) from e
+    try:
+        _convert(quantization)
+    except (smtm_converter.ConversionError, data_lib.DataError, prep.PreprocessingError,
+            stages_lib.StagePlanError, quant.QuantizationError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+def _convert(quantization):
+    print(f"loading {_MODEL.value}", flush=True)
     model = kerascompat.load_model(_MODEL.value)
-    image_size = tuple(int(d) for d in model.inputs[0].shape[1:3])
-    channels = int(model.inputs[0].shape[-1])
-    data = data_lib.load_data(_DATA.value, image_size=image_size, channels=channels)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    preprocessing = prep.resolve(model, _PREPROCESSING.value,
+                                 _floats("input_scale", _INPUT_SCALE.value),
+                                 _floats("input_offset", _INPUT_OFFSET.value))
+    data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
+    print(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images "
+          f"of {data.num_classes} classes, brought to the model's input {shape} "
+          "(smtm_tf.data.adapt_images)", flush=True)
     target = (_TARGET.value if _TARGET.value is not None
               else exit_policy.budget_to_target(_BUDGET.value))
-    memory_file = _MEMORY.value or smtm_converter.memory_path_for(_MODEL.value)
-    memory = None
-    if os.path.exists(memory_file) and not _RETRAIN.value:
-        memory = memory_lib.SemanticMemory.load(memory_file)
-        logging.info("Using the semantic memory in %s.", memory_file)
-        print(f"using semantic memory {memory_file}")
-    else:
-        print(f"fitting a semantic memory from --data={_DATA.value} "
-              f"(saved to {memory_file})")
+    memory_file = _MEMORY.value or smtm_converter.memory_path_for(_OUTPUT.value)
+    candidates = [] if _RETRAIN.value else (
+        [_MEMORY.value] if _MEMORY.value else
+        [memory_file, smtm_converter.memory_path_for(_MODEL.value)])
     memory, report = smtm_converter.convert_model(
-        model, data, _OUTPUT.value, memory=memory, holdout=_HOLDOUT.value,
+        model, data, _OUTPUT.value, holdout=_HOLDOUT.value,
         num_stages=_NUM_STAGES.value, cut_layers=_CUT_LAYERS.value,
         embedding_dim=_EMBEDDING_DIM.value, target_agreement=target, metric=_METRIC.value,
         cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
-        memory_output=memory_file, quantization=quantization, qat_epochs=_QAT_EPOCHS.value,
-        qat_images=_QAT_IMAGES.value, gpu_check=_GPU_GATE.value,
-        require_gpu=_REQUIRE_GPU.value, gpu_precision=_GPU_PRECISION.value,
-        require_old_runtime=_REQUIRE_OLD_RUNTIME.value)
+        memory_output=memory_file, memory_candidates=candidates, quantization=quantization,
+        qat_epochs=_QAT_EPOCHS.value, qat_images=_QAT_IMAGES.value,
+        gpu_check=_GPU_GATE.value, require_gpu=_REQUIRE_GPU.value,
+        gpu_precision=_GPU_PRECISION.value, require_old_runtime=_REQUIRE_OLD_RUNTIME.value,
+        preprocessing=preprocessing, accuracy_check=_CHECK_ACCURACY.value,
+        progress=lambda line: print(line, flush=True))
     plain = len(smtm_converter.convert_keras(model))
     print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
     print("compute share per stage: "
           + ", ".join(f"{100 * c:.1f}%" for c in memory.plan.stage_costs))
     print("nearest-centre agreement with full per stage (calibration set): "
           + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
+    if memory.missing_classes:
+        names = [memory.class_names[c] for c in memory.missing_classes]
+        print(f"{len(names)} classes got no fitting frame and cannot exit: "
+              + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
     rule = memory.exit_rule
     print(f"exit thresholds ({rule.metric.value}"
           + (", hot top-1 class" if rule.uses_cache else "") + "): "

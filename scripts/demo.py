@@ -17,7 +17,6 @@ from converters import smtm_converter
 from delegates import backend_flags
 from smtm_tf import data as data_lib
 from smtm_tf import kerascompat
-from smtm_tf import memory as memory_lib
 from smtm_tf import models
 from smtm_tf import streams
 from smtm_tf import validation
@@ -42,16 +41,14 @@ def main(argv):
         (x_fit, y_fit), (x_val, y_val) = data.holdout(0.1)
         model = models.train_demo_model(x_fit, y_fit, x_val, y_val, blocks_per_stage=2)
         models.save_model_atomic(model, _MODEL.value)
+    # The demo keeps its memory beside its model: reused while its key matches.
     memory_file = smtm_converter.memory_path_for(_MODEL.value)
-    memory = (memory_lib.SemanticMemory.load(memory_file)
-              if os.path.exists(memory_file) else None)
-    print(f"[2/3] converting to {_OUTPUT.value} "
-          + ("(semantic memory: " + memory_file + ")" if memory else
-             "(fitting the semantic memory first)"), flush=True)
+    print(f"[2/3] converting to {_OUTPUT.value}", flush=True)
     # Six stages over the model's eight residual blocks, at near-equal
     # compute shares (used only when the memory is fitted anew).
-    memory, report = smtm_converter.convert_model(model, data, _OUTPUT.value, memory=memory,
-                                                  num_stages=6, memory_output=memory_file)
+    memory, report = smtm_converter.convert_model(
+        model, data, _OUTPUT.value, num_stages=6, memory_candidates=[memory_file],
+        memory_output=memory_file, progress=lambda line: print("      " + line, flush=True))
     print(f"      {report.size_bytes} bytes; full vs Keras max diff "
           f"{report.full_max_abs_diff:.1e}, stage chain {report.chain_max_abs_diff:.1e}")
     print("      nearest-centre agreement with full per stage: "

@@ -37,6 +37,7 @@ import numpy as np
 from smtm_tf import encoders as enc
 from smtm_tf import exit_policy
 from smtm_tf import io_utils
+from smtm_tf import preprocessing as prep
 
 BASELINES_FORMAT_VERSION = 1
 _TINY = np.float32(1e-30)
@@ -410,7 +411,7 @@ def convert(model, memory, heads: BaselineHeads, check_images: np.ndarray,
     flat = conv._convert_module(builder.module, sigs)
     # pylint: enable=protected-access
     flat = metadata.add_metadata(flat, desc.METADATA_NAME,
-                                 builder.descriptor(model.name).to_json().encode())
+                                 builder.descriptor(model.name, prep.Preprocessing.raw()).to_json().encode())
     conv.check_conversion(flat, model, memory, check_images, builder.apply_softmax, atol)
     # Like the similarities, the heads' outputs pass through a whole stage of
     # float32 convolutions (Keras vs XNNPACK) before the head: the same

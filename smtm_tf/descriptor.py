@@ -16,8 +16,10 @@ import numpy as np
 
 from smtm_tf import cache as cache_lib
 from smtm_tf import exit_policy
+from smtm_tf import preprocessing as prep
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+READABLE_SCHEMA_VERSIONS = (1, 2)
 METADATA_NAME = "smtm_descriptor"
 LOOKUP_OP_NAME = "SMTM_CACHE_LOOKUP"
 # How the weights and kernels are quantized (converters/quantization.py);
@@ -178,14 +180,20 @@ class Descriptor:
     lookup_op: LookupOpSpec
     quantization: str = "float32"
     cache: cache_lib.CachePolicy | None = None
+    preprocessing: prep.Preprocessing = prep.Preprocessing.raw()
     schema_version: int = SCHEMA_VERSION
 
     def __post_init__(self):
         if self.schema_version != SCHEMA_VERSION:
             raise DescriptorError(
                 f"Descriptor schema_version {self.schema_version!r} is not supported; "
-                f"this smtm_tf reads version {SCHEMA_VERSION}. Re-convert the model "
+                f"this smtm_tf writes version {SCHEMA_VERSION}. Re-convert the model "
                 "with this version of smtm_tf, or upgrade smtm_tf.")
+        channels = self.full.inputs[0].shape[-1] if self.full.inputs else 0
+        try:
+            self.preprocessing.check_channels(channels)
+        except prep.PreprocessingError as e:
+            raise DescriptorError(str(e)) from e
         if self.quantization not in QUANTIZATIONS:
             raise DescriptorError(
                 f"quantization {self.quantization!r} is not one of {list(QUANTIZATIONS)}.")
@@ -226,6 +234,7 @@ class Descriptor:
             "lookup_op": self.lookup_op.to_dict(),
             "quantization": self.quantization,
             "cache": None if self.cache is None else self.cache.to_dict(),
+            "preprocessing": self.preprocessing.to_dict(),
         }
 
     @classmethod
@@ -233,14 +242,18 @@ class Descriptor:
         if not isinstance(d, dict):
             raise DescriptorError(f"A descriptor must be a JSON object, got {type(d).__name__}.")
         version = d.get("schema_version")
-        if version != SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise DescriptorError(
                 f"Descriptor schema_version {version!r} is not supported; this smtm_tf "
-                f"reads version {SCHEMA_VERSION}. Re-convert the model with this "
-                "version of smtm_tf, or upgrade smtm_tf.")
+                f"reads versions {list(READABLE_SCHEMA_VERSIONS)}. Re-convert the model "
+                "with this version of smtm_tf, or upgrade smtm_tf.")
+        if version == 1:
+            if "preprocessing" in d:
+                raise DescriptorError("A version-1 descriptor has no preprocessing field.")
+            d = dict(d, preprocessing=prep.Preprocessing.raw().to_dict())
         _check_fields(cls, d)
         try:
-            return cls._from_checked_dict(d, version)
+            return cls._from_checked_dict(d)
         except DescriptorError:
             raise
         except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -248,7 +261,7 @@ class Descriptor:
                 f"Malformed descriptor ({type(e).__name__}: {e}). Re-convert the model.") from e
 
     @classmethod
-    def _from_checked_dict(cls, d: dict, version: int) -> "Descriptor":
+    def _from_checked_dict(cls, d: dict) -> "Descriptor":
         try:
             rule = exit_policy.ExitRule.from_dict(d["exit_rule"])
         except (ValueError, KeyError) as e:
@@ -257,13 +270,17 @@ class Descriptor:
             cache = None if d.get("cache") is None else cache_lib.CachePolicy.from_dict(d["cache"])
         except (ValueError, TypeError) as e:
             raise DescriptorError(f"Invalid cache policy: {e}") from e
+        try:
+            preprocessing = prep.Preprocessing.from_dict(d["preprocessing"])
+        except prep.PreprocessingError as e:
+            raise DescriptorError(f"Invalid preprocessing: {e}") from e
         return cls(
             model_name=d["model_name"], class_names=tuple(d["class_names"]),
             pooling=d["pooling"],
             stages=tuple(StageSpec.from_dict(s) for s in d["stages"]),
             head=SignatureSpec.from_dict(d["head"]), full=SignatureSpec.from_dict(d["full"]),
             exit_rule=rule, lookup_op=LookupOpSpec.from_dict(d["lookup_op"]),
-            quantization=d["quantization"], cache=cache, schema_version=version)
+            quantization=d["quantization"], cache=cache, preprocessing=preprocessing)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))

@@ -2,11 +2,17 @@
 
 `fit_semantic_memory` builds it for a trained Keras classifier; it saves to a
 single `.npz` file (written atomically) that the converter reads.
+
+A memory file is a cache of an expensive fit, so it carries a key
+(`MemoryKey`): fingerprints of the model's weights, of the preprocessing and
+of the images it was fitted and calibrated on. `mismatches` says why a file
+does not fit a conversion; such a file is never used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import logging
@@ -20,11 +26,59 @@ from smtm_tf import streams as streams_lib
 from smtm_tf import io_utils
 from smtm_tf import stages as stages_lib
 
-MEMORY_FORMAT_VERSION = 1
+# Version 2 adds the key and the per-class frame counts.
+MEMORY_FORMAT_VERSION = 2
 
 
 class MemoryFileError(ValueError):
     """Raised when a semantic memory file is unreadable or of another version."""
+
+
+def fingerprint_model(model) -> str:
+    """SHA-256 of a Keras model's weights (names, shapes and values, in order)."""
+    h = hashlib.sha256()
+    for w in model.weights:
+        value = np.ascontiguousarray(np.asarray(w), np.float32)
+        h.update(f"{w.name}:{value.shape};".encode())
+        h.update(value.tobytes())
+    return h.hexdigest()
+
+
+def fingerprint_arrays(*arrays: np.ndarray) -> str:
+    """SHA-256 of float32 arrays (shapes and values), e.g. the images a memory saw."""
+    h = hashlib.sha256()
+    for a in arrays:
+        a = np.ascontiguousarray(a, np.float32)
+        h.update(f"{a.shape};".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class MemoryKey:
+    """What a fitted memory is valid for.
+
+    Attributes:
+      model: `fingerprint_model` of the classifier it was fitted to.
+      preprocessing: the model's preprocessing (`Preprocessing.to_dict()`),
+        or None when not known (a memory fitted by the callback on the
+        user's own, already preprocessed arrays).
+      data: `fingerprint_arrays` of the fitting and calibration images, or
+        None when not known (the callback).
+    """
+
+    model: str
+    preprocessing: dict | None = None
+    data: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MemoryKey":
+        if not isinstance(d, dict) or set(d) != {"model", "preprocessing", "data"}:
+            raise MemoryFileError(f"Malformed memory key {d!r}.")
+        return cls(**d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +96,9 @@ class SemanticMemory:
         measured on the calibration frames (for reports).
       cache_policy: the hot-class cache the exit rule was calibrated with, or
         None for a rule without a cache.
+      key: what the memory is valid for (None: not recorded, never reused).
+      class_frames: per class, the fitting frames the model assigned to it.
+        A class with none has a zero centre and cannot exit.
     """
 
     plan: stages_lib.StagePlan
@@ -52,6 +109,52 @@ class SemanticMemory:
     class_names: tuple[str, ...]
     stage_accuracy: tuple[float, ...] = ()
     cache_policy: cache_lib.CachePolicy | None = None
+    key: MemoryKey | None = None
+    class_frames: tuple[int, ...] = ()
+
+    @property
+    def missing_classes(self) -> tuple[int, ...]:
+        """Classes no fitting frame was assigned to: they cannot exit."""
+        return tuple(c for c, n in enumerate(self.class_frames) if n == 0)
+
+    def mismatches(self, key: MemoryKey, num_stages: int | None = None,
+                   cut_layers=None, embedding_dim: int | None = None,
+                   target_agreement: float | None = None, metric=None,
+                   cache: bool | None = None) -> list[str]:
+        """Why this memory does not fit a conversion (empty when it does).
+
+        `key` is the conversion's; the other arguments are what the user
+        asked for (None: no preference, the memory's own choice is kept).
+        """
+        why = []
+        if self.key is None:
+            return ["it records no key (written by an older smtm_tf)"]
+        if self.key.model != key.model:
+            why.append("it was fitted to other model weights")
+        if self.key.preprocessing is not None and key.preprocessing is not None \
+                and self.key.preprocessing != key.preprocessing:
+            why.append(f"it was fitted with preprocessing {self.key.preprocessing}, not "
+                       f"{key.preprocessing}")
+        if self.key.data is not None and key.data is not None and self.key.data != key.data:
+            why.append("it was fitted on other data (or another --holdout)")
+        if cut_layers and tuple(cut_layers) != self.plan.cut_layers:
+            why.append(f"its stages end at {list(self.plan.cut_layers)}, not {list(cut_layers)}")
+        elif num_stages is not None and not cut_layers and num_stages != self.plan.num_stages:
+            why.append(f"it has {self.plan.num_stages} stages, not {num_stages}")
+        if embedding_dim is not None and any(d != embedding_dim for d in self.embedding_dims):
+            why.append(f"its semantic vectors have {self.embedding_dims[0]} dimensions, not "
+                       f"{embedding_dim}")
+        if target_agreement is not None and abs(
+                self.exit_rule.target_agreement - target_agreement) > 1e-9:
+            why.append(f"its exits were calibrated for {100 * self.exit_rule.target_agreement:.2f}%"
+                       f" agreement, not {100 * target_agreement:.2f}%")
+        if metric is not None and exit_policy.Metric(metric) is not self.exit_rule.metric:
+            why.append(f"its metric is {self.exit_rule.metric.value}, not "
+                       f"{exit_policy.Metric(metric).value}")
+        if cache is not None and cache != self.exit_rule.uses_cache:
+            why.append("its rule was calibrated " + ("without" if cache else "with")
+                       + " a cache of hot classes")
+        return why
 
     def __post_init__(self):
         n = self.plan.num_stages
@@ -91,6 +194,8 @@ class SemanticMemory:
             "class_names": list(self.class_names),
             "stage_accuracy": list(self.stage_accuracy),
             "cache_policy": None if self.cache_policy is None else self.cache_policy.to_dict(),
+            "key": None if self.key is None else self.key.to_dict(),
+            "class_frames": [int(n) for n in self.class_frames],
         }
         arrays = {"meta": np.array(json.dumps(meta))}
         for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
@@ -112,6 +217,9 @@ class SemanticMemory:
             with np.load(path, allow_pickle=False) as f:
                 arrays = {k: f[k] for k in f.files}
             meta = json.loads(str(arrays["meta"]))
+            if meta.get("format_version") == 1:  # No key: loads, but is never reused.
+                meta = dict(meta, format_version=MEMORY_FORMAT_VERSION, key=None,
+                            class_frames=[])
             if meta.get("format_version") != MEMORY_FORMAT_VERSION:
                 raise MemoryFileError(
                     f"{path} has memory format version {meta.get('format_version')!r}; this "
@@ -127,7 +235,9 @@ class SemanticMemory:
                 class_names=tuple(meta["class_names"]),
                 stage_accuracy=tuple(meta["stage_accuracy"]),
                 cache_policy=(None if meta.get("cache_policy") is None
-                              else cache_lib.CachePolicy.from_dict(meta["cache_policy"])))
+                              else cache_lib.CachePolicy.from_dict(meta["cache_policy"])),
+                key=None if meta["key"] is None else MemoryKey.from_dict(meta["key"]),
+                class_frames=tuple(int(n) for n in meta["class_frames"]))
         except MemoryFileError:
             raise
         except Exception as e:  # pylint: disable=broad-except
@@ -231,7 +341,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
-                        batch_size: int = 256, seed: int = 0) -> SemanticMemory:
+                        batch_size: int = 256, seed: int = 0,
+                        key: MemoryKey | None = None) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -256,9 +367,13 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       encoder_epochs: epochs of encoder training.
       batch_size: batch size for feature extraction and training.
       seed: random seed.
+      key: what the memory is valid for; default: the model's weights (the
+        data and preprocessing are the caller's and not recorded).
 
     Returns:
-      The fitted SemanticMemory.
+      The fitted SemanticMemory. Classes the model assigns no frame of
+      `x_train` to get zero centres (similarity 0 to every frame) and cannot
+      exit; `memory.missing_classes` lists them.
     """
     plan = stages_lib.plan_stages(model, num_stages=num_stages, cut_layers=cut_layers)
     stage_models, head = stages_lib.split_model(model, plan)
@@ -275,6 +390,11 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         raise ValueError(
             f"{len(class_names)} class names for a model with {num_classes} outputs.")
     targets = train.predictions
+    class_frames = np.bincount(targets, minlength=num_classes)
+    if (class_frames == 0).any():
+        logging.warning("%d of %d classes get no fitting frame (the model never answers "
+                        "them on this data); they cannot exit.",
+                        int((class_frames == 0).sum()), num_classes)
     centres_kind = enc.Centres(centres)
     encoders, centres = [], []
     for s, pooled in enumerate(train.pooled):
@@ -283,14 +403,16 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                                        seed=seed + s)
         encoders.append(e)
         if centres_kind is enc.Centres.CLASS_WEIGHTS:
-            centres.append(weights)
+            centres.append(np.where(class_frames[:, None] > 0, weights, 0.0).astype(np.float32))
         else:
             centres.append(enc.class_centres(e.encode(pooled), targets, num_classes))
         logging.info("Trained the stage %d encoder.", s)
     memory = SemanticMemory(plan, pooling, tuple(encoders), tuple(centres),
                             exit_policy.ExitRule(exit_policy.Metric.MARGIN,
                                                  (None,) * plan.num_stages, 1.0),
-                            tuple(class_names))
+                            tuple(class_names),
+                            key=key if key is not None else MemoryKey(fingerprint_model(model)),
+                            class_frames=tuple(int(n) for n in class_frames))
     sims = memory.similarities(calib)
     full = calib.predictions
     accuracy = tuple(float((s.argmax(axis=1) == full).mean()) for s in sims)

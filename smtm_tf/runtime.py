@@ -8,6 +8,9 @@ passes returns that class; else it goes on, and after the last stage it runs
 the head. Each stage compares with the centres of ALL classes (the whole
 memory), so a frame of any class is judged against every class; the cache
 only relaxes the rule for its classes. Answers then update the cache.
+
+Frames are camera pixels: the descriptor's preprocessing (`pixel * scale +
+offset`, per channel) is applied as a frame enters stage 0 or `full`.
 """
 
 from __future__ import annotations
@@ -85,7 +88,21 @@ class SmtmRuntime:
         self._head_out = self._head.output_view("probabilities")
         self._full_in = self._full.input_view("image")
         self._full_out = self._full.output_view("probabilities")
+        self.preprocessing = self.descriptor.preprocessing
+        self._feed = self._make_feed(self.preprocessing, self._input_shape[-1])
         self.set_exit_rule(self.descriptor.exit_rule, self.descriptor.cache)
+
+    @staticmethod
+    def _make_feed(preprocessing, channels: int):
+        """dst <- preprocess(frame), written into a graph input without allocating."""
+        if preprocessing.is_identity:
+            return np.copyto
+        scale, offset = preprocessing.arrays(channels)
+
+        def feed(dst, frame):
+            np.multiply(frame, scale, out=dst)
+            np.add(dst, offset, out=dst)
+        return feed
 
     def set_exit_rule(self, rule: exit_policy.ExitRule,
                       cache_policy: cache_lib.CachePolicy | None = None) -> None:
@@ -213,13 +230,16 @@ class SmtmRuntime:
           (class_id, exit_stage). A verified exit that the full model
           contradicts returns the full model's class (at its exit stage).
         """
-        activation = frame
+        activation = None
         memory = self.memory
         decide = memory.decide
         copyto = np.copyto
         semantics = self._semantics
         for s, (invoke, act_in, sims, semantic, next_act, never) in enumerate(self._plan):
-            copyto(act_in, activation)
+            if activation is None:
+                self._feed(act_in, frame)
+            else:
+                copyto(act_in, activation)
             invoke()
             if never:
                 activation = next_act
@@ -249,14 +269,14 @@ class SmtmRuntime:
         return answer, self.num_stages
 
     def classify_full(self, frame: np.ndarray) -> int:
-        """Runs the `full` signature on a float32 `[1, H, W, C]` frame."""
-        np.copyto(self._full_in, frame)
+        """Runs the `full` signature on a float32 `[1, H, W, C]` frame of pixels."""
+        self._feed(self._full_in, frame)
         self._full.invoke()
         return int(self._full_out.argmax())
 
     def stage_similarities(self, frame: np.ndarray) -> list[np.ndarray]:
         """Similarities to all centres at every stage (no exits), for analysis."""
-        activation = self._frame(frame)
+        activation = self.preprocessing.apply(self._frame(frame))
         out = []
         for stage in self._stages:
             stage.set_input("activation", activation)

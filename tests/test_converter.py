@@ -16,6 +16,7 @@ from smtm_tf import data as data_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
 from smtm_tf import memory as memory_lib
+from smtm_tf import preprocessing as prep
 from smtm_tf import runtime
 from smtm_tf import stages
 import testing_utils as tu
@@ -259,6 +260,16 @@ class OutputActivationTest(absltest.TestCase):
         np.testing.assert_allclose(got, np.asarray(model(self.images)), atol=1e-5)
 
 
+def _nudged(model):
+    """A copy of `model` with one weight changed by 1e-4 (the same answers)."""
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    copy = tf_keras.models.clone_model(model)
+    weights = model.get_weights()
+    weights[-1] = weights[-1] + 1e-4
+    copy.set_weights(weights)
+    return copy
+
+
 class ConvertModelTest(absltest.TestCase):
 
     @classmethod
@@ -292,11 +303,12 @@ class ConvertModelTest(absltest.TestCase):
         with open(out2, "rb") as f:
             self.assertEqual(runtime.read_descriptor(f.read()), d)
 
-    def test_rejects_data_of_another_shape(self):
-        x, y = tu.stripes(20, seed=0, size=8)
-        data = data_lib.LabelledData(x, y, x, y, tu.CLASS_NAMES)
+    def test_rejects_data_whose_channels_have_no_rule(self):
+        x, y = tu.stripes(20, seed=0)
+        x2 = np.concatenate([x, x], axis=-1)
+        data = data_lib.LabelledData(x2, y, x2, y, tu.CLASS_NAMES)
         out = os.path.join(self.create_tempdir().full_path, "m.tflite")
-        with self.assertRaisesRegex(ValueError, r"\(8, 8, 1\) but the model takes \(12, 12, 1\)"):
+        with self.assertRaisesRegex(data_lib.DataError, "2 channels and the model takes 1"):
             smtm_converter.convert_model(self.model, data, out)
         self.assertFalse(os.path.exists(out))
 
@@ -304,6 +316,98 @@ class ConvertModelTest(absltest.TestCase):
         self.assertEqual(smtm_converter.memory_path_for("a/b/model.keras"),
                          "a/b/model.smtm.npz")
         self.assertEqual(smtm_converter.memory_path_for("model.h5"), "model.smtm.npz")
+        self.assertEqual(smtm_converter.memory_path_for("out/m.smtm.tflite"), "out/m.smtm.npz")
+        self.assertEqual(smtm_converter.memory_path_for("out/m.tflite"), "out/m.smtm.npz")
+
+    def test_failed_check_after_fitting_leaves_no_file(self):
+        directory = self.create_tempdir().full_path
+        out = os.path.join(directory, "m.tflite")
+        failure = smtm_converter.ConversionError("differs")
+        with mock.patch.object(smtm_converter, "check_conversion", side_effect=failure):
+            with self.assertRaisesRegex(smtm_converter.ConversionError, "differs"):
+                smtm_converter.convert_model(
+                    self.model, self.data, out, holdout=0.2, num_stages=2, embedding_dim=4,
+                    cache_policy=None, num_check_images=4, gpu_check=False,
+                    memory_output=os.path.join(directory, "m.smtm.npz"))
+        self.assertEqual(os.listdir(directory), [])
+
+    def test_memory_is_reused_only_while_its_key_matches(self):
+        directory = self.create_tempdir().full_path
+        mem_path = os.path.join(directory, "m.smtm.npz")
+        lines = []
+        kwargs = dict(holdout=0.2, num_stages=2, embedding_dim=4, cache_policy=None,
+                      num_check_images=4, gpu_check=False, memory_output=mem_path,
+                      memory_candidates=[mem_path], progress=lines.append)
+        first, _ = smtm_converter.convert_model(
+            self.model, self.data, os.path.join(directory, "a.tflite"), **kwargs)
+        self.assertTrue(any(line.startswith("fitting the semantic memory") for line in lines))
+        lines.clear()
+        again, _ = smtm_converter.convert_model(
+            self.model, self.data, os.path.join(directory, "b.tflite"), **kwargs)
+        self.assertIn(f"using the semantic memory {mem_path} (its key matches this model "
+                      "and data)", lines)
+        self.assertEqual(again.key, first.key)
+        # The same model and data with another budget, other data, or other
+        # weights: never reused.
+        for change, why in (
+                (dict(target_agreement=0.9), "calibrated for 99.00% agreement, not 90.00%"),
+                (dict(data=tu.labelled_stripes(300, 40, train_seed=30, test_seed=21)),
+                 "fitted on other data"),
+                (dict(model=_nudged(self.model)), "fitted to other model weights")):
+            lines.clear()
+            args = dict(kwargs, model=self.model, data=self.data,
+                        output_path=os.path.join(directory, "c.tflite"))
+            args.update(change)
+            smtm_converter.convert_model(**args)
+            self.assertTrue(any(line.startswith(f"not using the semantic memory {mem_path}")
+                                and why in line for line in lines), (why, lines))
+            self.assertTrue(any(line.startswith("fitting") for line in lines))
+            smtm_converter.convert_model(**kwargs, model=self.model, data=self.data,
+                                         output_path=os.path.join(directory, "d.tflite"))
+
+    def test_preprocessing_is_recorded_and_applied_to_pixels(self):
+        # The model was trained on stripes; the "camera" gives them as pixels x 255.
+        pixels = dataclasses.replace(self.data, x_train=self.data.x_train * 255.0,
+                                     x_test=self.data.x_test * 255.0)
+        out = os.path.join(self.create_tempdir().full_path, "m.tflite")
+        unit = prep.Preprocessing.preset("unit", 1)
+        lines = []
+        smtm_converter.convert_model(self.model, pixels, out, holdout=0.2, num_stages=2,
+                                     embedding_dim=4, num_check_images=4, gpu_check=False,
+                                     preprocessing=unit, progress=lines.append)
+        self.assertIn("preprocessing: pixel * [0.00392157] + [0] (unit)", lines)
+        with open(out, "rb") as f:
+            rt = runtime.SmtmRuntime(f.read())
+        self.assertEqual(rt.descriptor.preprocessing, unit)
+        want = np.asarray(self.model(self.data.x_test[:20])).argmax(-1)
+        got = [rt.classify_full(np.ascontiguousarray(x[None])) for x in pixels.x_test[:20]]
+        np.testing.assert_array_equal(got, want)
+        answers = [rt.classify(x).class_id for x in pixels.x_test[:20]]
+        self.assertGreaterEqual(np.mean(np.array(answers) == want), 0.9)
+
+    def test_accuracy_check_scores_every_preset(self):
+        pixels = dataclasses.replace(self.data, x_test=self.data.x_test * 255.0)
+        check = smtm_converter.check_accuracy(self.model, pixels, prep.Preprocessing.raw())
+        self.assertEqual(sorted(check.alternatives), ["symmetric", "unit"])
+        self.assertGreater(check.alternatives["unit"], 0.9)
+        self.assertEqual(check.images, 40)
+        self.assertAlmostEqual(check.chance, 0.25)
+        own = smtm_converter.check_accuracy(self.model, pixels,
+                                            prep.Preprocessing.preset("unit", 1))
+        self.assertEqual(own.accuracy, check.alternatives["unit"])
+
+    def test_judge_accuracy(self):
+        judge = smtm_converter.judge_accuracy
+        judge(smtm_converter.AccuracyCheck(0.9, 100, 0.1, {"unit": 0.95}))
+        with self.assertRaisesRegex(smtm_converter.DataMismatchError,
+                                    r"50.0% .* but 95.0% with --preprocessing=unit"):
+            judge(smtm_converter.AccuracyCheck(0.5, 100, 0.1, {"unit": 0.95, "raw": 0.4}))
+        with self.assertRaisesRegex(smtm_converter.DataMismatchError,
+                                    r"near chance .*--nocheck_accuracy"):
+            judge(smtm_converter.AccuracyCheck(0.15, 100, 0.1, {}))
+        # A preset that also scores near chance is not suggested.
+        with self.assertRaisesRegex(smtm_converter.DataMismatchError, "no preprocessing preset"):
+            judge(smtm_converter.AccuracyCheck(0.0, 100, 0.25, {"unit": 0.245}))
 
     def test_convert_keras_is_a_plain_model(self):
         flat = smtm_converter.convert_keras(self.model)

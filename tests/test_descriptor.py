@@ -8,6 +8,7 @@ import numpy as np
 
 from smtm_tf import descriptor as desc
 from smtm_tf import exit_policy
+from smtm_tf import preprocessing as prep
 import testing_utils as tu
 
 
@@ -54,12 +55,53 @@ class RoundTripTest(absltest.TestCase):
         self.assertEqual(d.lookup_op.name, desc.LOOKUP_OP_NAME)
 
 
+class PreprocessingTest(parameterized.TestCase):
+
+    def test_round_trip_keeps_per_channel_values(self):
+        p = prep.Preprocessing((0.5,), (-1.0,), "flags")
+        d = make_descriptor(preprocessing=p)
+        back = desc.Descriptor.from_json(d.to_json())
+        self.assertEqual(back.preprocessing, p)
+        np.testing.assert_allclose(back.preprocessing.apply(np.full((2, 1), 4.0)), 1.0)
+
+    def test_per_channel_values_must_match_the_input(self):
+        p = prep.Preprocessing((0.5, 0.25, 0.125), (-1.0, 0.0, 1.0), "flags")
+        with self.assertRaisesRegex(desc.DescriptorError, "3 values for a model with 1"):
+            make_descriptor(preprocessing=p)
+
+    def test_version_1_reads_as_pixels_unchanged(self):
+        d = json.loads(make_descriptor().to_json())
+        d["schema_version"] = 1
+        del d["preprocessing"]
+        back = desc.Descriptor.from_json(json.dumps(d))
+        self.assertTrue(back.preprocessing.is_identity)
+        self.assertEqual(back.schema_version, desc.SCHEMA_VERSION)
+
+    def test_version_1_with_preprocessing_is_rejected(self):
+        d = json.loads(make_descriptor().to_json())
+        d["schema_version"] = 1
+        with self.assertRaisesRegex(desc.DescriptorError, "version-1 descriptor"):
+            desc.Descriptor.from_json(json.dumps(d))
+
+    @parameterized.named_parameters(
+        ("zero_scale", {"scale": [0.0], "offset": [0.0], "source": "flags"}, "must not be 0"),
+        ("nan", {"scale": [float("nan")], "offset": [0.0], "source": "flags"}, "finite"),
+        ("extra", {"scale": [1.0], "offset": [0.0], "source": "x", "gamma": 2}, "exactly"),
+        ("channels", {"scale": [1.0, 2.0], "offset": [0.0], "source": "x"}, "channels"),
+    )
+    def test_bad_preprocessing_is_rejected(self, value, pattern):
+        d = json.loads(make_descriptor().to_json())
+        d["preprocessing"] = value
+        with self.assertRaisesRegex(desc.DescriptorError, pattern):
+            desc.Descriptor.from_json(json.dumps(d, allow_nan=True))
+
+
 class RejectionTest(parameterized.TestCase):
 
     def _dict(self):
         return json.loads(make_descriptor().to_json())
 
-    @parameterized.named_parameters(("newer", 2), ("zero", 0), ("string", "1"), ("none", None))
+    @parameterized.named_parameters(("newer", 3), ("zero", 0), ("string", "1"), ("none", None))
     def test_unknown_schema_version(self, version):
         d = self._dict()
         d["schema_version"] = version
@@ -74,8 +116,8 @@ class RejectionTest(parameterized.TestCase):
             desc.Descriptor.from_json(json.dumps(d))
 
     def test_constructing_another_version_is_rejected(self):
-        with self.assertRaisesRegex(desc.DescriptorError, "schema_version 2"):
-            make_descriptor(schema_version=2)
+        with self.assertRaisesRegex(desc.DescriptorError, "schema_version 1"):
+            make_descriptor(schema_version=1)
 
     def test_unknown_top_level_field(self):
         d = self._dict()
