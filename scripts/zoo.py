@@ -1,0 +1,79 @@
+"""Runs every zoo model through the converter and the runtime, and prints the table.
+
+Example:
+  python scripts/build_zoo.py --out_dir=out/zoo          # train the zoo (once)
+  python scripts/zoo.py --zoo_dir=out/zoo --markdown=docs/model_zoo.md \
+      --json=out/zoo/results.json
+
+Each model is converted the default way plus the preprocessing flag its zoo
+entry states, then measured on `video`, `uniform` and `object` streams of
+Fashion-MNIST test images (speed-up and agreement with `full`), converted to
+int8 and float16, checked on tflite-runtime 2.14 (when its virtualenv exists)
+and through the strict GPU gate (when a GPU or software Vulkan is present).
+"""
+
+import json
+import os
+import platform
+import sys
+import time
+
+from absl import app
+from absl import flags
+
+from smtm_tf import data as data_lib
+from smtm_tf import zoo_benchmark
+
+_ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "Folder written by scripts/build_zoo.py "
+                               "(zoo.json and the .keras files).", required=True)
+_OUT_DIR = flags.DEFINE_string("out_dir", None, "Where the .tflite files and memories go "
+                               "(default: <zoo_dir>/converted).")
+_MODELS = flags.DEFINE_list("models", None, "Zoo models to run (default: all in zoo.json).")
+_FRAMES = flags.DEFINE_integer("frames", 1500, "Frames per stream.")
+_MARKDOWN = flags.DEFINE_string("markdown", None, "Write the table here (markdown).")
+_JSON = flags.DEFINE_string("json", None, "Write the figures here (JSON).")
+
+
+def main(argv):
+    del argv
+    index_path = os.path.join(_ZOO_DIR.value, "zoo.json")
+    if not os.path.isfile(index_path):
+        print(f"error: {index_path} not found; build the zoo first: python3 "
+              f"scripts/build_zoo.py --out_dir={_ZOO_DIR.value}", file=sys.stderr)
+        sys.exit(1)
+    with open(index_path) as f:
+        index = json.load(f)
+    entries = index["models"] if isinstance(index, dict) else index
+    if _MODELS.value:
+        unknown = set(_MODELS.value) - {e["name"] for e in entries}
+        if unknown:
+            raise app.UsageError(f"--models: {sorted(unknown)} are not in {index_path}.")
+        entries = [e for e in entries if e["name"] in _MODELS.value]
+    out_dir = _OUT_DIR.value or os.path.join(_ZOO_DIR.value, "converted")
+    os.makedirs(out_dir, exist_ok=True)
+    data = data_lib.load_fashion_mnist()
+    rows = []
+    t0 = time.time()
+    for i, entry in enumerate(entries):
+        print(f"== {i + 1}/{len(entries)} {entry['name']} ({time.time() - t0:.0f} s)",
+              flush=True)
+        path = os.path.join(_ZOO_DIR.value, entry["file"])
+        rows.append(zoo_benchmark.evaluate(
+            entry["name"], path, entry["preprocessing"], data, out_dir, frames=_FRAMES.value,
+            progress=lambda line: print(line, flush=True)))
+    print()
+    print(zoo_benchmark.format_markdown(rows))
+    header = (f"Produced by `python3 scripts/zoo.py --zoo_dir={_ZOO_DIR.value} "
+              f"--frames={_FRAMES.value}` on {platform.machine()}, {os.cpu_count()} CPUs, "
+              f"XNNPACK 1 thread, in {time.time() - t0:.0f} s. Speed-up and agreement with "
+              "`full` at the default budget (1 point), streams of Fashion-MNIST test "
+              "images brought to each model's input.\n\n")
+    zoo_benchmark.write_results(rows, _MARKDOWN.value, _JSON.value, header)
+
+
+def run():
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,173 @@
+"""The zoo table: every zoo model through the converter and the runtime, as a user would.
+
+Per model: the default conversion (float32, the model's own preprocessing
+flag), `full` against Keras, the planned compute shares, speed-up and
+agreement with `full` on `video`, `uniform` and `object` streams (both methods
+interleaved in one process: `validation.compare`), the int8 and float16
+conversions, the tflite-runtime 2.14 check and the strict GPU gate.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+import traceback
+
+import numpy as np
+
+from converters import quantization as quant
+from converters import smtm_converter
+from delegates import cpu
+from smtm_tf import data as data_lib
+from smtm_tf import io_utils
+from smtm_tf import kerascompat
+from smtm_tf import preprocessing as prep
+from smtm_tf import streams as streams_lib
+from smtm_tf import validation
+from smtm_tf.runtime import SmtmRuntime
+
+STREAMS = ("video", "uniform", "object")
+VARIANTS = ("int8", "float16")
+
+
+@dataclasses.dataclass
+class StreamFigures:
+    speedup: float
+    agreement: float  # Share of frames answered as `full` answers them.
+    accuracy_drop: float  # Top-1 points lost against `full` (labels).
+
+
+@dataclasses.dataclass
+class ZooRow:
+    """One zoo model's figures (None where a step failed or did not run)."""
+
+    name: str
+    preprocessing: str  # The flag the conversion used ("" when none was needed).
+    keras_accuracy: float | None = None
+    convert_seconds: float | None = None
+    stage_shares: tuple[float, ...] = ()
+    full_vs_keras: float | None = None
+    streams: dict = dataclasses.field(default_factory=dict)  # kind -> StreamFigures
+    variants: dict = dataclasses.field(default_factory=dict)  # name -> "ok ..." / "FAILED ..."
+    old_runtime: str = "not checked"
+    gpu: str = "not checked"
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["streams"] = {k: dataclasses.asdict(v) for k, v in self.streams.items()}
+        return d
+
+
+def preprocessing_flag(preset: str | None) -> str:
+    """The convert.py flag a zoo entry needs ("" for a model that rescales itself)."""
+    return "" if preset is None else f"--preprocessing={preset}"
+
+
+def _short(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"
+
+
+def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.LabelledData,
+             out_dir: str, frames: int = 1500, variants=VARIANTS, seed: int = 0,
+             progress=print) -> ZooRow:
+    """Converts one zoo model the default way and measures it.
+
+    Args:
+      name: the zoo entry's name.
+      model_path: its `.keras` file.
+      preset: the preprocessing preset it expects outside the graph, or None.
+      data: camera pixels (e.g. Fashion-MNIST as loaded; brought to the
+        model's input by the converter's rule).
+      out_dir: where the .tflite files and memories go.
+      frames: frames per stream.
+      variants: quantized variants to convert too.
+    """
+    row = ZooRow(name, preprocessing_flag(preset))
+    say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
+    try:
+        model = kerascompat.load_model(model_path)
+        shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        data = data_lib.adapt(data, shape[:2], shape[2])
+        preprocessing = prep.resolve(model, preset)
+        out = os.path.join(out_dir, f"{name}.smtm.tflite")
+        t0 = time.time()
+        memory, report = smtm_converter.convert_model(
+            model, data, out, memory_output=smtm_converter.memory_path_for(out),
+            memory_candidates=[smtm_converter.memory_path_for(out)],
+            preprocessing=preprocessing, progress=say)
+        row.convert_seconds = time.time() - t0
+        row.keras_accuracy = report.accuracy.accuracy if report.accuracy else None
+        row.stage_shares = tuple(memory.plan.stage_costs)
+        row.full_vs_keras = report.full_max_abs_diff
+        if report.gpu_gate is not None:
+            row.gpu = ("fully accelerated" if report.gpu_gate.ok else
+                       "no GPU" if not report.gpu_gate.available else "FAILED")
+        if report.old_runtime is not None:
+            row.old_runtime = "ok" if report.old_runtime.ok else "FAILED"
+        with open(out, "rb") as f:
+            runtime = SmtmRuntime(f.read(), cpu.CpuBackend(num_threads=1))
+        for kind in STREAMS:
+            stream = streams_lib.make_stream(kind, data.y_test, frames, seed=seed)
+            say(f"{kind}: {frames} frames, full and SMTM interleaved")
+            c = validation.compare(runtime, stream.render(data.x_test), stream.labels)
+            row.streams[kind] = StreamFigures(c.speedup, c.smtm.agreement, c.accuracy_drop)
+        for variant in variants:
+            vout = os.path.join(out_dir, f"{name}.{variant}.smtm.tflite")
+            say(f"converting the {variant} variant")
+            try:
+                _, vreport = smtm_converter.convert_model(
+                    model, data, vout, memory=memory, preprocessing=preprocessing,
+                    quantization=quant.parse(variant), gpu_check=False, progress=None,
+                    accuracy_check=False)
+                text = f"ok, full top-1 = Keras on {100 * vreport.full_top1_agreement:.0f}%"
+                if vreport.old_runtime is not None and not vreport.old_runtime.ok:
+                    text += "; tflite-runtime 2.14 FAILED"
+                row.variants[variant] = text
+            except Exception as e:  # pylint: disable=broad-except
+                row.variants[variant] = "FAILED " + _short(e)
+    except Exception as e:  # pylint: disable=broad-except
+        row.error = _short(e)
+        say("FAILED: " + row.error)
+        say(traceback.format_exc(limit=3))
+    return row
+
+
+def format_markdown(rows: list[ZooRow]) -> str:
+    """The zoo table as markdown."""
+    head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
+    head += [f"{k} speed-up / agree" for k in STREAMS]
+    head += list(VARIANTS) + ["tflite-runtime 2.14", "GPU strict"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.name} | {r.preprocessing or '-'} | FAILED: {r.error} |"
+                         + " |" * (len(head) - 3))
+            continue
+        cells = [r.name, r.preprocessing or "-",
+                 "-" if r.keras_accuracy is None else f"{100 * r.keras_accuracy:.1f}%",
+                 f"{r.convert_seconds:.0f}",
+                 "/".join(f"{100 * s:.0f}" for s in r.stage_shares),
+                 f"{r.full_vs_keras:.1e}"]
+        for k in STREAMS:
+            f = r.streams.get(k)
+            cells.append("-" if f is None else f"{f.speedup:.2f}x / {100 * f.agreement:.2f}%")
+        cells += [r.variants.get(v, "-") for v in VARIANTS]
+        cells += [r.old_runtime, r.gpu]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_results(rows: list[ZooRow], markdown_path: str | None, json_path: str | None,
+                  header: str = "") -> None:
+    """Writes the table (markdown, with `header` above it) and the figures (JSON)."""
+    if markdown_path:
+        io_utils.write_bytes_atomic(markdown_path,
+                                    (header + format_markdown(rows) + "\n").encode())
+    if json_path:
+        io_utils.write_bytes_atomic(
+            json_path, json.dumps([r.to_dict() for r in rows], indent=1,
+                                  default=lambda o: float(o) if isinstance(
+                                      o, np.floating) else str(o)).encode())
