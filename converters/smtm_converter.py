@@ -630,7 +630,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
             num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
             embedding_dim=32 if embedding_dim is None else embedding_dim,
             target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-            seed=seed, key=key)
+            seed=seed, key=key, progress=say)
         fitted = True
     q = quant.parse(quantization)
     say(f"converting ({q.value}) and checking against Keras")

@@ -342,7 +342,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         batch_size: int = 256, seed: int = 0,
-                        key: MemoryKey | None = None) -> SemanticMemory:
+                        key: MemoryKey | None = None, progress=None) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -369,6 +369,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       seed: random seed.
       key: what the memory is valid for; default: the model's weights (the
         data and preprocessing are the caller's and not recorded).
+      progress: called with a line of text at each step (None: silent).
 
     Returns:
       The fitted SemanticMemory. Classes the model assigns no frame of
@@ -379,8 +380,12 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     stage_models, head = stages_lib.split_model(model, plan)
     stages_lib.check_chain(model, stage_models, head, x_calibration[:8])
     pooling = enc.Pooling(pooling)
+    say = progress or (lambda _: None)
     logging.info("Stages end at %s (compute shares %s).", plan.cut_layers,
                  [round(c, 3) for c in plan.stage_costs])
+    say(f"stages end at {', '.join(plan.cut_layers)} (compute shares "
+        + ", ".join(f"{100 * c:.1f}%" for c in plan.stage_costs) + ")")
+    say(f"extracting pooled stage features of {len(x_train)} + {len(x_calibration)} images")
     train = enc.extract_features(stage_models, head, x_train, pooling, batch_size)
     calib = enc.extract_features(stage_models, head, x_calibration, pooling, batch_size)
     num_classes = train.probabilities.shape[1]
@@ -406,7 +411,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
             centres.append(np.where(class_frames[:, None] > 0, weights, 0.0).astype(np.float32))
         else:
             centres.append(enc.class_centres(e.encode(pooled), targets, num_classes))
-        logging.info("Trained the stage %d encoder.", s)
+        say(f"trained the stage {s} encoder ({s + 1}/{plan.num_stages})")
     memory = SemanticMemory(plan, pooling, tuple(encoders), tuple(centres),
                             exit_policy.ExitRule(exit_policy.Metric.MARGIN,
                                                  (None,) * plan.num_stages, 1.0),
@@ -424,6 +429,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         memory, stage_accuracy=accuracy,
         exit_rule=exit_policy.ExitRule(metric, (None,) * plan.num_stages, 1.0,
                                        metric_params=params))
+    say("calibrating the exit rule and the adaptive memory on the held-out images")
     return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
                        batch_size, seed, calib)
 
