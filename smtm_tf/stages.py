@@ -3,8 +3,10 @@
 A cut point is a layer whose output is the only tensor that carries anything
 from the layers before it to the layers after it (e.g. the output of a
 residual stage, but not a point inside a block, where the shortcut is also
-live). Stages are chosen among the spatial (rank-4) cut points, spread over the
-model's compute; what follows the last stage is the classifier head.
+live). Stages are chosen among the spatial (rank-4) cut points before global
+pooling, as evenly over the model's compute as those points allow; what
+follows the last stage is the classifier head. `explain_plan` says what each
+stage holds and why one stays larger than the others.
 """
 
 from __future__ import annotations
@@ -70,36 +72,58 @@ class StagePlan:
 
 
 def _as_list(x) -> list:
+    """The tensors in `x` (one tensor, or nested lists, tuples and dicts of them)."""
     if x is None:
         return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+    if isinstance(x, dict):
+        x = list(x.values())
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _as_list(item)]
+    return [x]
 
 
 def _shape(t) -> tuple:
     return tuple(t.shape)
 
 
-def _layer_macs(layer) -> float:
-    """Multiply-adds of one call of `layer`, from its weights and output shape.
+def _size(variable) -> float:
+    return float(np.prod([int(d) for d in variable.shape]))
 
-    Only layers with weights that multiply (convolutions, dense) count; the
-    element-wise rest is negligible next to them and would blur cut choices.
+
+def _positions(shape: tuple) -> float:
+    """Positions a layer computes: the product of the axes between batch and channels."""
+    return float(np.prod([d for d in shape[1:-1] if d is not None] or [1]))
+
+
+def _layer_macs(layer) -> float:
+    """Multiply-adds of one call of `layer`, from its kernels and output shape.
+
+    Counts the layers whose weights multiply activations: convolutions (grouped,
+    depthwise, separable, transposed) and dense layers. The element-wise rest
+    (BatchNorm, activations, adds, pooling, Normalization's mean and variance)
+    is small next to them and would blur cut choices.
     """
-    out = _as_list(layer.output)[0]
-    out_shape = _shape(out)
-    kernels = [w for w in layer.weights if len(w.shape) >= 2]
-    if not kernels:
+    outputs = _as_list(getattr(layer, "output", None))
+    if not outputs:
         return 0.0
-    kernel = kernels[0]
-    kshape = tuple(int(d) for d in kernel.shape)
-    name = type(layer).__name__
-    spatial = float(np.prod([d for d in out_shape[1:-1] if d is not None] or [1]))
-    if name.startswith("DepthwiseConv"):
-        # kernel [kh, kw, in, multiplier]; one product per output element and tap.
-        return spatial * kshape[0] * kshape[1] * kshape[2] * kshape[3]
-    # Conv kernels [kh, kw, in, out] and dense kernels [in, out] alike: each
-    # output position costs prod(kernel) multiply-adds.
-    return spatial * float(np.prod(kshape))
+    positions = _positions(_shape(outputs[0]))
+    depthwise = getattr(layer, "depthwise_kernel", None)
+    pointwise = getattr(layer, "pointwise_kernel", None)
+    if depthwise is not None:
+        # Separable: a depthwise [kh, kw, in, multiplier] then a pointwise
+        # [1, 1, in * multiplier, out] convolution, both at every output
+        # position (strides apply to the depthwise step). tf_keras's
+        # DepthwiseConv2D keeps its kernel here too, without a pointwise one.
+        return positions * (_size(depthwise) + (0.0 if pointwise is None else _size(pointwise)))
+    kernel = getattr(layer, "kernel", None)
+    if kernel is None or len(kernel.shape) < 2:
+        return 0.0
+    if "Transpose" in type(layer).__name__:
+        # Kernel [kh, kw, out, in]: every input position is spread over kh * kw * out outputs.
+        return _positions(_shape(_as_list(layer.input)[0])) * _size(kernel)
+    # Conv [kh, kw, in / groups, out], Keras 3 depthwise [kh, kw, in, multiplier]
+    # and dense [in, out] kernels alike: each output position costs prod(kernel).
+    return positions * _size(kernel)
 
 
 def check_supported(model) -> None:
@@ -131,6 +155,87 @@ def check_supported(model) -> None:
             "single-output classifiers (class probabilities or logits).")
 
 
+@dataclasses.dataclass(frozen=True)
+class _Graph:
+    """The model's operations in execution order, their compute and liveness.
+
+    Attributes:
+      nodes: layers and, in Keras 3, raw operations (`x + 3.0`, `ops.multiply`)
+        in a topological order; the input layer is left out.
+      macs: multiply-adds of each node.
+      cumulative: share of the model's multiply-adds up to each node, included.
+      live_after: ids of the tensors still to be read after each node.
+      producer: tensor id -> index of the node that makes it (-1: the input).
+      last_use: tensor id -> index of the last node that reads it (len(nodes):
+        the model's output).
+      cuts: the cut points.
+    """
+
+    nodes: tuple
+    macs: np.ndarray
+    cumulative: np.ndarray
+    live_after: tuple[frozenset, ...]
+    producer: dict
+    last_use: dict
+    cuts: tuple[CutPoint, ...]
+
+    def node_name(self, index: int) -> str:
+        return "the input" if index < 0 else repr(self.nodes[index].name)
+
+
+def _analyse(model) -> _Graph:
+    check_supported(model)
+    # A Keras 3 functional model lists raw operations only in `operations`;
+    # they read and make tensors like layers do, so liveness must see them.
+    ops = getattr(model, "operations", None)
+    nodes = [n for n in (model.layers if ops is None else ops)
+             if not kerascompat.is_input_layer(n)]
+    layer_names = {layer.name for layer in model.layers}
+    model_input = model.inputs[0]
+    producer = {id(model_input): -1}
+    outputs, inputs = [], []
+    for i, node in enumerate(nodes):
+        outputs.append(_as_list(node.output))
+        inputs.append(_as_list(node.input))
+        for t in outputs[-1]:
+            producer[id(t)] = i
+    last_use = {}
+    for i, node in enumerate(nodes):
+        for t in inputs[i]:
+            if id(t) not in producer:
+                raise StagePlanError(
+                    f"Layer {node.name!r} reads a tensor produced outside the "
+                    "model's layer list (a shared or nested sub-graph); smtm_tf "
+                    "cannot cut such a model.")
+            last_use[id(t)] = i
+    for t in model.outputs:
+        last_use[id(t)] = len(nodes)
+
+    macs = np.array([_layer_macs(n) for n in nodes], dtype=np.float64)
+    total = macs.sum()
+    if total <= 0:
+        raise StagePlanError("The model has no convolution or dense layers to split.")
+    cumulative = np.cumsum(macs) / total
+
+    # One sweep: a tensor is live after node i from its making until its last reader.
+    ending = {}
+    for tid, i in last_use.items():
+        ending.setdefault(i, []).append(tid)
+    live = {id(model_input)} if id(model_input) in last_use else set()
+    live_after, cuts = [], []
+    for i, node in enumerate(nodes):
+        live.update(id(t) for t in outputs[i] if last_use.get(id(t), -1) > i)
+        live.difference_update(ending.get(i, ()))
+        live_after.append(frozenset(live))
+        outs = outputs[i]
+        if (i < len(nodes) - 1 and node.name in layer_names and len(outs) == 1
+                and live == {id(outs[0])}):
+            shape = tuple(int(d) for d in _shape(outs[0])[1:])
+            cuts.append(CutPoint(node.name, float(cumulative[i]), shape))
+    return _Graph(tuple(nodes), macs, cumulative, tuple(live_after), producer, last_use,
+                  tuple(cuts))
+
+
 def find_cut_points(model) -> list[CutPoint]:
     """Lists every layer after which a single tensor carries the model forward.
 
@@ -138,47 +243,83 @@ def find_cut_points(model) -> list[CutPoint]:
       Cut points in execution order, with their cumulative compute share and
       output shape. The model's input itself is not a cut point.
     """
-    check_supported(model)
-    layers = [layer for layer in model.layers if not kerascompat.is_input_layer(layer)]
-    model_input = model.inputs[0]
-    producer = {id(model_input): -1}
-    tensors = {id(model_input): model_input}
-    for i, layer in enumerate(layers):
-        for t in _as_list(layer.output):
-            producer[id(t)] = i
-            tensors[id(t)] = t
-    last_use = {}
-    for i, layer in enumerate(layers):
-        for t in _as_list(layer.input):
-            if id(t) not in producer:
-                raise StagePlanError(
-                    f"Layer {layer.name!r} reads a tensor produced outside the "
-                    "model's layer list (a shared or nested sub-graph); smtm_tf "
-                    "cannot cut such a model.")
-            last_use[id(t)] = max(last_use.get(id(t), -1), i)
-    for t in model.outputs:
-        last_use[id(t)] = len(layers)
+    return list(_analyse(model).cuts)
 
-    macs = np.array([_layer_macs(layer) for layer in layers], dtype=np.float64)
-    total = macs.sum()
-    if total <= 0:
-        raise StagePlanError("The model has no convolution or dense layers to split.")
-    cumulative = np.cumsum(macs) / total
 
-    cuts = []
-    for i, layer in enumerate(layers[:-1]):
-        live = [tid for tid, p in producer.items()
-                if p <= i and last_use.get(tid, -1) > i]
-        outs = _as_list(layer.output)
-        if len(live) == 1 and len(outs) == 1 and live[0] == id(outs[0]):
-            shape = tuple(int(d) for d in _shape(outs[0])[1:])
-            cuts.append(CutPoint(layer.name, float(cumulative[i]), shape))
-    return cuts
+def _is_padding(layer) -> bool:
+    return type(layer).__name__.startswith("ZeroPadding")
+
+
+def _stage_candidates(model, cuts) -> list[CutPoint]:
+    """The spatial cut points a plan chooses from, one per distinct compute share.
+
+    They end before the first cut at a global pooling layer: after it the
+    model is its classifier head, even where it keeps [1, 1, C] maps
+    (MobileNetV3's 1x1 convolutions after pooling with keepdims).
+    """
+    backbone = []
+    for c in cuts:
+        if type(model.get_layer(c.layer)).__name__.startswith("Global"):
+            break
+        backbone.append(c)
+    distinct = []
+    for c in (c for c in backbone if len(c.shape) == 3):
+        if distinct and abs(c.cumulative_cost - distinct[-1].cumulative_cost) < 1e-9:
+            # Cuts that add no compute after the previous one (BatchNorm, ReLU)
+            # describe the same point: keep the latest, after the activation,
+            # but not a ZeroPadding, whose zeros only the next convolution wants.
+            if not _is_padding(model.get_layer(c.layer)):
+                distinct[-1] = c
+        else:
+            distinct.append(c)
+    return [c for c in distinct if c.cumulative_cost > 0]
+
+
+def _balanced_ends(cumulative: np.ndarray, num_stages: int) -> list[int]:
+    """The stage ends that make the most even stages, by dynamic programming.
+
+    Args:
+      cumulative: increasing compute shares at the candidate ends; the last
+        one ends the last stage.
+      num_stages: stages to make, at most len(cumulative).
+
+    Returns:
+      Indices into `cumulative`: of all choices, those whose largest stage is
+      the smallest and, among them, whose sum of squared stage shares (so
+      squared deviation from equal shares) is the smallest.
+    """
+    c = np.concatenate([[0.0], np.asarray(cumulative, np.float64)])
+    m = len(c)
+    share = c[None, :] - c[:, None]  # [previous end, end]; index 0 is the input.
+    later = np.triu(np.ones((m, m), bool), 1)
+    # worst[j]: the smallest possible largest stage of s stages ending at j.
+    worst = np.where(later[0], share[0], np.inf)
+    for _ in range(1, num_stages):
+        worst = np.where(later, np.maximum(worst[:, None], share), np.inf).min(axis=0)
+    bound = worst[-1] + 1e-12
+    allowed = later & (share <= bound)
+    squares = np.where(allowed, share * share, np.inf)
+    total = squares[0].copy()
+    back = []
+    for _ in range(1, num_stages):
+        options = total[:, None] + squares
+        back.append(options.argmin(axis=0))
+        total = options[back[-1], np.arange(m)]
+    ends = [m - 1]
+    for previous in reversed(back):
+        ends.append(int(previous[ends[-1]]))
+    return [e - 1 for e in reversed(ends)]
 
 
 def plan_stages(model, num_stages: int = 4,
                 cut_layers: list[str] | tuple[str, ...] | None = None) -> StagePlan:
     """Chooses where each stage ends.
+
+    Without `cut_layers`, the last stage ends at the last spatial cut point
+    (what follows is the classifier head), and the others among all spatial
+    cut points so that the largest stage is as small as it can be, then the
+    shares are as even as they can be. `explain_plan` says why a stage stays
+    larger than the others.
 
     Args:
       model: a Sequential or functional Keras model (Keras 3 or tf_keras).
@@ -222,36 +363,111 @@ def plan_stages(model, num_stages: int = 4,
     else:
         if num_stages < 1:
             raise StagePlanError(f"num_stages must be >= 1, got {num_stages}.")
-        spatial = [c for c in cuts if len(c.shape) == 3]
-        # Cuts that add no compute after the previous one (BatchNorm, ReLU)
-        # describe the same point: keep the latest, after the activation.
-        distinct = []
-        for c in spatial:
-            if distinct and abs(c.cumulative_cost - distinct[-1].cumulative_cost) < 1e-9:
-                distinct[-1] = c
-            else:
-                distinct.append(c)
-        distinct = [c for c in distinct if c.cumulative_cost > 0]
+        distinct = _stage_candidates(model, cuts)
         if len(distinct) < num_stages:
             raise StagePlanError(
                 f"The model has {len(distinct)} spatial cut points "
                 f"({[c.layer for c in distinct]}), fewer than num_stages="
                 f"{num_stages}. Ask for fewer stages or name cut_layers.")
-        last = distinct[-1]
-        total_backbone = last.cumulative_cost
-        chosen = []
-        pool = distinct[:-1]
-        for s in range(1, num_stages):
-            target = total_backbone * s / num_stages
-            remaining_needed = num_stages - 1 - s
-            usable = pool[:len(pool) - remaining_needed] if remaining_needed else pool
-            best = min(usable, key=lambda c: abs(c.cumulative_cost - target))
-            chosen.append(best)
-            pool = pool[pool.index(best) + 1:]
-        chosen.append(last)
+        ends = _balanced_ends(np.array([c.cumulative_cost for c in distinct]), num_stages)
+        chosen = [distinct[e] for e in ends]
     cum = [c.cumulative_cost for c in chosen]
     stage_costs = tuple(float(b - a) for a, b in zip([0.0] + cum[:-1], cum))
     return StagePlan(tuple(c.layer for c in chosen), stage_costs, float(1.0 - cum[-1]))
+
+
+# A stage is called unbalanced above this multiple of the even share.
+_UNBALANCED = 1.2
+
+
+def _span_reason(graph: _Graph, first: int, last: int) -> str:
+    """Why no cut point lies between nodes `first` and `last` (execution indices)."""
+    spanning = set().union(*graph.live_after[first:last])
+    # The tensor live over most of the span is the shortcut or branch input.
+    tid = max(spanning, key=lambda t: (min(graph.last_use.get(t, -1), last)
+                                       - max(graph.producer[t], first), -graph.producer[t]))
+    reader = graph.last_use.get(tid, len(graph.nodes))
+    read_by = ("the model's output" if reader >= len(graph.nodes)
+               else repr(graph.nodes[reader].name))
+    return (f"the output of {graph.node_name(graph.producer[tid])} is still read by "
+            f"{read_by} (a residual or branch spans them)")
+
+
+def explain_plan(model, plan: StagePlan) -> list[str]:
+    """Says how `plan` spreads the model's compute, and why a stage is larger.
+
+    Args:
+      model: the Keras model the plan was made for.
+      plan: its stage plan.
+
+    Returns:
+      Lines to print: one per stage with its share and last layer, one for the
+      head; then, for each stage holding over 1.2x the even share, why: a
+      single layer that holds more than the even share, or the longest stretch
+      with no single-tensor point (and the tensor that spans it), or that no
+      other choice of cut points does better; where `plan_stages` would make
+      a smaller largest stage, a line saying so; and a line when the head
+      (not staged) holds a large share.
+    """
+    graph = _analyse(model)
+    lines = [f"stage {s}: {100 * share:.1f}% of the compute, ends at {name!r}"
+             for s, (share, name) in enumerate(zip(plan.stage_costs, plan.cut_layers))]
+    lines.append(f"head: {100 * plan.head_cost:.1f}% of the compute, after "
+                 f"{plan.cut_layers[-1]!r}")
+    even = sum(plan.stage_costs) / plan.num_stages
+    flagged = [s for s, share in enumerate(plan.stage_costs) if share > _UNBALANCED * even]
+    auto = None
+    if flagged:
+        try:
+            auto = plan_stages(model, plan.num_stages)
+        except StagePlanError:
+            pass
+        if auto is not None and max(auto.stage_costs) >= max(plan.stage_costs) - 1e-6:
+            auto = None  # No better plan than this one.
+    index = {n.name: i for i, n in enumerate(graph.nodes)}
+    spatial = [index[c.layer] for c in graph.cuts if len(c.shape) == 3]
+    total = float(graph.macs.sum())
+    ends = [index[name] for name in plan.cut_layers]
+    starts = [-1] + ends[:-1]
+    for s in flagged:
+        start, end = starts[s], ends[s]
+        head = f"stage {s} holds {100 * plan.stage_costs[s]:.1f}% (even: {100 * even:.1f}%)"
+        # The stretches between consecutive spatial cut points inside the stage.
+        bounds = [start] + [i for i in spatial if start < i < end] + [end]
+        gap, a, b = max((float(graph.macs[a + 1:b + 1].sum()) / total, a, b)
+                        for a, b in zip(bounds[:-1], bounds[1:]))
+        weighted = [i for i in range(a + 1, b + 1) if graph.macs[i] > 0]
+        if len(weighted) == 1:
+            stretch = (f"the single layer {graph.node_name(weighted[0])} "
+                       f"({100 * gap:.1f}% of the compute)")
+        else:
+            stretch = (f"no single-tensor point between {graph.node_name(a)} and "
+                       f"{graph.node_name(b)} ({100 * gap:.1f}% of the compute): "
+                       + _span_reason(graph, a + 1, b))
+        heaviest = start + 1 + int(np.argmax(graph.macs[start + 1:end + 1]))
+        heavy_share = float(graph.macs[heaviest]) / total
+        if heavy_share > even:
+            lines.append(f"{head}: layer {graph.nodes[heaviest].name!r} alone holds "
+                         f"{100 * heavy_share:.1f}%")
+        elif gap > even:
+            lines.append(f"{head}: {stretch}")
+        elif auto is None:
+            lines.append(f"{head}: no choice of {plan.num_stages} among the "
+                         f"{len(_stage_candidates(model, graph.cuts))} spatial cut points "
+                         f"makes the largest stage smaller; its longest stretch: {stretch}")
+        else:
+            lines.append(f"{head}: its ends were chosen by hand; its longest stretch: "
+                         f"{stretch}")
+    if auto is not None:
+        lines.append(
+            f"plan_stages(num_stages={plan.num_stages}) makes the largest stage "
+            f"{100 * max(auto.stage_costs):.1f}% instead, ending at "
+            + ", ".join(repr(n) for n in auto.cut_layers))
+    if plan.head_cost > (_UNBALANCED - 1.0) * even:
+        lines.append(
+            f"head holds {100 * plan.head_cost:.1f}%: it is not staged, as no spatial "
+            f"[H, W, C] cut point before global pooling follows {plan.cut_layers[-1]!r}")
+    return lines
 
 
 def split_model(model, plan: StagePlan):
