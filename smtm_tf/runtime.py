@@ -89,19 +89,29 @@ class SmtmRuntime:
         self._full_in = self._full.input_view("image")
         self._full_out = self._full.output_view("probabilities")
         self.preprocessing = self.descriptor.preprocessing
-        self._feed = self._make_feed(self.preprocessing, self._input_shape[-1])
+        self._feed = self._make_feed(self.preprocessing, tuple(self._input_shape))
         self.set_exit_rule(self.descriptor.exit_rule, self.descriptor.cache)
 
     @staticmethod
-    def _make_feed(preprocessing, channels: int):
+    def _make_feed(preprocessing, shape):
         """dst <- preprocess(frame), written into a graph input without allocating."""
         if preprocessing.is_identity:
             return np.copyto
-        scale, offset = preprocessing.arrays(channels)
+        scale, offset = preprocessing.arrays(shape[-1])
+        if len(set(scale.tolist())) == 1 and len(set(offset.tolist())) == 1:
+            scale, offset = np.float32(scale[0]), np.float32(offset[0])
+        else:
+            # Whole-frame arrays: broadcasting a [C] vector makes numpy loop
+            # C elements at a time (30 us for a 32x32x3 frame, 2 us this way).
+            scale = np.ascontiguousarray(np.broadcast_to(scale, shape))
+            offset = np.ascontiguousarray(np.broadcast_to(offset, shape))
+        multiply, add = np.multiply, np.add
 
         def feed(dst, frame):
-            np.multiply(frame, scale, out=dst)
-            np.add(dst, offset, out=dst)
+            if frame.shape != dst.shape:
+                frame = frame.reshape(dst.shape)
+            multiply(frame, scale, out=dst)
+            add(dst, offset, out=dst)
         return feed
 
     def set_exit_rule(self, rule: exit_policy.ExitRule,

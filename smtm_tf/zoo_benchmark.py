@@ -135,6 +135,85 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
     return row
 
 
+@dataclasses.dataclass
+class ScaleRow:
+    """The scale check: a large-output model converted from few labelled images."""
+
+    name: str
+    classes: int
+    input_shape: tuple[int, ...]
+    images: int
+    convert_seconds: float | None = None
+    descriptor_bytes: int | None = None
+    model_bytes: int | None = None
+    host_us: float | None = None
+    full_us: float | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        if self.error:
+            return f"{self.name}: FAILED: {self.error}"
+        return (f"{self.name} ({self.classes} classes, input {self.input_shape}, converted "
+                f"from {self.images} labelled images covering every class): conversion "
+                f"{self.convert_seconds:.0f} s; descriptor {self.descriptor_bytes / 1e6:.2f} MB "
+                f"of a {self.model_bytes / 1e6:.1f} MB .tflite; host work per frame "
+                f"{self.host_us:.0f} us = {100 * self.host_us / self.full_us:.1f}% of `full` "
+                f"({self.full_us:.0f} us)")
+
+
+def evaluate_scale(name: str, model_path: str, preset: str | None,
+                   data: data_lib.LabelledData, out_dir: str, num_images: int = 1200,
+                   progress=print) -> ScaleRow:
+    """Converts an (untrained) many-class model and measures what grows with K.
+
+    Every class gets labelled images (the data's images, labels dealt out in
+    turn), the accuracy check is off (the model is untrained), and the GPU
+    gate is skipped (a 224x224 model on a software GPU takes minutes and says
+    nothing about scale). Host work is `validation.host_overhead_us`, `full`
+    the mean of timed `classify_full` calls on the same frames.
+    """
+    say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
+    row = ScaleRow(name, 0, (), num_images)
+    try:
+        model = kerascompat.load_model(model_path)
+        shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+        k = int(model.outputs[0].shape[-1])
+        row.classes, row.input_shape = k, shape
+        n_test = max(100, num_images // 6)
+        x = data_lib.adapt_images(data.x_train[:num_images + n_test], shape[:2], shape[2])
+        y = np.arange(len(x)) % k
+        scaled = data_lib.LabelledData(x[:num_images], y[:num_images], x[num_images:],
+                                       y[num_images:], tuple(str(i) for i in range(k)))
+        out = os.path.join(out_dir, f"{name}.smtm.tflite")
+        t0 = time.time()
+        smtm_converter.convert_model(
+            model, scaled, out, preprocessing=prep.resolve(model, preset),
+            accuracy_check=False, gpu_check=False, progress=say)
+        row.convert_seconds = time.time() - t0
+        with open(out, "rb") as f:
+            flat = f.read()
+        row.model_bytes = len(flat)
+        runtime = SmtmRuntime(flat, cpu.CpuBackend(num_threads=1))
+        row.descriptor_bytes = len(runtime.descriptor.to_json().encode())
+        frames = np.ascontiguousarray(scaled.x_test[:50])
+        say("timing host work and full on 50 frames")
+        row.host_us = validation.host_overhead_us(runtime, frames)
+        clock = time.perf_counter_ns
+        times = []
+        for f in frames:
+            t = clock()
+            runtime.classify_full(f[None])
+            times.append(clock() - t)
+        row.full_us = float(np.mean(times)) / 1e3
+    except Exception as e:  # pylint: disable=broad-except
+        row.error = _short(e)
+        say("FAILED: " + row.error)
+    return row
+
+
 def format_markdown(rows: list[ZooRow]) -> str:
     """The zoo table as markdown."""
     head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
@@ -160,14 +239,17 @@ def format_markdown(rows: list[ZooRow]) -> str:
     return "\n".join(lines)
 
 
-def write_results(rows: list[ZooRow], markdown_path: str | None, json_path: str | None,
-                  header: str = "") -> None:
+def write_results(rows: list[ZooRow], scale: list[ScaleRow], markdown_path: str | None,
+                  json_path: str | None, header: str = "") -> None:
     """Writes the table (markdown, with `header` above it) and the figures (JSON)."""
     if markdown_path:
-        io_utils.write_bytes_atomic(markdown_path,
-                                    (header + format_markdown(rows) + "\n").encode())
+        text = header + format_markdown(rows) + "\n"
+        if scale:
+            text += "\nScale check:\n\n" + "\n".join(f"- {r.format()}" for r in scale) + "\n"
+        io_utils.write_bytes_atomic(markdown_path, text.encode())
     if json_path:
         io_utils.write_bytes_atomic(
-            json_path, json.dumps([r.to_dict() for r in rows], indent=1,
+            json_path, json.dumps({"models": [r.to_dict() for r in rows],
+                                   "scale": [r.to_dict() for r in scale]}, indent=1,
                                   default=lambda o: float(o) if isinstance(
                                       o, np.floating) else str(o)).encode())
