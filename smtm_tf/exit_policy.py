@@ -191,36 +191,118 @@ def score(metric: Metric, similarities: np.ndarray,
     return top1, (p[top1, 0] + p[top1, 1] * margin).astype(np.float32)
 
 
-def fit_layer_aware(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
-                    l2: float = 1e-3, iterations: int = 25) -> tuple[np.ndarray, ...]:
-    """Fits the LAYER_AWARE parameters on frames the encoders were trained on.
+class FitStatus(str, enum.Enum):
+    """Where a class's LAYER_AWARE parameters at a stage come from."""
+
+    # Its own logistic fit.
+    OWN = "own"
+    # The pooled fit of all classes at the stage, because the class's own
+    # would be degenerate: no frame has it as top-1 there, ...
+    NO_FRAMES = "no_frames"
+    # ... fewer than `min_frames` do, ...
+    TOO_FEW = "too_few"
+    # ... or they all agree with the full model, or none does (the fit would
+    # run off to a score that ignores the margin).
+    ALL_AGREE = "all_agree"
+    NONE_AGREE = "none_agree"
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerAwareFit:
+    """The LAYER_AWARE parameters and how each was fitted.
+
+    Attributes:
+      params: per stage, a `[C, 2]` float32 array of (intercept, slope).
+      status: per stage, one FitStatus per class.
+      frames: per stage, an int `[C]` array: the fitting frames whose top-1
+        class at that stage was each class.
+      min_frames: the fewest frames a class's own fit needed.
+    """
+
+    params: tuple[np.ndarray, ...]
+    status: tuple[tuple[FitStatus, ...], ...]
+    frames: tuple[np.ndarray, ...]
+    min_frames: int
+
+
+def _logistic(margin: np.ndarray, agree: np.ndarray, l2: float, iterations: int) -> np.ndarray:
+    """(intercept, slope) of a logistic regression of `agree` on `margin` (Newton)."""
+    x = np.stack([np.ones(len(margin)), margin.astype(np.float64)], axis=1)
+    w = np.zeros(2)
+    for _ in range(iterations):
+        prob = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
+        grad = x.T @ (prob - agree) + l2 * w
+        hess = (x * (prob * (1 - prob))[:, None]).T @ x + l2 * np.eye(2)
+        w -= np.linalg.solve(hess, grad)
+    return w
+
+
+def layer_aware_fit(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
+                    l2: float = 1e-3, iterations: int = 25,
+                    min_frames: int = 20) -> LayerAwareFit:
+    """Fits the LAYER_AWARE parameters, and says where each comes from.
 
     Per stage and class: a logistic regression of "the stage's top-1 class is
     the full model's" on the margin, over the frames whose top-1 is that class
-    (Newton's method, small L2 penalty). A class with no frames gets (0, 0):
-    its score is 0 whatever the margin.
+    (Newton's method, small L2 penalty). A class whose own fit would be
+    degenerate (no frames, fewer than `min_frames`, all agreeing or none) gets
+    the stage's pooled fit over the frames of all classes instead: its score
+    then reads its margin as an average class's would, rather than never
+    exiting (no frames) or exiting on any margin (a few frames that agree).
+
+    Args:
+      similarities: one `[N, K]` array of similarities per stage.
+      full_predictions: the full model's class for each frame.
+      l2: L2 penalty of the regressions.
+      iterations: Newton steps.
+      min_frames: the fewest frames for a class's own fit.
+
+    Returns:
+      The parameters with each class's FitStatus and frame count.
     """
+    if min_frames < 1:
+        raise ValueError(f"min_frames must be >= 1, got {min_frames}.")
     full_predictions = np.asarray(full_predictions)
-    params = []
+    params, status, frames = [], [], []
     for sims in similarities:
         top1, margin = margins(sims)
         agree = (top1 == full_predictions).astype(np.float64)
-        p = np.zeros((sims.shape[-1], 2), np.float32)
-        for c in range(sims.shape[-1]):
+        num_classes = sims.shape[-1]
+        counts = np.bincount(top1.ravel(), minlength=num_classes)
+        pooled = (_logistic(margin, agree, l2, iterations) if len(margin)
+                  else np.zeros(2))
+        p = np.zeros((num_classes, 2), np.float32)
+        st = []
+        for c in range(num_classes):
             mask = top1 == c
-            if not mask.any():
-                continue
-            x = np.stack([np.ones(mask.sum()), margin[mask].astype(np.float64)], axis=1)
-            y = agree[mask]
-            w = np.zeros(2)
-            for _ in range(iterations):
-                prob = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -30, 30)))
-                grad = x.T @ (prob - y) + l2 * w
-                hess = (x * (prob * (1 - prob))[:, None]).T @ x + l2 * np.eye(2)
-                w -= np.linalg.solve(hess, grad)
-            p[c] = w
+            agreeing = int(agree[mask].sum())
+            if counts[c] == 0:
+                st.append(FitStatus.NO_FRAMES)
+            elif counts[c] < min_frames:
+                st.append(FitStatus.TOO_FEW)
+            elif agreeing == counts[c]:
+                st.append(FitStatus.ALL_AGREE)
+            elif agreeing == 0:
+                st.append(FitStatus.NONE_AGREE)
+            else:
+                st.append(FitStatus.OWN)
+            p[c] = (_logistic(margin[mask], agree[mask], l2, iterations)
+                    if st[-1] is FitStatus.OWN else pooled)
         params.append(p)
-    return tuple(params)
+        status.append(tuple(st))
+        frames.append(counts)
+    return LayerAwareFit(tuple(params), tuple(status), tuple(frames), min_frames)
+
+
+def fit_layer_aware(similarities: Sequence[np.ndarray], full_predictions: np.ndarray,
+                    l2: float = 1e-3, iterations: int = 25,
+                    min_frames: int = 20) -> tuple[np.ndarray, ...]:
+    """The LAYER_AWARE parameters alone: `layer_aware_fit(...).params`.
+
+    Fitted on frames the encoders were trained on; classes whose own fit
+    would be degenerate get their stage's pooled fit (see `layer_aware_fit`).
+    """
+    return layer_aware_fit(similarities, full_predictions, l2, iterations, min_frames).params
 
 
 def stage_scores(rule_or_metric, similarities: Sequence[np.ndarray],

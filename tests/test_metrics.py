@@ -319,7 +319,18 @@ class FitLayerAwareTest(absltest.TestCase):
         (p,) = ep.fit_layer_aware(sims, full)
         self.assertTrue((p[:, 1] < 0).all(), p)
 
-    def test_class_never_top1_gets_zeros(self):
+    @staticmethod
+    def pooled_params(sims, full):
+        """The stage's pooled fit, computed as one class's own fit: the same
+        margins and agreements, with every frame's top-1 moved to class 0."""
+        top1, margin = ep.margins(sims)
+        agree = top1 == full
+        rng = np.random.default_rng(0)
+        one_class = make_similarities(np.zeros(len(full), np.int64), margin, sims.shape[1], rng)
+        (p,) = ep.fit_layer_aware([one_class], np.where(agree, 0, 1), min_frames=1)
+        return p[0]
+
+    def test_class_never_top1_gets_the_pooled_fit(self):
         rng = np.random.default_rng(2)
         n = 500
         full = rng.integers(0, 3, n)  # Class 3 is never anybody's answer.
@@ -328,9 +339,55 @@ class FitLayerAwareTest(absltest.TestCase):
         top1 = np.where(agree, full, (full + 1) % 3)
         sims = [make_similarities(top1, margin, 4, rng)]
         np.testing.assert_array_equal(ep.margins(sims[0])[0], top1)  # The set-up is right.
-        (p,) = ep.fit_layer_aware(sims, full)
-        np.testing.assert_array_equal(p[3], [0.0, 0.0])
-        self.assertTrue((p[:3] != 0).any(axis=1).all())
+        fit = ep.layer_aware_fit(sims, full)
+        (p,) = fit.params
+        np.testing.assert_allclose(p[3], self.pooled_params(sims[0], full), rtol=1e-5)
+        self.assertGreater(p[3, 1], 0)  # It exits on large margins, not never.
+        self.assertEqual(fit.status[0], (ep.FitStatus.OWN,) * 3 + (ep.FitStatus.NO_FRAMES,))
+        np.testing.assert_array_equal(fit.frames[0], np.bincount(top1, minlength=4))
+        # The other classes keep their own, different fits.
+        for c in range(3):
+            self.assertFalse(np.allclose(p[c], p[3]), c)
+        np.testing.assert_array_equal(ep.fit_layer_aware(sims, full)[0], p)
+
+    def test_degenerate_classes_get_the_pooled_fit(self):
+        rng = np.random.default_rng(4)
+        n, k = 3000, 5
+        full = rng.integers(0, k, n)
+        margin = rng.uniform(0.0, 0.6, n)
+        agree = rng.random(n) < 1.0 / (1.0 + np.exp(-(-1.0 + 8.0 * margin)))
+        top1 = np.where(agree, full, (full + 1) % k)
+        agree = top1 == full
+        # Class 1: every frame with top-1 1 agrees; class 2: none does;
+        # class 3: only 7 frames have it as top-1 (all agreeing, or the fit
+        # would be its own with min_frames=1).
+        top1[(top1 == 1) & ~agree] = 0
+        top1[(top1 == 2) & agree] = 0
+        few = np.flatnonzero(top1 == 3)
+        top1[few[7:]] = 0
+        agree = top1 == full
+        sims = [make_similarities(top1, margin, k, rng)]
+        fit = ep.layer_aware_fit(sims, full, min_frames=20)
+        self.assertEqual(fit.status[0], (ep.FitStatus.OWN, ep.FitStatus.ALL_AGREE,
+                                         ep.FitStatus.NONE_AGREE, ep.FitStatus.TOO_FEW,
+                                         ep.FitStatus.OWN))
+        self.assertEqual(fit.frames[0][3], 7)
+        self.assertEqual(fit.min_frames, 20)
+        pooled = self.pooled_params(sims[0], full)
+        p = fit.params[0]
+        for c in (1, 2, 3):
+            np.testing.assert_allclose(p[c], pooled, rtol=1e-5, err_msg=str(c))
+        self.assertFalse(np.allclose(p[0], pooled))
+        # Their own fits run off with the degenerate data: far higher (all
+        # agree) or lower (none agrees) scores than the pooled fit gives.
+        own = {c: self.pooled_params(sims[0][top1 == c], full[top1 == c]) for c in (1, 2)}
+        self.assertGreater(own[1][0] - pooled[0], 3.0)
+        self.assertLess(own[2][0] - pooled[0], -3.0)
+
+    def test_min_frames_must_be_positive(self):
+        sims, full = [np.eye(3, dtype=np.float32)], np.arange(3)
+        with self.assertRaisesRegex(ValueError, "min_frames must be >= 1, got 0"):
+            ep.layer_aware_fit(sims, full, min_frames=0)
 
     def test_separable_and_constant_groups_stay_finite(self):
         rng = np.random.default_rng(3)
