@@ -9,6 +9,8 @@ all classes stays the safety net for the others.
 
 Calibration and the harness share `score` and `ExitRule.threshold_for`, so a
 rule decides on the same similarities exactly as it was calibrated.
+`exit_report` says, per class and stage, whether a rule lets that class exit
+at all, and why not; `format_exit_report` prints it.
 """
 
 from __future__ import annotations
@@ -303,6 +305,199 @@ def fit_layer_aware(similarities: Sequence[np.ndarray], full_predictions: np.nda
     would be degenerate get their stage's pooled fit (see `layer_aware_fit`).
     """
     return layer_aware_fit(similarities, full_predictions, l2, iterations, min_frames).params
+
+
+# Cosine similarities lie in [-1, 1]: a margin (top-1 minus top-2) in [0, 2].
+MAX_MARGIN = 2.0
+MAX_SIMILARITY = 1.0
+
+
+class NoExit(str, enum.Enum):
+    """Why frames of a class cannot exit at a stage."""
+
+    # The stage's threshold is None: no frame exits there.
+    NO_THRESHOLD = "no_threshold"
+    # No reachable score meets the threshold: for LAYER_AWARE, a + b * margin
+    # stays below it for every margin in [0, 2]; for MARGIN, it is above 2;
+    # for TOP1, above 1.
+    UNREACHABLE = "unreachable"
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassExit:
+    """Whether frames whose top-1 class is `class_index` can exit at `stage`.
+
+    Attributes:
+      stage: the stage.
+      class_index: the class.
+      can_exit: some reachable score meets the stage's threshold.
+      min_margin: MARGIN and LAYER_AWARE: the smallest margin in [0, 2] that
+        exits (None when none does); TOP1: None.
+      reason: why it cannot exit; None when it can.
+      fit: LAYER_AWARE with a fit given: where its parameters come from.
+      frames: with a fit given: the fitting frames whose top-1 it was there.
+    """
+
+    stage: int
+    class_index: int
+    can_exit: bool
+    min_margin: float | None
+    reason: NoExit | None
+    fit: FitStatus | None = None
+    frames: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExitReport:
+    """Per stage and class, whether a rule lets the class exit there.
+
+    Attributes:
+      metric: the rule's metric.
+      thresholds: the thresholds the report is for (a cached rule's hot or
+        cold ones).
+      classes: `classes[stage][class]`.
+    """
+
+    metric: Metric
+    thresholds: tuple[float | None, ...]
+    classes: tuple[tuple[ClassExit, ...], ...]
+
+    def can_exit(self) -> np.ndarray:
+        """`[stages, classes]` bool: whether each class can exit at each stage."""
+        return np.array([[c.can_exit for c in stage] for stage in self.classes], bool)
+
+
+def exit_report(rule: ExitRule, num_classes: int | None = None,
+                fit: LayerAwareFit | None = None, hot: bool = True) -> ExitReport:
+    """Says, per stage and class, whether `rule` lets frames of that class exit.
+
+    A frame exits when its score reaches the threshold; this asks whether any
+    reachable score does, for frames whose top-1 class is the class: for
+    LAYER_AWARE, whether a[c] + b[c] * margin meets it for some margin in
+    [0, 2]; for MARGIN and TOP1, whether the threshold is at most 2 (the
+    largest margin) or 1 (the largest similarity).
+
+    Args:
+      rule: the exit rule.
+      num_classes: the number of classes; needed unless the rule has
+        LAYER_AWARE parameters or `fit` is given.
+      fit: for a LAYER_AWARE rule, the fit its parameters come from: the
+        report then says which classes got the pooled fit, and why.
+      hot: with a cache, report the thresholds for a hot top-1 class (True)
+        or a cold one.
+
+    Returns:
+      The report.
+
+    Raises:
+      ValueError: without a number of classes, or for a `fit` that is not the
+        one the rule's parameters come from.
+    """
+    if fit is not None:
+        if rule.metric is not Metric.LAYER_AWARE:
+            raise ValueError(f"A LayerAwareFit describes layer_aware parameters; the rule's "
+                             f"metric is {rule.metric.value}.")
+        if len(fit.params) != rule.num_stages or not all(
+                np.array_equal(np.asarray(a, np.float32), b)
+                for a, b in zip(fit.params, rule.metric_params)):
+            raise ValueError("fit is not the fit the rule's metric_params come from.")
+    if num_classes is None:
+        if rule.metric_params is not None:
+            num_classes = rule.metric_params[0].shape[0]
+        elif fit is not None:
+            num_classes = fit.params[0].shape[0]
+        else:
+            raise ValueError(f"The {rule.metric.value} metric has no per-class parameters: "
+                             "pass num_classes.")
+    thresholds = tuple(rule.threshold_for(s, hot) for s in range(rule.num_stages))
+    stages = []
+    for s, t in enumerate(thresholds):
+        rows = []
+        for c in range(num_classes):
+            min_margin = None
+            if t is None:
+                can_exit = False
+            elif rule.metric is Metric.TOP1:
+                can_exit = t <= MAX_SIMILARITY
+            elif rule.metric is Metric.MARGIN:
+                can_exit = t <= MAX_MARGIN
+                min_margin = max(t, 0.0) if can_exit else None
+            else:
+                a, b = (float(v) for v in rule.metric_params[s][c])
+                if a >= t:  # Margin 0 exits already.
+                    min_margin = 0.0
+                elif b > 0 and (t - a) / b <= MAX_MARGIN:
+                    min_margin = (t - a) / b
+                can_exit = min_margin is not None
+            reason = None if can_exit else (
+                NoExit.NO_THRESHOLD if t is None else NoExit.UNREACHABLE)
+            rows.append(ClassExit(
+                s, c, can_exit, min_margin, reason,
+                None if fit is None else fit.status[s][c],
+                None if fit is None else int(fit.frames[s][c])))
+        stages.append(tuple(rows))
+    return ExitReport(rule.metric, thresholds, tuple(stages))
+
+
+_UNREACHABLE_TEXT = {
+    Metric.LAYER_AWARE: "its score stays below the threshold for every margin in [0, 2]",
+    Metric.MARGIN: "the threshold is above 2, the largest margin",
+    Metric.TOP1: "the threshold is above 1, the largest similarity",
+}
+
+_FIT_TEXT = {
+    FitStatus.NO_FRAMES: "no fitting frame had it as top-1",
+    FitStatus.TOO_FEW: "too few fitting frames",
+    FitStatus.ALL_AGREE: "all its fitting frames agree with the full model",
+    FitStatus.NONE_AGREE: "none of its fitting frames agrees with the full model",
+}
+
+
+def _names(indices: Sequence[int], class_names: Sequence[str] | None, at_most: int) -> str:
+    shown = [repr(class_names[i]) if class_names is not None else str(i)
+             for i in indices[:at_most]]
+    more = len(indices) - len(shown)
+    return ", ".join(shown) + (f" and {more} more" if more > 0 else "")
+
+
+def format_exit_report(report: ExitReport, class_names: Sequence[str] | None = None,
+                       max_names: int = 12) -> list[str]:
+    """The report as lines to print: per stage, how many classes can exit
+    (with the range of margins they need), then the classes that cannot and
+    why, and the classes whose LAYER_AWARE parameters are the pooled fit.
+
+    Args:
+      report: from `exit_report`.
+      class_names: names of the classes (None: their indices).
+      max_names: the most class names listed on one line.
+    """
+    lines = []
+    for s, (rows, t) in enumerate(zip(report.classes, report.thresholds)):
+        if t is None:
+            lines.append(f"stage {s}: no class can exit: no threshold, the stage never exits")
+            continue
+        able = [r for r in rows if r.can_exit]
+        line = (f"stage {s} ({report.metric.value} >= {t:.4g}): {len(able)} of {len(rows)} "
+                "classes can exit")
+        needed = [r for r in able if r.min_margin is not None]
+        if needed and report.metric is Metric.LAYER_AWARE:
+            low, high = (f(needed, key=lambda r: r.min_margin) for f in (min, max))
+            line += (f", from margin {low.min_margin:.3f} "
+                     f"({_names([low.class_index], class_names, 1)}) to "
+                     f"{high.min_margin:.3f} ({_names([high.class_index], class_names, 1)})")
+        lines.append(line)
+        unable = [r.class_index for r in rows if not r.can_exit]
+        if unable:
+            lines.append(f"  cannot exit, {_UNREACHABLE_TEXT[report.metric]}: "
+                         + _names(unable, class_names, max_names))
+        for status, text in _FIT_TEXT.items():
+            pooled = [r for r in rows if r.fit is status]
+            if pooled:
+                names = _names([r.class_index for r in pooled], class_names, max_names)
+                if status is FitStatus.TOO_FEW:
+                    text += " (" + ", ".join(str(r.frames) for r in pooled[:max_names]) + ")"
+                lines.append(f"  pooled fit ({text}): {names}")
+    return lines
 
 
 def stage_scores(rule_or_metric, similarities: Sequence[np.ndarray],

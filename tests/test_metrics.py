@@ -16,6 +16,7 @@ import numpy as np
 from smtm_tf import exit_policy as ep
 from smtm_tf import rule_comparison
 from smtm_tf import validation
+from testing_utils import synthetic_cascade
 
 COSTS = (0.2, 0.3, 0.45)
 
@@ -401,6 +402,129 @@ class FitLayerAwareTest(absltest.TestCase):
             (p,) = ep.fit_layer_aware(sims, full)
             self.assertTrue(np.isfinite(p).all())
             self.assertTrue((p[:, 1] > 0).all(), p)
+
+
+class ExitReportTest(parameterized.TestCase):
+
+    # Per class (intercept, slope) at stage 0 with threshold 0: class 0 exits
+    # from margin 0.5, class 1 at any margin, class 2 would need margin 2.5,
+    # class 3 has a falling score that starts below the threshold.
+    PARAMS = (np.array([[-2.0, 4.0], [1.0, 0.0], [-10.0, 4.0], [-1.0, -1.0]], np.float32),
+              np.zeros((4, 2), np.float32))
+
+    def rule(self):
+        return ep.ExitRule(ep.Metric.LAYER_AWARE, (0.0, None), 0.9, metric_params=self.PARAMS)
+
+    def test_layer_aware_reachability(self):
+        report = ep.exit_report(self.rule())
+        self.assertIs(report.metric, ep.Metric.LAYER_AWARE)
+        self.assertEqual(report.thresholds, (0.0, None))
+        np.testing.assert_array_equal(report.can_exit(), [[True, True, False, False],
+                                                          [False] * 4])
+        stage0 = report.classes[0]
+        self.assertEqual([r.min_margin for r in stage0], [0.5, 0.0, None, None])
+        self.assertEqual([r.reason for r in stage0],
+                         [None, None, ep.NoExit.UNREACHABLE, ep.NoExit.UNREACHABLE])
+        self.assertEqual({r.reason for r in report.classes[1]}, {ep.NoExit.NO_THRESHOLD})
+        self.assertEqual([(r.stage, r.class_index) for r in report.classes[1]],
+                         [(1, c) for c in range(4)])
+        self.assertIsNone(stage0[0].fit)  # No fit given: where the params come from is unknown.
+
+    def test_agrees_with_simulate(self):
+        # Frames of each class at its smallest exit margin (and just under it)
+        # exit or not at stage 0 exactly as the report says.
+        rule = self.rule()
+        rng = np.random.default_rng(0)
+        for row in ep.exit_report(rule).classes[0]:
+            c = np.array([row.class_index])
+            margins = [2.0] if row.min_margin is None else [row.min_margin + 1e-3,
+                                                             row.min_margin - 1e-3]
+            for m in margins:
+                if m < 0:
+                    continue
+                sims = [make_similarities(c, np.array([m / 2]), 4, rng) * 2 - 1.0] * 2
+                _, got = ep.margins(sims[0])
+                self.assertAlmostEqual(float(got[0]), m, places=5)
+                stage, _ = ep.simulate(rule, sims, np.array([0]))
+                want = row.can_exit and m > row.min_margin
+                self.assertEqual(stage[0] == 0, want, (row, m))
+
+    @parameterized.named_parameters(
+        ("margin_reachable", ep.Metric.MARGIN, 0.3, True, 0.3),
+        ("margin_above_2", ep.Metric.MARGIN, 2.5, False, None),
+        ("top1_reachable", ep.Metric.TOP1, 0.9, True, None),
+        ("top1_above_1", ep.Metric.TOP1, 1.2, False, None),
+    )
+    def test_margin_and_top1(self, metric, threshold, can_exit, min_margin):
+        report = ep.exit_report(ep.ExitRule(metric, (threshold, None), 0.9), num_classes=3)
+        np.testing.assert_array_equal(report.can_exit(), [[can_exit] * 3, [False] * 3])
+        self.assertEqual({r.min_margin for r in report.classes[0]}, {min_margin})
+        self.assertEqual({r.reason for r in report.classes[0]},
+                         {None if can_exit else ep.NoExit.UNREACHABLE})
+
+    def test_cached_rule_reports_hot_or_cold_thresholds(self):
+        rule = ep.ExitRule(ep.Metric.MARGIN, (0.2, 0.3), 0.9, cold_thresholds=(None, 2.5))
+        self.assertEqual(ep.exit_report(rule, 2).thresholds, (0.2, 0.3))
+        cold = ep.exit_report(rule, 2, hot=False)
+        self.assertEqual(cold.thresholds, (None, 2.5))
+        np.testing.assert_array_equal(cold.can_exit(), [[False, False], [False, False]])
+        self.assertEqual(cold.classes[0][0].reason, ep.NoExit.NO_THRESHOLD)
+        self.assertEqual(cold.classes[1][0].reason, ep.NoExit.UNREACHABLE)
+
+    def test_report_marks_pooled_classes_and_classes_without_frames(self):
+        rng = np.random.default_rng(8)
+        n = 2000
+        full = rng.integers(0, 3, n)  # Class 3 is never anybody's answer.
+        sims = []
+        for _ in range(3):
+            margin = rng.uniform(0.0, 0.6, n)
+            agree = rng.random(n) < 1.0 / (1.0 + np.exp(-(-1.0 + 8.0 * margin)))
+            sims.append(make_similarities(np.where(agree, full, (full + 1) % 3), margin, 4,
+                                          rng))
+        fit = ep.layer_aware_fit(sims, full)
+        rule = ep.ExitRule(ep.Metric.LAYER_AWARE, (1.0, 1.0, None), 0.9,
+                           metric_params=fit.params)
+        report = ep.exit_report(rule, fit=fit)
+        row = report.classes[0][3]
+        self.assertEqual((row.fit, row.frames), (ep.FitStatus.NO_FRAMES, 0))
+        # With the pooled fit (about -1 + 8 m, as generated) it exits from a
+        # margin near 0.25, as an average class would; with (0, 0) it never did.
+        self.assertTrue(row.can_exit)
+        self.assertAlmostEqual(row.min_margin, 0.25, delta=0.05)
+        self.assertEqual([r.fit for r in report.classes[1]],
+                         [ep.FitStatus.OWN] * 3 + [ep.FitStatus.NO_FRAMES])
+        self.assertEqual([r.frames for r in report.classes[1]], list(fit.frames[1]))
+        lines = ep.format_exit_report(report, ("cat", "dog", "cow", "owl"))
+        self.assertIn("  pooled fit (no fitting frame had it as top-1): 'owl'", lines)
+        self.assertEqual(lines[-1], "stage 2: no class can exit: no threshold, the stage "
+                                    "never exits")
+
+    def test_format(self):
+        rule = ep.ExitRule(ep.Metric.LAYER_AWARE, (0.0, None), 0.9, metric_params=self.PARAMS)
+        lines = ep.format_exit_report(ep.exit_report(rule), ("a", "b", "c", "d"))
+        self.assertEqual(lines, [
+            "stage 0 (layer_aware >= 0): 2 of 4 classes can exit, from margin 0.000 ('b') "
+            "to 0.500 ('a')",
+            "  cannot exit, its score stays below the threshold for every margin in [0, 2]: "
+            "'c', 'd'",
+            "stage 1: no class can exit: no threshold, the stage never exits"])
+        margin = ep.exit_report(ep.ExitRule(ep.Metric.MARGIN, (2.5,), 0.9), num_classes=20)
+        lines = ep.format_exit_report(margin, max_names=3)
+        self.assertEqual(lines, [
+            "stage 0 (margin >= 2.5): 0 of 20 classes can exit",
+            "  cannot exit, the threshold is above 2, the largest margin: 0, 1, 2 and 17 more"])
+
+    def test_invalid_arguments(self):
+        with self.assertRaisesRegex(ValueError, "pass num_classes"):
+            ep.exit_report(ep.ExitRule(ep.Metric.MARGIN, (0.1,), 0.9))
+        sims, full = synthetic_cascade(500, seed=2, num_classes=4)
+        fit = ep.layer_aware_fit(sims, full)
+        with self.assertRaisesRegex(ValueError, "metric is margin"):
+            ep.exit_report(ep.ExitRule(ep.Metric.MARGIN, (0.1,) * 3, 0.9), fit=fit)
+        other = ep.ExitRule(ep.Metric.LAYER_AWARE, (0.1,) * 3, 0.9,
+                            metric_params=tuple(p + 1 for p in fit.params))
+        with self.assertRaisesRegex(ValueError, "not the fit"):
+            ep.exit_report(other, fit=fit)
 
 
 class CalibrateWithHotTest(absltest.TestCase):
