@@ -149,6 +149,8 @@ def _convert(quantization):
     print(f"stages end at: {', '.join(memory.plan.cut_layers)}")
     print("compute share per stage: "
           + ", ".join(f"{100 * c:.1f}%" for c in memory.plan.stage_costs))
+    for line in stages_lib.explain_plan(model, memory.plan):
+        print("  " + line)
     print("nearest-centre agreement with full per stage (calibration set): "
           + ", ".join(f"{100 * a:.1f}%" for a in memory.stage_accuracy))
     if memory.missing_classes:
@@ -162,6 +164,10 @@ def _convert(quantization):
     if rule.uses_cache:
         print("exit thresholds (cold top-1 class): "
               + ", ".join("never" if t is None else f"{t:.4f}" for t in rule.cold_thresholds))
+    print("which classes can exit where (hot top-1 class):")
+    for line in exit_policy.format_exit_report(
+            exit_policy.exit_report(rule, len(memory.class_names)), memory.class_names):
+        print("  " + line)
     if report.quantization == "float32":
         print(f"checks on {report.num_check_images} images: full vs Keras "
               f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "

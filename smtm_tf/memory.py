@@ -28,6 +28,9 @@ from smtm_tf import stages as stages_lib
 
 # Version 2 adds the key and the per-class frame counts.
 MEMORY_FORMAT_VERSION = 2
+# Layer-aware (intercept, slope) of a class that must never exit: a score of
+# -100 whatever the margin, where thresholds are log-odds of a few units.
+NO_EXIT_PARAMS = (-100.0, 0.0)
 
 
 class MemoryFileError(ValueError):
@@ -425,6 +428,13 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     params = None
     if metric is exit_policy.Metric.LAYER_AWARE:
         params = exit_policy.fit_layer_aware(memory.similarities(train), targets)
+        # A class no fitting frame was assigned to has a zero centre; its
+        # pooled fit would still let a frame exit on it (one whose
+        # similarities to every other class are negative): pin its score
+        # far below any threshold instead.
+        missing = class_frames == 0
+        params = tuple(np.where(missing[:, None], NO_EXIT_PARAMS, p).astype(np.float32)
+                       for p in params)
     memory = dataclasses.replace(
         memory, stage_accuracy=accuracy,
         exit_rule=exit_policy.ExitRule(metric, (None,) * plan.num_stages, 1.0,

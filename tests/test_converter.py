@@ -15,6 +15,7 @@ from converters import smtm_converter
 from smtm_tf import data as data_lib
 from smtm_tf import descriptor as desc
 from smtm_tf import encoders as enc
+from smtm_tf import exit_policy
 from smtm_tf import memory as memory_lib
 from smtm_tf import preprocessing as prep
 from smtm_tf import runtime
@@ -384,6 +385,31 @@ class ConvertModelTest(absltest.TestCase):
         np.testing.assert_array_equal(got, want)
         answers = [rt.classify(x).class_id for x in pixels.x_test[:20]]
         self.assertGreaterEqual(np.mean(np.array(answers) == want), 0.9)
+
+    def test_classes_missing_from_the_data_are_reported_and_cannot_exit(self):
+        # Five outputs, data of four classes: the class count is the model's.
+        k = tu.keras_module("tf_keras")
+        k.utils.set_random_seed(1)
+        x, y = tu.train_data()
+        model = tu.train(tu.residual_cnn(k, num_classes=5), k, x, y)
+        lines = []
+        memory, _ = smtm_converter.convert_model(
+            model, self.data, os.path.join(self.create_tempdir().full_path, "m.tflite"),
+            holdout=0.2, num_stages=2, embedding_dim=4, num_check_images=4,
+            gpu_check=False, progress=lines.append)
+        self.assertIn("1 of the model's 5 classes have no labelled training image; unless the "
+                      "model answers them anyway, they cannot exit", lines)
+        self.assertEqual(memory.class_names, tu.CLASS_NAMES + ("4",))
+        self.assertEqual(memory.missing_classes, (4,))
+        for centres in memory.centres:
+            np.testing.assert_array_equal(centres[4], 0.0)
+            self.assertGreater(float(np.linalg.norm(centres[:4], axis=1).min()), 0.99)
+        report = exit_policy.exit_report(memory.exit_rule, 5)
+        self.assertTrue(report.can_exit()[:, :4].any())  # Others can: the rule is live.
+        self.assertFalse(report.can_exit()[:, 4].any())
+        for hot in (True, False):
+            cold = exit_policy.exit_report(memory.exit_rule, 5, hot=hot)
+            self.assertFalse(cold.can_exit()[:, 4].any())
 
     def test_accuracy_check_scores_every_preset(self):
         pixels = dataclasses.replace(self.data, x_test=self.data.x_test * 255.0)
