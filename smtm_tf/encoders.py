@@ -157,9 +157,18 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
     mean = pooled.mean(axis=0)
     std = pooled.std(axis=0) + 1e-6
     glorot = np.sqrt(6.0 / (feat_dim + dim))
-    kernel = tf.Variable(rng.uniform(-glorot, glorot, (feat_dim, dim)).astype(np.float32))
+    kernel0 = rng.uniform(-glorot, glorot, (feat_dim, dim)).astype(np.float32)
+    weights0 = rng.normal(size=(dim, num_classes)).astype(np.float32)
+    # Class weights start at the classes' mean initial embeddings (the
+    # nearest-centre classifier of the random projection), not at random
+    # directions that a short training may not untangle.
+    x_std = ((pooled - mean) / std).astype(np.float32)
+    means = class_centres(l2_normalize_np(x_std @ kernel0), labels, num_classes)
+    present = np.linalg.norm(means, axis=1) > 0
+    weights0[:, present] = means[present].T
+    kernel = tf.Variable(kernel0)
     bias = tf.Variable(np.zeros(dim, np.float32))
-    weights = tf.Variable(rng.normal(size=(dim, num_classes)).astype(np.float32))
+    weights = tf.Variable(weights0)
     variables = [kernel, bias, weights]
     steps = epochs * int(np.ceil(len(pooled) / batch_size))
     schedule = tf_keras.optimizers.schedules.CosineDecay(learning_rate, steps)
@@ -179,7 +188,6 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
-    x_std = ((pooled - mean) / std).astype(np.float32)
     ds = (tf.data.Dataset.from_tensor_slices((x_std, labels.astype(np.int32)))
           .shuffle(len(x_std), seed=seed).batch(batch_size))
     for _ in range(epochs):
