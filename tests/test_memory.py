@@ -177,6 +177,14 @@ class ValidationTest(absltest.TestCase):
         self.assertEqual(mem.embedding_dims, (4, 6))
 
 
+def _separable_features(n=600, seed=2):
+    """Pooled-like features `[n, 10]` (offset 50) of 3 classes, and the labels."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, n)
+    means = rng.normal(scale=3.0, size=(3, 10))
+    return (means[labels] + rng.normal(size=(n, 10)) + 50.0).astype(np.float32), labels
+
+
 class EncodersTest(parameterized.TestCase):
 
     def test_l2_normalize(self):
@@ -231,6 +239,72 @@ class EncodersTest(parameterized.TestCase):
         # The standardisation is folded into the kernel: raw features go in.
         nearest = (encoder.encode(pooled) @ weights.T).argmax(axis=1)
         self.assertGreater((nearest == labels).mean(), 0.95)
+
+    def test_dead_channels_get_zero_rows_and_live_ones_the_same_encoder(self):
+        pooled, labels = _separable_features()
+        n = len(pooled)
+        rng = np.random.default_rng(3)
+        dead = np.stack([np.zeros(n), np.full(n, 3.0),  # A dead ReLU; a constant.
+                         2.0 + rng.normal(scale=1e-9, size=n)], axis=1)  # Rounding noise.
+        # Dead channels interleaved with the live ones.
+        order = np.argsort(np.r_[np.arange(10), [2.5, 5.5, 9.5]])
+        with_dead = np.concatenate([pooled, dead], axis=1)[:, order].astype(np.float32)
+        is_dead = order >= 10
+        live_only, live_weights = enc.train_encoder(pooled, labels, 3, dim=4, epochs=5,
+                                                    batch_size=32)
+        encoder, weights = enc.train_encoder(with_dead, labels, 3, dim=4, epochs=5,
+                                             batch_size=32)
+        np.testing.assert_array_equal(encoder.kernel[is_dead], 0.0)
+        np.testing.assert_allclose(encoder.kernel[~is_dead], live_only.kernel, rtol=1e-5,
+                                   atol=1e-6)
+        np.testing.assert_allclose(weights, live_weights, atol=1e-6)
+        np.testing.assert_allclose(encoder.encode(with_dead) @ weights.T,
+                                   live_only.encode(pooled) @ live_weights.T, atol=1e-5)
+        # Before, the 1e-6 std offset made such rows ~1e6 (XNNPACK refused the
+        # int8 model) and one more unit of a dead channel swung every vector.
+        self.assertLess(np.max(np.abs(encoder.kernel)), 100.0)
+        lit = with_dead.copy()
+        lit[:, np.flatnonzero(is_dead)[0]] = 1.0
+        np.testing.assert_allclose(encoder.encode(lit), encoder.encode(with_dead), atol=1e-6)
+
+    def test_near_constant_channels_are_floored_relative_to_the_widest(self):
+        pooled, labels = _separable_features()
+        rng = np.random.default_rng(4)
+        # Live, but 1e-3 of the widest channel's spread.
+        quiet = 7.0 + 1e-3 * pooled.std(axis=0).max() * rng.normal(size=(len(pooled), 1))
+        x = np.concatenate([pooled, quiet], axis=1).astype(np.float32)
+        standardisation = enc.Standardisation.fit(x)
+        self.assertTrue(np.all(standardisation.live))
+        widest = x.std(axis=0).max()
+        np.testing.assert_allclose(standardisation.scale[-1], enc.STD_FLOOR * widest,
+                                   rtol=1e-6)
+        np.testing.assert_allclose(standardisation.scale[:-1], x[:, :-1].std(axis=0),
+                                   rtol=1e-4)
+        encoder, _ = enc.train_encoder(x, labels, 3, dim=4, epochs=5, batch_size=32)
+        row_max = np.abs(encoder.kernel).max(axis=1)
+        self.assertLess(row_max[-1], 2.0 / (enc.STD_FLOOR * widest))
+        self.assertLess(np.max(np.abs(encoder.bias)), 1e3)
+
+    def test_encoder_does_not_depend_on_the_input_units(self):
+        # A model fed 0..255 pixels instead of [0, 1] has pooled features
+        # scaled by ~255: the encoder must be the same up to that scale.
+        pooled, labels = _separable_features()
+        pooled = np.concatenate([pooled / 60.0, np.full((len(pooled), 1), 1e-3),
+                                 1e-6 * pooled[:, :1]], axis=1).astype(np.float32)
+        unit, unit_w = enc.train_encoder(pooled, labels, 3, dim=4, epochs=5, batch_size=32)
+        pixels, pixels_w = enc.train_encoder(255.0 * pooled, labels, 3, dim=4, epochs=5,
+                                             batch_size=32)
+        np.testing.assert_allclose(pixels.kernel * 255.0, unit.kernel, rtol=1e-3, atol=1e-4)
+        np.testing.assert_allclose(pixels.encode(255.0 * pooled) @ pixels_w.T,
+                                   unit.encode(pooled) @ unit_w.T, atol=1e-4)
+        np.testing.assert_array_equal(unit.kernel[-2:], 0.0)
+
+    def test_all_channels_dead(self):
+        encoder, weights = enc.train_encoder(np.ones((40, 5), np.float32),
+                                             np.arange(40) % 2, 2, dim=3, epochs=1)
+        np.testing.assert_array_equal(encoder.kernel, 0.0)
+        self.assertTrue(np.all(np.isfinite(encoder.encode(np.ones((2, 5))))))
+        self.assertEqual(weights.shape, (2, 3))
 
     def test_train_encoder_rejects_bad_inputs(self):
         with self.assertRaisesRegex(ValueError, "3 feature rows for 2 labels"):
