@@ -22,8 +22,11 @@ model would not load there.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 
+from ai_edge_litert import schema_py_generated as schema
+from ai_edge_litert.tools import flatbuffer_utils
 import numpy as np
 
 # Variants whose models load and run on tflite-runtime 2.14 (checked by
@@ -96,6 +99,128 @@ def configure(converter, quantization: Quantization, representative_dataset=None
     # DYNAMIC: weights only. QAT: the fake-quant ranges learnt in training.
     # Signature inputs and outputs stay float32 in every case (the default
     # inference_input_type / inference_output_type).
+
+
+# XNNPACK's int8 (QS8) operators refuse some ratios of their tensors' scales
+# when the runtime is created ("failed to create XNNPACK runtime"); the TFLite
+# converter does not check them. Limits from XNNPACK's operator constructors.
+_MAX_REQUANTIZATION = 256.0  # input * weight / output scale, convolutions and FC.
+_MUL_RANGE = (2.0 ** -16, 2.0 ** 8)  # input1 * input2 / output scale.
+_ADD_RANGE = (2.0 ** -10, 2.0 ** 8)  # each input / output scale.
+_WEIGHTED_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV")
+
+
+@dataclasses.dataclass(frozen=True)
+class XnnpackScaleProblem:
+    """An int8 op whose scales XNNPACK refuses."""
+
+    signature: str
+    index: int  # The op's position in the signature's subgraph.
+    op: str  # e.g. "FULLY_CONNECTED".
+    output: str  # Name of the op's output tensor.
+    ratio: float
+    allowed: str  # e.g. "< 256".
+    what: str  # How the ratio is formed.
+    weight_shape: tuple[int, ...] | None = None  # Constant weights' shape, if any.
+
+    def format(self) -> str:
+        return (f"{self.op} (op {self.index} of {self.signature}, output '{self.output}'): "
+                f"{self.what} = {self.ratio:.4g}, XNNPACK needs {self.allowed}")
+
+
+def xnnpack_scale_problems(model_content: bytes, signature: str) -> list[XnnpackScaleProblem]:
+    """The int8 ops of `signature` whose scale ratios XNNPACK refuses to prepare.
+
+    Args:
+      model_content: a .tflite flatbuffer.
+      signature: a signature key of it.
+
+    Returns:
+      One entry per refused op, in execution order (empty when none).
+    """
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(model_content))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    sigs = [sg for sg in model.signatureDefs or [] if _text(sg.signatureKey) == signature]
+    if not sigs:
+        raise KeyError(f"The model has no signature {signature!r}.")
+    subgraph = model.subgraphs[sigs[0].subgraphIndex]
+    tensors = subgraph.tensors
+
+    def scales(index):
+        if index < 0:
+            return None
+        t = tensors[index]
+        if t.type != schema.TensorType.INT8 or t.quantization is None \
+                or t.quantization.scale is None or not len(t.quantization.scale):
+            return None
+        return np.asarray(t.quantization.scale, np.float64)
+
+    problems = []
+    for i, op in enumerate(subgraph.operators or []):
+        code = model.operatorCodes[op.opcodeIndex]
+        name = names.get(max(code.builtinCode, code.deprecatedBuiltinCode), "")
+        ins = [scales(t) for t in op.inputs]
+        out = scales(op.outputs[0]) if len(op.outputs) else None
+        if out is None or not ins or ins[0] is None:
+            continue
+        found = None
+        if name in _WEIGHTED_OPS and len(ins) > 1 and ins[1] is not None:
+            data, weights = (ins[2], ins[1]) if name == "TRANSPOSE_CONV" else (ins[0], ins[1])
+            if data is None:
+                continue
+            ratio = float(np.max(data[0] * weights / out[0]))
+            if not ratio < _MAX_REQUANTIZATION:
+                w = tensors[op.inputs[1]]
+                constant = w.buffer > 0 and model.buffers[w.buffer].data is not None
+                found = (ratio, f"< {_MAX_REQUANTIZATION:g}",
+                         "input scale x largest weight scale / output scale",
+                         tuple(int(d) for d in w.shape) if constant else None)
+        elif name == "MUL" and len(ins) == 2 and ins[1] is not None:
+            ratio = float(ins[0][0] * ins[1][0] / out[0])
+            if not _MUL_RANGE[0] <= ratio < _MUL_RANGE[1]:
+                found = (ratio, "in [2**-16, 2**8)", "input1 x input2 / output scale", None)
+        elif name in ("ADD", "SUB") and len(ins) == 2 and ins[1] is not None:
+            for k, s_in in enumerate(ins):
+                ratio = float(s_in[0] / out[0])
+                if not _ADD_RANGE[0] <= ratio < _ADD_RANGE[1]:
+                    found = (ratio, "in [2**-10, 2**8)", f"input{k + 1} / output scale", None)
+                    break
+        if found:
+            problems.append(XnnpackScaleProblem(signature, i, name,
+                                                _text(tensors[op.outputs[0]].name), *found))
+    return problems
+
+
+def xnnpack_refusal(model_content: bytes, signature: str, encoder=None) -> str:
+    """Explains why XNNPACK refuses `signature`, and what works instead.
+
+    Args:
+      model_content: the quantized .tflite flatbuffer.
+      signature: the refused signature's key.
+      encoder: the stage's `smtm_tf.encoders.Encoder` when it is a stage
+        signature, to tell when the refused op is its projection.
+
+    Returns:
+      Sentences for an error message.
+    """
+    advice = ("Nothing was written; float16 and dynamic keep float activations and run "
+              "there (--quantize=float16 or dynamic).")
+    problems = xnnpack_scale_problems(model_content, signature)
+    if not problems:
+        return advice
+    text = "XNNPACK refuses the int8 scales of " + "; ".join(p.format() for p in problems)
+    if encoder is not None and any(p.weight_shape == encoder.kernel.T.shape
+                                   for p in problems):
+        text += (f". That op is the stage's semantic encoder, whose largest weight is "
+                 f"{np.max(np.abs(encoder.kernel)):.3g}: memories fitted before the "
+                 "encoders bounded their weights (zero rows for dead channels, a relative "
+                 "std floor) have huge weights on near-constant features. Refit the "
+                 "semantic memory to get bounded weights")
+    return text + ". " + advice
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else value
 
 
 def representative_dataset(stage_models, centres, images: np.ndarray, full_key: str = "full",

@@ -29,6 +29,8 @@ from delegates import gpu
 from delegates import model_utils
 from delegates import old_runtime
 from smtm_tf import descriptor as desc
+from smtm_tf import encoders as enc
+from smtm_tf import memory as memory_lib
 from smtm_tf import runtime
 import testing_utils as tu
 
@@ -60,28 +62,52 @@ def _require_gpu(test):
 
 
 @functools.cache
-def _conditioned_memory():
-    """fitted_memory with small random projections.
+def _quantized(variant: str):
+    x, _ = tu.train_data()
+    return smtm_converter.convert(tu.trained_residual("tf_keras"), tu.fitted_memory("tf_keras"),
+                                  tu.check_images(), quantization=variant, train_images=x[:200])
 
-    The tiny model's fitted projections have weights up to ~3e5 on pooled
-    features that are always ~0; per-channel int8 weights then lose the rest,
-    and XNNPACK refuses the scale ratios (the converter says so). Quantization
-    mechanics are tested here, not the tiny encoders.
-    """
-    from smtm_tf import encoders as enc  # pylint: disable=import-outside-toplevel
-    mem = tu.fitted_memory("tf_keras")
-    rng = np.random.default_rng(0)
-    encoders = tuple(enc.Encoder(rng.normal(0, 1 / np.sqrt(e.kernel.shape[0]),
-                                            e.kernel.shape).astype(np.float32),
-                                 np.zeros_like(e.bias)) for e in mem.encoders)
-    return dataclasses.replace(mem, encoders=encoders)
+
+_VGG_SIZE = 16
 
 
 @functools.cache
-def _quantized(variant: str):
-    x, _ = tu.train_data()
-    return smtm_converter.convert(tu.trained_residual("tf_keras"), _conditioned_memory(),
-                                  tu.check_images(), quantization=variant, train_images=x[:200])
+def _tiny_vgg():
+    """A VGG-style tf_keras Sequential trained on stripes (~3 s).
+
+    4 x [Conv2D 3x3 relu, Conv2D 3x3 relu, MaxPool 2], Flatten, Dense relu,
+    Dense softmax: the shape of the user model whose int8 conversion failed.
+    Some ReLUs of its last block never fire, so the last stage has dead
+    channels (pooled features that are always 0).
+    """
+    import tf_keras  # pylint: disable=import-outside-toplevel
+    tf_keras.utils.set_random_seed(0)
+    layers = tf_keras.layers
+    stack = [tf_keras.Input((_VGG_SIZE, _VGG_SIZE, 1))]
+    for width in (4, 8, 8, 8):
+        stack += [layers.Conv2D(width, 3, padding="same", activation="relu"),
+                  layers.Conv2D(width, 3, padding="same", activation="relu"),
+                  layers.MaxPool2D(2)]
+    stack += [layers.Flatten(), layers.Dense(16, activation="relu"),
+              layers.Dense(tu.NUM_CLASSES, activation="softmax")]
+    model = tf_keras.Sequential(stack, name="tiny_vgg")
+    x, y = tu.stripes(1500, seed=0, size=_VGG_SIZE)
+    return tu.train(model, tf_keras, x, y, epochs=4)
+
+
+@functools.cache
+def _tiny_vgg_memory(feed: float):
+    """A memory fitted on `feed` x the stripes (1: values ~[0, 1]; 255: pixel-like)."""
+    x, _ = tu.stripes(1500, seed=0, size=_VGG_SIZE)
+    xc, _ = tu.stripes(400, seed=1, size=_VGG_SIZE)
+    return memory_lib.fit_semantic_memory(_tiny_vgg(), feed * x, feed * xc,
+                                          class_names=tu.CLASS_NAMES, num_stages=4,
+                                          embedding_dim=8, encoder_epochs=5,
+                                          target_agreement=0.95)
+
+
+def _dead_rows(encoder) -> np.ndarray:
+    return np.flatnonzero(np.all(encoder.kernel == 0, axis=1))
 
 
 class _WrongSignature:
@@ -321,12 +347,14 @@ class QuantizationTest(parameterized.TestCase):
             for details in (sig.input_details, sig.output_details):
                 self.assertEqual({np.dtype(d["dtype"]) for d in details.values()},
                                  {np.dtype(np.float32)})
-        # The harness runs it unchanged (early exits here follow random
-        # projections, so accuracy is checked on `full`).
+        # Similarities of the fitted encoders survive quantization.
+        self.assertLess(report.similarity_max_abs_diff,
+                        {"float16": 1e-2, "dynamic": 5e-2, "int8": 0.3}[variant])
+        # The harness runs it unchanged, early exits included.
         rt = runtime.SmtmRuntime(flat)
         images, labels = tu.stripes(64, seed=3)
-        for x in images[:8]:
-            self.assertIn(rt.classify(x).class_id, range(tu.NUM_CLASSES))
+        answers = [rt.classify(x).class_id for x in images]
+        self.assertGreater(np.mean(np.array(answers) == labels), 0.8)
         answers = [rt.classify_full(x[None].astype(np.float32)) for x in images]
         self.assertGreater(np.mean(np.array(answers) == labels), 0.8)
 
@@ -356,7 +384,8 @@ class QuantizationTest(parameterized.TestCase):
 
     def test_a_signature_xnnpack_cannot_prepare_is_refused(self):
         flat, _ = _quantized("dynamic")
-        builder = mock.Mock(model=tu.trained_residual("tf_keras"), apply_softmax=False)
+        builder = mock.Mock(model=tu.trained_residual("tf_keras"), apply_softmax=False,
+                            memory=tu.fitted_memory("tf_keras"))
         failing = mock.Mock(side_effect=RuntimeError("Node number 19 failed to prepare."))
         failing.get_input_details.return_value = {}
         with mock.patch("ai_edge_litert.interpreter.Interpreter.get_signature_runner",
@@ -365,6 +394,52 @@ class QuantizationTest(parameterized.TestCase):
                                         "does not run in the LiteRT interpreter with XNNPACK"):
                 smtm_converter.check_quantized(flat, builder, tu.check_images(),
                                                quant.Quantization.INT8)
+
+    @parameterized.named_parameters(("unit_inputs", 1.0), ("pixel_inputs", 255.0))
+    def test_vgg_sequential_with_dead_channels_converts_to_every_variant(self, feed):
+        model, memory = _tiny_vgg(), _tiny_vgg_memory(feed)
+        # Dead channels get zero rows, and no encoder weight is huge whatever
+        # the input units (they were ~5e5 here, and XNNPACK refused int8).
+        self.assertTrue(any(len(_dead_rows(e)) for e in memory.encoders))
+        for e in memory.encoders:
+            self.assertLess(feed * np.max(np.abs(e.kernel)), 100.0)
+        x, _ = tu.stripes(200, seed=0, size=_VGG_SIZE)
+        images, labels = tu.stripes(64, seed=2, size=_VGG_SIZE)
+        _, report = smtm_converter.convert(model, memory, feed * images)
+        self.assertLessEqual(report.similarity_max_abs_diff, 1e-4)
+        for variant, sim_limit in (("float16", 1e-2), ("int8", 0.3)):
+            flat, report = smtm_converter.convert(model, memory, feed * images,
+                                                  quantization=variant,
+                                                  train_images=feed * x)
+            self.assertLess(report.similarity_max_abs_diff, sim_limit)
+            self.assertGreaterEqual(report.chain_top1_agreement, 0.9)
+            for key in model_utils.signature_keys(flat):
+                self.assertEqual(quant.xnnpack_scale_problems(flat, key), [])
+            if variant == "int8":
+                self.assertIn("INT8", model_utils.tensor_types(flat)["stage_3"])
+            rt = runtime.SmtmRuntime(flat)
+            answers = np.array([rt.classify(feed * im).class_id for im in images])
+            self.assertGreater(np.mean(answers == labels), 0.9)
+
+    def test_an_encoder_xnnpack_refuses_is_named(self):
+        # An encoder as the old fit made them: a huge row on a dead channel.
+        memory = _tiny_vgg_memory(1.0)
+        s = next(i for i, e in enumerate(memory.encoders) if len(_dead_rows(e)))
+        kernel = memory.encoders[s].kernel.copy()
+        kernel[_dead_rows(memory.encoders[s])[0]] = 1e5
+        encoders = list(memory.encoders)
+        encoders[s] = enc.Encoder(kernel, memory.encoders[s].bias)
+        x, _ = tu.stripes(200, seed=0, size=_VGG_SIZE)
+        with self.assertRaisesRegex(
+                smtm_converter.ConversionError,
+                rf"signature stage_{s} does not run .*XNNPACK refuses the int8 scales of "
+                rf"FULLY_CONNECTED \(op \d+ of stage_{s}, .* XNNPACK needs < 256\. That op "
+                r"is the stage's semantic encoder, whose largest weight is 1e\+05.*Refit the "
+                r"semantic memory to get bounded weights.*--quantize=float16 or dynamic"):
+            smtm_converter.convert(_tiny_vgg(),
+                                   dataclasses.replace(memory, encoders=tuple(encoders)),
+                                   tu.stripes(16, seed=2, size=_VGG_SIZE)[0],
+                                   quantization="int8", train_images=x)
 
     def test_exit_rule_kept_when_the_quantized_model_meets_its_target(self):
         flat, _ = tu.exiting_converted("tf_keras")
