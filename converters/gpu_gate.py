@@ -5,7 +5,7 @@ approves ops the GPU accelerator then refuses, so the gate compiles each
 signature for real with LiteRT's GPU accelerator in strict mode (on a machine
 without a GPU, on Mesa's software Vulkan driver), names the ops that would
 fall back to the CPU, and compares the GPU's outputs with the CPU's on real
-images (`delegates.agreement`).
+images (`converters.agreement`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from delegates import agreement
+from converters import agreement
 from delegates import gpu
 
 

@@ -28,6 +28,7 @@ import enum
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 import numpy as np
+from smtm_tf.fitting import kerascompat
 
 # Variants whose models load and run on tflite-runtime 2.14 (checked by
 # tests/test_old_runtime.py and CI).
@@ -197,7 +198,7 @@ def xnnpack_refusal(model_content: bytes, signature: str, encoder=None) -> str:
     Args:
       model_content: the quantized .tflite flatbuffer.
       signature: the refused signature's key.
-      encoder: the stage's `smtm_tf.encoders.Encoder` when it is a stage
+      encoder: the stage's `smtm_tf.fitting.encoders.Encoder` when it is a stage
         signature, to tell when the refused op is its projection.
 
     Returns:
@@ -279,7 +280,6 @@ def qat_models(stage_models, head_model, x_train: np.ndarray, y_train: np.ndarra
     Raises:
       QuantizationError: the model is not a tf_keras model, or tfmot is missing.
     """
-    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
 
     if kerascompat.flavour_of(head_model) != "tf_keras":
         raise QuantizationError(

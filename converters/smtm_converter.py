@@ -17,19 +17,23 @@ import tempfile
 
 import numpy as np
 
-from converters import metadata
+from smtm_tf.runtime import metadata
 from converters import quantization as quant
 from delegates.compiled import run_compiled
-from smtm_tf import cache as cache_lib
-from smtm_tf import descriptor as desc
-from smtm_tf import encoders as enc
-from smtm_tf import io_utils
-from smtm_tf import data as data_lib
-from smtm_tf import kerascompat
-from smtm_tf import memory as memory_lib
-from smtm_tf import preprocessing as prep
-from smtm_tf import stages as stages_lib
-from smtm_tf.memory import SemanticMemory
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.runtime import preprocessing as prep
+from smtm_tf.fitting import stages as stages_lib
+from smtm_tf.fitting.memory import SemanticMemory
+from converters import gpu_gate
+from converters import old_runtime
+from delegates.cpu import CpuBackend
+from smtm_tf.runtime import SmtmRuntime
 
 
 class ConversionError(RuntimeError):
@@ -54,7 +58,7 @@ class ConversionReport:
     exit_rule: "ExitRuleCheck | None" = None
     gpu_gate: object = None  # converters.gpu_gate.GateReport, when the gate ran.
     accuracy: "AccuracyCheck | None" = None  # The Keras model on the data, before fitting.
-    old_runtime: object = None  # delegates.old_runtime.ModelResult, when checked.
+    old_runtime: object = None  # converters.old_runtime.ModelResult, when checked.
 
 
 def _outputs_probabilities(model) -> bool:
@@ -81,7 +85,7 @@ def _module_tracking(model, extra_models=()):
     return module
 
 
-class _SmtmModule:
+class SignatureBuilder:
     """Builds the tf.functions of every signature around the Keras models."""
 
     def __init__(self, model, memory: SemanticMemory, quantized_models=None,
@@ -200,10 +204,10 @@ def convert_keras(model) -> bytes:
     shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
     fn = tf.function(lambda image: {"output": model(image, training=False)},
                      input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
-    return _convert_module(module, {"serving_default": fn})
+    return convert_module(module, {"serving_default": fn})
 
 
-def _convert_module(module, signatures: dict,
+def convert_module(module, signatures: dict,
                     quantization: quant.Quantization = quant.Quantization.FLOAT32,
                     representative_dataset=None) -> bytes:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
@@ -265,7 +269,7 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
         stage_models, head_model = stages_lib.split_model(model, memory.plan)
         qat = quant.qat_models(stage_models, head_model, train_images, train_labels,
                                epochs=qat_epochs, seed=seed)
-    builder = _SmtmModule(model, memory, qat, q)
+    builder = SignatureBuilder(model, memory, qat, q)
     sigs = builder.signatures()
     descriptor = builder.descriptor(model_name or model.name,
                                     preprocessing or prep.Preprocessing.raw())
@@ -275,7 +279,7 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
         pick = rng.choice(len(train_images), size=min(200, len(train_images)), replace=False)
         rep_data = quant.representative_dataset(builder.stage_models, memory.centres,
                                                 train_images[np.sort(pick)])
-    flat = _convert_module(builder.module, sigs, q, rep_data)
+    flat = convert_module(builder.module, sigs, q, rep_data)
     flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
     if q == quant.Quantization.FLOAT32:
         report = check_conversion(flat, model, memory, check_images, builder.apply_softmax,
@@ -338,7 +342,7 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
     return report
 
 
-def check_quantized(flat: bytes, builder: "_SmtmModule", images: np.ndarray,
+def check_quantized(flat: bytes, builder: "SignatureBuilder", images: np.ndarray,
                     quantization: quant.Quantization,
                     min_top1_agreement: float = 0.9) -> ConversionReport:
     """Checks a quantized model against the Keras model it was made from.
@@ -560,7 +564,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
 
     Args:
       model: the trained Keras classifier.
-      data: `smtm_tf.data.LabelledData` of camera pixels; images are brought
+      data: `smtm_tf.fitting.data.LabelledData` of camera pixels; images are brought
         to the model's input (`data.adapt`) and preprocessed. The tail
         `holdout` of its train split calibrates the exits, the rest trains
         the encoders, and test images serve the checks.
@@ -582,7 +586,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
       require_gpu: make a failed gate (or no GPU) an error; nothing is written then.
       gpu_precision: "fp32" or "fp16" kernels for the gate.
       old_runtime_check: when a tflite-runtime 2.14 environment is found
-        (`delegates.old_runtime`), load and run every signature there
+        (`converters.old_runtime`), load and run every signature there
         (`report.old_runtime`; a failure is flagged in the report).
       require_old_runtime: make that check mandatory and a failure an error.
       preprocessing: what the model expects done to pixels (default: found
@@ -643,7 +647,6 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
         report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
     if gpu_check or require_gpu:
-        from converters import gpu_gate  # pylint: disable=import-outside-toplevel
         say("GPU gate")
         gate = gpu_gate.gpu_gate(flat, x_check[:16], precision=gpu_precision,
                                  require_gpu=require_gpu)
@@ -681,7 +684,6 @@ def _matching_memory(paths, key: memory_lib.MemoryKey, say, **wanted) -> Semanti
 
 def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool):
     """tflite-runtime 2.14 loads and runs every signature? None when not installed."""
-    from delegates import old_runtime  # pylint: disable=import-outside-toplevel
 
     try:
         old_runtime.find_python()
@@ -724,10 +726,8 @@ class ExitRuleCheck:
         return text
 
 
-def _replay_rule(flat: bytes, x_cal: np.ndarray, stream_indices) -> tuple[
+def replay_rule(flat: bytes, x_cal: np.ndarray, stream_indices) -> tuple[
         tuple[float, ...], list[np.ndarray], np.ndarray]:
-    from delegates.cpu import CpuBackend  # pylint: disable=import-outside-toplevel
-    from smtm_tf.runtime import SmtmRuntime  # pylint: disable=import-outside-toplevel
 
     runtime = SmtmRuntime(flat, CpuBackend(num_threads=1))
     shape = runtime.descriptor.full.inputs[0].shape
@@ -760,7 +760,7 @@ def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
 
     descriptor = desc.Descriptor.from_json(metadata.read_metadata(flat, desc.METADATA_NAME))
     rule = descriptor.exit_rule
-    before, runtime, full = _replay_rule(flat, x_cal, streams_of)
+    before, runtime, full = replay_rule(flat, x_cal, streams_of)
     if min(before) >= rule.target_agreement:
         return flat, ExitRuleCheck(rule.target_agreement, before, False)
     sims = [[] for _ in range(runtime.num_stages)]
@@ -773,5 +773,5 @@ def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
         seed=seed)
     descriptor = dataclasses.replace(descriptor, exit_rule=new_rule)
     flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
-    after, _, _ = _replay_rule(flat, x_cal, streams_of)
+    after, _, _ = replay_rule(flat, x_cal, streams_of)
     return flat, ExitRuleCheck(rule.target_agreement, before, True, after)

@@ -9,6 +9,9 @@
 """
 
 from __future__ import annotations
+from delegates.cpu import CpuBackend
+from delegates.external import DelegateBackend
+from delegates.gpu import GpuBackend
 
 BACKEND_NAMES = ("cpu", "gpu", "gpu_strict")
 
@@ -28,11 +31,8 @@ def make_backend(name: str = "cpu", *, num_threads: int = 1, precision: str = "f
     if name not in BACKEND_NAMES:
         raise ValueError(f"Unknown backend {name!r}; available: {list(BACKEND_NAMES)}.")
     if delegate_library:
-        from delegates.external import DelegateBackend  # pylint: disable=import-outside-toplevel
         return DelegateBackend(delegate_library, delegate_options, num_threads=num_threads,
                                strict=name == "gpu_strict")
     if name == "cpu":
-        from delegates.cpu import CpuBackend  # pylint: disable=import-outside-toplevel
         return CpuBackend(num_threads=num_threads)
-    from delegates.gpu import GpuBackend  # pylint: disable=import-outside-toplevel
     return GpuBackend(strict=name == "gpu_strict", precision=precision)

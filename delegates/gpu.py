@@ -66,7 +66,7 @@ _NO_GPU_MARKERS = ("Failed to initialize WebGPU environment", "No adapters found
 
 
 @contextlib.contextmanager
-def _captured_native_stderr():
+def captured_native_stderr():
     """Captures what native code writes to fd 2 (the accelerator's messages).
 
     Yields a list that holds the captured text after the block.
@@ -159,7 +159,7 @@ def compile_model(model_content: bytes, strict: bool = True,
     with os.fdopen(fd, "wb") as f:
         f.write(model_content)
     error = None
-    with _captured_native_stderr() as log:
+    with captured_native_stderr() as log:
         try:
             model = compiled_model.CompiledModel.from_file(
                 path, options=_options(strict, precision))

@@ -17,6 +17,18 @@ import time
 
 from absl import app
 from absl import flags
+from converters import smtm_converter
+from delegates import cpu
+from smtm_tf.evaluation import baselines
+from smtm_tf.evaluation import benchmark
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import models as models_lib
+from smtm_tf.fitting import stages as stages_lib
+from smtm_tf.fitting import streams as streams_lib
+from smtm_tf.runtime import io_utils
 
 _MODELS = flags.DEFINE_list("models", ["resnet", "mobilenet_v2", "vgg"],
                             "Models (see scripts/train_models.py).")
@@ -43,18 +55,6 @@ def main(argv):
     del argv
     import numpy as np  # pylint: disable=import-outside-toplevel
 
-    from converters import smtm_converter  # pylint: disable=import-outside-toplevel
-    from smtm_tf import baselines  # pylint: disable=import-outside-toplevel
-    from smtm_tf import benchmark  # pylint: disable=import-outside-toplevel
-    from smtm_tf import data as data_lib  # pylint: disable=import-outside-toplevel
-    from smtm_tf import encoders as enc  # pylint: disable=import-outside-toplevel
-    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
-    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
-    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
-    from smtm_tf import models as models_lib  # pylint: disable=import-outside-toplevel
-    from smtm_tf import stages as stages_lib  # pylint: disable=import-outside-toplevel
-    from smtm_tf import streams as streams_lib  # pylint: disable=import-outside-toplevel
-    from delegates import cpu  # pylint: disable=import-outside-toplevel
 
     started = time.time()
     quick = _QUICK.value

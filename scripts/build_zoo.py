@@ -15,7 +15,7 @@ import os
 from absl import app
 from absl import flags
 
-from smtm_tf import zoo
+from smtm_tf.fitting import zoo
 
 _OUT_DIR = flags.DEFINE_string("out_dir", None, "Folder for the models and zoo.json.",
                                required=True)

@@ -26,15 +26,15 @@ import numpy as np
 
 from converters import gpu_gate
 from converters import smtm_converter
-from delegates import agreement
+from converters import agreement
 from delegates import cpu
 from delegates import gpu
-from delegates import old_runtime
-from smtm_tf import data as data_lib
-from smtm_tf import io_utils
-from smtm_tf import memory as memory_lib
-from smtm_tf import streams
-from smtm_tf import validation
+from converters import old_runtime
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import streams
+from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime
 
 _REFERENCE = flags.DEFINE_string("reference", None, "The float32 .tflite.", required=True)
@@ -71,7 +71,7 @@ def _measure(path: str, data, frames, labels, decision_frames, x_cal) -> dict:
     c = validation.compare(rt, frames, labels)
     row.update(stream_speedup=c.speedup, stream_accuracy_drop=c.accuracy_drop,
                stream_full_top1=c.full.accuracy, stream_smtm_top1=c.smtm.accuracy)
-    agree, _, _ = smtm_converter._replay_rule(  # pylint: disable=protected-access
+    agree, _, _ = smtm_converter.replay_rule(  # pylint: disable=protected-access
         flat, x_cal, lambda full: memory_lib.calibration_streams(full, num_frames=3000,
                                                                  seed=_SEED.value))
     row["rule_replay_agreement"] = list(agree)

@@ -14,12 +14,12 @@ from absl import flags
 
 from converters import smtm_converter
 from delegates import make_backend
-from smtm_tf import data as data_lib
-from smtm_tf import io_utils
-from smtm_tf import kerascompat
-from smtm_tf import memory as memory_lib
-from smtm_tf import rule_comparison
-from smtm_tf import streams as streams_lib
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.evaluation import rule_comparison
+from smtm_tf.fitting import streams as streams_lib
 from smtm_tf.runtime import SmtmRuntime
 
 _MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "The Keras model.")

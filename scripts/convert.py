@@ -24,12 +24,12 @@ from absl import logging
 
 from converters import quantization as quant
 from converters import smtm_converter
-from smtm_tf import cache as cache_lib
-from smtm_tf import data as data_lib
-from smtm_tf import exit_policy
-from smtm_tf import kerascompat
-from smtm_tf import preprocessing as prep
-from smtm_tf import stages as stages_lib
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import kerascompat
+from smtm_tf.runtime import preprocessing as prep
+from smtm_tf.fitting import stages as stages_lib
 
 _MODEL = flags.DEFINE_string("model", None, "Trained Keras model (.keras or .h5).",
                              required=True)
@@ -127,7 +127,7 @@ def _convert(quantization):
     data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
     print(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images "
           f"of {data.num_classes} classes, brought to the model's input {shape} "
-          "(smtm_tf.data.adapt_images)", flush=True)
+          "(smtm_tf.fitting.data.adapt_images)", flush=True)
     target = (_TARGET.value if _TARGET.value is not None
               else exit_policy.budget_to_target(_BUDGET.value))
     memory_file = _MEMORY.value or smtm_converter.memory_path_for(_OUTPUT.value)

@@ -15,11 +15,11 @@ from absl import flags
 
 from converters import smtm_converter
 from delegates import backend_flags
-from smtm_tf import data as data_lib
-from smtm_tf import kerascompat
-from smtm_tf import models
-from smtm_tf import streams
-from smtm_tf import validation
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import models
+from smtm_tf.fitting import streams
+from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime
 
 _MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "Demo Keras model.")

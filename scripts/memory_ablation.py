@@ -30,14 +30,15 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from smtm_tf import cache
-from smtm_tf import data as data_lib
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import kerascompat
-from smtm_tf import memory as memory_lib
-from smtm_tf import stages as stages_lib
-from smtm_tf import streams
+from smtm_tf.runtime import cache
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import stages as stages_lib
+from smtm_tf.fitting import streams
+from converters import smtm_converter
 
 _MODEL = flags.DEFINE_string("model", "models/demo_resnet.keras", "Keras model.")
 _MEMORY = flags.DEFINE_string("memory", None, "Its memory (default: next to the model).")
@@ -85,7 +86,6 @@ def scene_oracle(memory, sem, full, labels, scene_starts, costs):
 
 def main(argv):
     del argv
-    from converters import smtm_converter  # pylint: disable=import-outside-toplevel
 
     model = kerascompat.load_model(_MODEL.value)
     memory = memory_lib.SemanticMemory.load(

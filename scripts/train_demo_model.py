@@ -8,8 +8,8 @@ from absl import app
 from absl import flags
 from absl import logging
 
-from smtm_tf import data as data_lib
-from smtm_tf import models
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import models
 
 _OUTPUT = flags.DEFINE_string("output", "models/demo_resnet.keras",
                               "Where to write the trained .keras model.")

@@ -18,9 +18,12 @@ import time
 from absl import app
 from absl import flags
 
-from smtm_tf import data as data_lib
-from smtm_tf import kerascompat
-from smtm_tf import models
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import models
+from smtm_tf.evaluation import baselines
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.runtime import cache as cache_lib
 
 MODELS = models.BENCHMARK_MODELS
 STEPS = ("train", "memory", "calibrate", "baselines")
@@ -38,7 +41,6 @@ _SEED = flags.DEFINE_integer("seed", 0, "Random seed.")
 
 def main(argv):
     del argv
-    from smtm_tf import memory as memory_lib  # pylint: disable=import-outside-toplevel
 
     unknown = [m for m in _MODELS.value if m not in MODELS]
     unknown += [s for s in _STEPS.value if s not in STEPS]
@@ -74,7 +76,6 @@ def main(argv):
         if "calibrate" in _STEPS.value and "memory" not in _STEPS.value:
             # Keep the encoders, calibrate every level of the (adaptive)
             # memory anew with the library's current default policy.
-            from smtm_tf import cache as cache_lib  # pylint: disable=import-outside-toplevel
             memory = memory_lib.SemanticMemory.load(memory_path)
             print(f"[{name}] recalibrating the memory's exit rule", flush=True)
             memory = memory_lib.recalibrate(model, memory, x_cal,
@@ -84,7 +85,6 @@ def main(argv):
             print(f"[{name}] {memory_path}: thresholds {memory.exit_rule.thresholds}",
                   flush=True)
         if "baselines" in _STEPS.value:
-            from smtm_tf import baselines  # pylint: disable=import-outside-toplevel
             memory = memory_lib.SemanticMemory.load(memory_path)
             print(f"[{name}] training the baseline heads", flush=True)
             heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit,

@@ -12,12 +12,12 @@ import numpy as np
 from absl import app
 from absl import flags
 
-from delegates import agreement
+from converters import agreement
 from delegates import backend_flags
-from smtm_tf import data as data_lib
-from smtm_tf import io_utils
-from smtm_tf import streams
-from smtm_tf import validation
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import streams
+from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime
 
 _MODEL = flags.DEFINE_string("model", None, "SMTM .tflite to validate.", required=True)

@@ -21,8 +21,8 @@ import time
 from absl import app
 from absl import flags
 
-from smtm_tf import data as data_lib
-from smtm_tf import zoo_benchmark
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.evaluation import zoo_benchmark
 
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "Folder written by scripts/build_zoo.py "
                                "(zoo.json and the .keras files).", required=True)

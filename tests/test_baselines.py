@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.baselines: BranchyNet exits and GATI-style learned caches."""
+"""Tests for smtm_tf.evaluation.baselines: BranchyNet exits and GATI-style learned caches."""
 
 import dataclasses
 import functools
@@ -8,10 +8,10 @@ import numpy as np
 
 from converters import smtm_converter
 from delegates import cpu
-from smtm_tf import baselines
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import stages
+from smtm_tf.evaluation import baselines
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 

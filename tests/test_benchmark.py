@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.benchmark: the interleaved harness, the figures, the checks."""
+"""Tests for smtm_tf.evaluation.benchmark: the interleaved harness, the figures, the checks."""
 
 import functools
 import os
@@ -6,10 +6,10 @@ import os
 from absl.testing import absltest
 import numpy as np
 
-from smtm_tf import baselines
-from smtm_tf import benchmark
-from smtm_tf import encoders as enc
-from smtm_tf import stages
+from smtm_tf.evaluation import baselines
+from smtm_tf.evaluation import benchmark
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 

@@ -1,4 +1,4 @@
-"""Tests for the adaptive memory: smtm_tf.cache and where it is wired in.
+"""Tests for the adaptive memory: smtm_tf.runtime.cache and where it is wired in.
 
 CachePolicy (and legacy policies), MemoryState (forgetting-curve cache,
 adaptive capacity, prior shift, short-term tier, centre adaptation with
@@ -18,14 +18,14 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import cache
-from smtm_tf import descriptor as desc
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy as ep
-from smtm_tf import memory as memory_lib
-from smtm_tf import runtime
-from smtm_tf import stages
-from smtm_tf import streams as streams_lib
+from smtm_tf.runtime import cache
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy as ep
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.runtime import host as runtime
+from smtm_tf.fitting import stages
+from smtm_tf.fitting import streams as streams_lib
 import testing_utils as tu
 
 COSTS = (0.2, 0.3, 0.45)

@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.callbacks.SemanticMemoryCallback in Keras 3 and tf_keras fit."""
+"""Tests for smtm_tf.fitting.callbacks.SemanticMemoryCallback in Keras 3 and tf_keras fit."""
 
 import os
 from unittest import mock
@@ -7,9 +7,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import callbacks
-from smtm_tf import memory as memory_lib
-from smtm_tf import stages
+from smtm_tf.fitting import callbacks
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 

@@ -1,4 +1,4 @@
-"""Tests for converters.smtm_converter and converters.metadata."""
+"""Tests for converters.smtm_converter and smtm_tf.runtime.metadata."""
 
 import dataclasses
 import os
@@ -10,16 +10,16 @@ from ai_edge_litert import interpreter as litert
 from ai_edge_litert import schema_py_generated as schema
 import numpy as np
 
-from converters import metadata
+from smtm_tf.runtime import metadata
 from converters import smtm_converter
-from smtm_tf import data as data_lib
-from smtm_tf import descriptor as desc
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import memory as memory_lib
-from smtm_tf import preprocessing as prep
-from smtm_tf import runtime
-from smtm_tf import stages
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.runtime import preprocessing as prep
+from smtm_tf.runtime import host as runtime
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 SIGNATURES = {"stage_0", "stage_1", "stage_2", "head", "full"}

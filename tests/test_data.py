@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.data: LabelledData, .npz files, image folders, Fashion-MNIST."""
+"""Tests for smtm_tf.fitting.data: LabelledData, .npz files, image folders, Fashion-MNIST."""
 
 import gzip
 import os
@@ -9,7 +9,7 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from smtm_tf import data as data_lib
+from smtm_tf.fitting import data as data_lib
 
 
 def _arrays(n_train=6, n_test=4, classes=3, seed=0):

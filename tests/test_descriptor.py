@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.descriptor: the versioned JSON stored in the .tflite."""
+"""Tests for smtm_tf.runtime.descriptor: the versioned JSON stored in the .tflite."""
 
 import json
 
@@ -6,9 +6,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import descriptor as desc
-from smtm_tf import exit_policy
-from smtm_tf import preprocessing as prep
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import preprocessing as prep
 import testing_utils as tu
 
 

@@ -16,12 +16,12 @@ from absl.testing import absltest
 import numpy as np
 
 from converters import smtm_converter
-from smtm_tf import data as data_lib
-from smtm_tf import memory as memory_lib
-from smtm_tf import models
-from smtm_tf import runtime
-from smtm_tf import streams
-from smtm_tf import validation
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import models
+from smtm_tf.runtime import host as runtime
+from smtm_tf.fitting import streams
+from smtm_tf.evaluation import validation
 import testing_utils as tu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

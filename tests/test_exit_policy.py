@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.exit_policy: margins, rules, simulation and calibration."""
+"""Tests for smtm_tf.runtime.exit_policy: margins, rules, simulation and calibration."""
 
 import math
 
@@ -6,7 +6,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import exit_policy as ep
+from smtm_tf.runtime import exit_policy as ep
 from testing_utils import synthetic_cascade
 
 COSTS = (0.2, 0.3, 0.45)

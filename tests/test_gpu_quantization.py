@@ -19,19 +19,19 @@ import numpy as np
 
 import delegates
 from converters import gpu_gate
-from converters import metadata
+from smtm_tf.runtime import metadata
 from converters import quantization as quant
 from converters import smtm_converter
-from delegates import agreement
+from converters import agreement
 from delegates import cpu
 from delegates import external
 from delegates import gpu
 from delegates import model_utils
-from delegates import old_runtime
-from smtm_tf import descriptor as desc
-from smtm_tf import encoders as enc
-from smtm_tf import memory as memory_lib
-from smtm_tf import runtime
+from converters import old_runtime
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.runtime import host as runtime
 import testing_utils as tu
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -443,7 +443,7 @@ class QuantizationTest(parameterized.TestCase):
 
     def test_exit_rule_kept_when_the_quantized_model_meets_its_target(self):
         flat, _ = tu.exiting_converted("tf_keras")
-        with mock.patch.object(smtm_converter, "_replay_rule",
+        with mock.patch.object(smtm_converter, "replay_rule",
                                return_value=((0.95, 0.97), mock.Mock(), np.zeros(3))):
             same, check = smtm_converter.check_exit_rule(flat, tu.exiting_memory("tf_keras"),
                                                          tu.calibration_data()[0])
@@ -461,8 +461,8 @@ class QuantizationTest(parameterized.TestCase):
         rt = runtime.SmtmRuntime(flat)
         replays = [((0.85, 0.95), rt, np.arange(50) % tu.NUM_CLASSES),
                    ((0.93, 0.96), rt, np.arange(50) % tu.NUM_CLASSES)]
-        with mock.patch.object(smtm_converter, "_replay_rule", side_effect=replays), \
-                mock.patch("smtm_tf.memory.calibrate_rule", return_value=new_rule) as calib:
+        with mock.patch.object(smtm_converter, "replay_rule", side_effect=replays), \
+                mock.patch("smtm_tf.fitting.memory.calibrate_rule", return_value=new_rule) as calib:
             rewritten, check = smtm_converter.check_exit_rule(flat, mem, x_cal)
         self.assertTrue(check.recalibrated)
         self.assertEqual((check.agreement_before, check.agreement_after),

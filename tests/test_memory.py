@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.memory, smtm_tf.encoders and smtm_tf.io_utils."""
+"""Tests for smtm_tf.fitting.memory, smtm_tf.fitting.encoders and smtm_tf.runtime.io_utils."""
 
 import dataclasses
 import io
@@ -12,11 +12,11 @@ from absl.testing import parameterized
 import numpy as np
 import tensorflow as tf
 
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import io_utils
-from smtm_tf import memory as memory_lib
-from smtm_tf import stages
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 

@@ -1,4 +1,4 @@
-"""Tests for the exit metrics of smtm_tf.exit_policy and the rule comparison table.
+"""Tests for the exit metrics of smtm_tf.runtime.exit_policy and the rule comparison table.
 
 Covers `score` (TOP1, MARGIN, LAYER_AWARE), `fit_layer_aware`, ExitRule with
 cold thresholds and metric parameters, `calibrate` with hot flags,
@@ -13,9 +13,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import exit_policy as ep
-from smtm_tf import rule_comparison
-from smtm_tf import validation
+from smtm_tf.runtime import exit_policy as ep
+from smtm_tf.evaluation import rule_comparison
+from smtm_tf.evaluation import validation
 from testing_utils import synthetic_cascade
 
 COSTS = (0.2, 0.3, 0.45)

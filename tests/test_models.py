@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.models (demo models, saving) and smtm_tf.kerascompat."""
+"""Tests for smtm_tf.fitting.models (demo models, saving) and smtm_tf.fitting.kerascompat."""
 
 import os
 
@@ -6,9 +6,9 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import kerascompat
-from smtm_tf import models
-from smtm_tf import stages
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import models
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 FLAVOURS = (("keras3", "keras"), ("tf_keras", "tf_keras"))

@@ -1,11 +1,11 @@
-"""Tests for smtm_tf.preprocessing and the pixel-adaptation rule in smtm_tf.data."""
+"""Tests for smtm_tf.runtime.preprocessing and the pixel-adaptation rule in smtm_tf.fitting.data."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import data as data_lib
-from smtm_tf import preprocessing as prep
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import preprocessing as prep
 import testing_utils as tu
 
 

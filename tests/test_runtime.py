@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.runtime, delegates and smtm_tf.validation."""
+"""Tests for smtm_tf.runtime, delegates and smtm_tf.evaluation.validation."""
 
 import json
 
@@ -6,14 +6,14 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from converters import metadata
+from smtm_tf.runtime import metadata
 from converters import smtm_converter
 import delegates
 from delegates import cpu
-from smtm_tf import descriptor as desc
-from smtm_tf import exit_policy
-from smtm_tf import runtime
-from smtm_tf import validation
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import host as runtime
+from smtm_tf.evaluation import validation
 import testing_utils as tu
 
 

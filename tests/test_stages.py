@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.stages: cut points, stage plans, splitting and chain checks."""
+"""Tests for smtm_tf.fitting.stages: cut points, stage plans, splitting and chain checks."""
 
 import itertools
 import json
@@ -8,7 +8,7 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import stages
+from smtm_tf.fitting import stages
 import testing_utils as tu
 
 FLAVOURS = (("keras3", "keras"), ("tf_keras", "tf_keras"))

@@ -1,10 +1,10 @@
-"""Tests for smtm_tf.streams: seeded frame streams with class statistics."""
+"""Tests for smtm_tf.fitting.streams: seeded frame streams with class statistics."""
 
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import streams
+from smtm_tf.fitting import streams
 
 NUM_CLASSES = 10
 LABELS = np.repeat(np.arange(NUM_CLASSES), 100)

@@ -7,8 +7,8 @@ import tempfile
 import numpy as np
 from absl.testing import absltest
 
-from smtm_tf import runtime
-from smtm_tf import validation
+from smtm_tf.runtime import host as runtime
+from smtm_tf.evaluation import validation
 import testing_utils as tu
 
 

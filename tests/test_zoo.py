@@ -1,4 +1,4 @@
-"""Tests for smtm_tf.zoo: every entry builds tiny, trains, saves, reloads and
+"""Tests for smtm_tf.fitting.zoo: every entry builds tiny, trains, saves, reloads and
 plans; its flavour, preprocessing and logits metadata match the model."""
 
 import dataclasses
@@ -9,12 +9,12 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
 
-from smtm_tf import data as data_lib
-from smtm_tf import kerascompat
-from smtm_tf import models
-from smtm_tf import preprocessing
-from smtm_tf import stages
-from smtm_tf import zoo
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import models
+from smtm_tf.runtime import preprocessing
+from smtm_tf.fitting import stages
+from smtm_tf.fitting import zoo
 
 ENTRIES = tuple((name, name) for name in zoo.names())
 # Two steps of 64 images: enough to move every weight and BatchNorm statistic.

@@ -39,7 +39,7 @@ def stripes(n: int, seed: int, size: int = IMAGE_SIZE, noise: float = 0.35):
 
 def labelled_stripes(num_train: int, num_test: int, train_seed: int, test_seed: int):
     """A LabelledData of stripes: `num_train` and `num_test` images, own seeds."""
-    from smtm_tf import data as data_lib  # pylint: disable=import-outside-toplevel
+    from smtm_tf.fitting import data as data_lib  # pylint: disable=import-outside-toplevel
     x, y = stripes(num_train, seed=train_seed)
     xt, yt = stripes(num_test, seed=test_seed)
     return data_lib.LabelledData(x, y, xt, yt, CLASS_NAMES)
@@ -109,7 +109,7 @@ def synthetic_descriptor(exit_rule, lookup_op, num_classes=3, dims=(4, 5), seed=
         once per stage in order.
       **overrides: Descriptor fields that replace the ones built here.
     """
-    from smtm_tf import descriptor as desc  # pylint: disable=import-outside-toplevel
+    from smtm_tf.runtime import descriptor as desc  # pylint: disable=import-outside-toplevel
     rng = np.random.default_rng(seed)
     shapes = SYNTHETIC_SHAPES
     stage_specs = []
@@ -229,7 +229,7 @@ def trained_residual(flavour: str, output: str = "softmax"):
 @functools.cache
 def fitted_memory(flavour: str, output: str = "softmax"):
     """A 3-stage semantic memory for trained_residual(flavour)."""
-    from smtm_tf import memory  # pylint: disable=import-outside-toplevel
+    from smtm_tf.fitting import memory  # pylint: disable=import-outside-toplevel
     x, _ = train_data()
     xc, _ = calibration_data()
     return memory.fit_semantic_memory(
@@ -247,7 +247,8 @@ def converted(flavour: str, output: str = "softmax"):
 
 def calibration_similarities(flavour: str = "tf_keras", output: str = "softmax"):
     """Per-stage similarities [N, K] of the calibration images, in numpy."""
-    from smtm_tf import encoders, stages  # pylint: disable=import-outside-toplevel
+    from smtm_tf.fitting import encoders
+    from smtm_tf.fitting import stages  # pylint: disable=import-outside-toplevel
     model, mem = trained_residual(flavour, output), fitted_memory(flavour, output)
     stage_models, head = stages.split_model(model, mem.plan)
     feats = encoders.extract_features(stage_models, head, calibration_data()[0], mem.pooling)
@@ -258,7 +259,7 @@ def calibration_similarities(flavour: str = "tf_keras", output: str = "softmax")
 def exiting_memory(flavour: str = "tf_keras"):
     """fitted_memory with thresholds at margin quantiles, so frames exit at every
     stage and some run the head: exercises every branch of the runtime."""
-    from smtm_tf import exit_policy  # pylint: disable=import-outside-toplevel
+    from smtm_tf.runtime import exit_policy  # pylint: disable=import-outside-toplevel
     mem = fitted_memory(flavour)
     sims, _ = calibration_similarities(flavour)
     thresholds = tuple(float(np.quantile(exit_policy.margins(s)[1], q))

@@ -70,7 +70,7 @@ import math
 
 import numpy as np
 
-from smtm_tf import exit_policy
+from smtm_tf.runtime import exit_policy
 
 _INF = float("inf")
 _TOP1 = exit_policy.Metric.TOP1

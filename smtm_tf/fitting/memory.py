@@ -19,12 +19,12 @@ import logging
 
 import numpy as np
 
-from smtm_tf import cache as cache_lib
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import streams as streams_lib
-from smtm_tf import io_utils
-from smtm_tf import stages as stages_lib
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import streams as streams_lib
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import stages as stages_lib
 
 # Version 2 adds the key and the per-class frame counts.
 MEMORY_FORMAT_VERSION = 2

@@ -5,8 +5,8 @@ from __future__ import annotations
 import keras
 import numpy as np
 
-from smtm_tf import encoders as enc
-from smtm_tf import memory as memory_lib
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.fitting import memory as memory_lib
 
 
 class SemanticMemoryCallback(keras.callbacks.Callback):

@@ -17,6 +17,7 @@ import sys
 import tempfile
 
 import numpy as np
+from smtm_tf.runtime import read_descriptor
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHECK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "old_runtime_check.py")
@@ -84,7 +85,6 @@ def _sample_inputs(model_content: bytes, images: np.ndarray | None) -> dict[str,
         for name, d in runner.get_input_details().items():
             feeds[f"{key}/{name}"] = rng.uniform(0, 1, d["shape"]).astype(d["dtype"])
     try:
-        from smtm_tf.runtime import read_descriptor  # pylint: disable=import-outside-toplevel
         descriptor = read_descriptor(model_content)
     except Exception:  # pylint: disable=broad-except
         return feeds  # Not an SMTM model: random inputs.
@@ -150,7 +150,7 @@ def check_models(paths: list[str], images: np.ndarray | None = None,
 
 
 def main(argv: list[str]) -> int:
-    """`python -m delegates.old_runtime MODEL.tflite ...`: exit 1 if any fails."""
+    """`python -m converters.old_runtime MODEL.tflite ...`: exit 1 if any fails."""
     results = check_models(argv[1:])
     for r in results:
         print(r.format())

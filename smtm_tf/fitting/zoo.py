@@ -3,7 +3,7 @@
 Each entry names a builder from Keras sources only (`keras.applications` with
 `weights=None`, or a network written with Keras layers), the Keras flavour it
 is built with, its input shape, the preprocessing it expects OUTSIDE the graph
-(a `smtm_tf.preprocessing` preset name, or None when its own first layer
+(a `smtm_tf.runtime.preprocessing` preset name, or None when its own first layer
 rescales pixels) and whether it ends in logits rather than probabilities.
 Together the entries cover: both Keras flavours, Sequential and functional
 graphs, residual adds (identity and projected), concatenations, branches,
@@ -29,10 +29,10 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from smtm_tf import data as data_lib
-from smtm_tf import kerascompat
-from smtm_tf import models
-from smtm_tf import preprocessing
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import kerascompat
+from smtm_tf.fitting import models
+from smtm_tf.runtime import preprocessing
 
 FLAVOURS = ("keras", "tf_keras")
 # Fashion-MNIST's classes; the zoo's classifiers all predict them.

@@ -6,6 +6,8 @@ import os
 import types
 
 import numpy as np
+from smtm_tf.fitting import kerascompat
+from smtm_tf.runtime import io_utils
 
 
 def _default_keras():
@@ -111,8 +113,6 @@ def save_model_atomic(model, path: str) -> None:
     The model is saved without its optimizer state (3x the weights' size in
     tf_keras), which converting it does not need.
     """
-    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
-    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
 
     k = kerascompat.keras_of(model)
     bare = k.models.clone_model(model)
@@ -237,7 +237,6 @@ def train_classifier(model, x_train: np.ndarray, y_train: np.ndarray,
       The trained model (the same object).
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
-    from smtm_tf import kerascompat  # pylint: disable=import-outside-toplevel
 
     k = kerascompat.keras_of(model)
     k.utils.set_random_seed(seed)

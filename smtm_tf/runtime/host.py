@@ -23,11 +23,12 @@ import logging
 
 import numpy as np
 
-from converters import metadata
-from smtm_tf import cache as cache_lib
-from smtm_tf import descriptor as desc
-from smtm_tf import exit_policy
-from smtm_tf import io_utils
+from smtm_tf.runtime import metadata
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import io_utils
+from delegates import cpu
 
 STATE_FORMAT_VERSION = 2
 
@@ -65,7 +66,6 @@ class SmtmRuntime:
 
     def __init__(self, model_content: bytes, backend=None):
         if backend is None:
-            from delegates import cpu  # pylint: disable=import-outside-toplevel
             backend = cpu.CpuBackend(num_threads=1)
         self.descriptor = read_descriptor(model_content)
         self.session = backend.load(model_content)

@@ -20,12 +20,12 @@ import numpy as np
 from converters import quantization as quant
 from converters import smtm_converter
 from delegates import cpu
-from smtm_tf import data as data_lib
-from smtm_tf import io_utils
-from smtm_tf import kerascompat
-from smtm_tf import preprocessing as prep
-from smtm_tf import streams as streams_lib
-from smtm_tf import validation
+from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import io_utils
+from smtm_tf.fitting import kerascompat
+from smtm_tf.runtime import preprocessing as prep
+from smtm_tf.fitting import streams as streams_lib
+from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime
 
 STREAMS = ("video", "uniform", "object")

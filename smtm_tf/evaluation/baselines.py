@@ -34,10 +34,14 @@ import json
 
 import numpy as np
 
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import io_utils
-from smtm_tf import preprocessing as prep
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import io_utils
+from smtm_tf.runtime import preprocessing as prep
+from converters import smtm_converter as conv
+from smtm_tf.fitting import stages as stages_lib
+from smtm_tf.runtime import descriptor as desc
+from smtm_tf.runtime import metadata
 
 BASELINES_FORMAT_VERSION = 1
 _TINY = np.float32(1e-30)
@@ -263,7 +267,6 @@ def train_baselines(model, plan, x_train: np.ndarray, y_train: np.ndarray,
     Returns:
       The trained heads.
     """
-    from smtm_tf import stages as stages_lib  # pylint: disable=import-outside-toplevel
 
     stage_models, head = stages_lib.split_model(model, plan)
     features = enc.extract_features(stage_models, head, x_train, pooling, batch_size)
@@ -397,18 +400,15 @@ def convert(model, memory, heads: BaselineHeads, check_images: np.ndarray,
       ValueError: when the heads were trained on other cut points.
       converters.smtm_converter.ConversionError: when a check fails.
     """
-    from converters import metadata  # pylint: disable=import-outside-toplevel
-    from converters import smtm_converter as conv  # pylint: disable=import-outside-toplevel
-    from smtm_tf import descriptor as desc  # pylint: disable=import-outside-toplevel
 
     if tuple(heads.cut_layers) != tuple(memory.plan.cut_layers):
         raise ValueError(f"The baselines' heads were trained on stages ending at "
                          f"{heads.cut_layers}, the memory's end at {memory.plan.cut_layers}.")
     # pylint: disable=protected-access
-    builder = conv._SmtmModule(model, memory)
+    builder = conv.SignatureBuilder(model, memory)
     sigs = builder.signatures()
     sigs.update(signatures(heads, builder.stage_models, builder.input_shape))
-    flat = conv._convert_module(builder.module, sigs)
+    flat = conv.convert_module(builder.module, sigs)
     # pylint: enable=protected-access
     flat = metadata.add_metadata(flat, desc.METADATA_NAME,
                                  builder.descriptor(model.name, prep.Preprocessing.raw()).to_json().encode())
@@ -431,7 +431,6 @@ def check_signatures(flat: bytes, heads: BaselineHeads, stage_models, images: np
       converters.smtm_converter.ConversionError: beyond `atol`.
     """
     from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-    from converters import smtm_converter as conv  # pylint: disable=import-outside-toplevel
 
     interp = litert.Interpreter(model_content=flat, num_threads=1)
     diff = 0.0

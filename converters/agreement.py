@@ -13,6 +13,8 @@ import dataclasses
 import numpy as np
 
 from delegates import cpu
+from smtm_tf.runtime import SmtmRuntime
+from smtm_tf.runtime import read_descriptor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,7 +103,6 @@ def compare_with_cpu(model_content: bytes, backend, images: np.ndarray,
     Returns:
       The report (`report.ok` says whether all outputs agree).
     """
-    from smtm_tf.runtime import read_descriptor  # pylint: disable=import-outside-toplevel
 
     descriptor = read_descriptor(model_content)
     tol = dict(TOLERANCES[precision])
@@ -165,7 +166,6 @@ def compare_decisions(model_content: bytes, backend, frames: np.ndarray,
     decision can change later ones: the count is of frames whose (class, exit
     stage) is identical.
     """
-    from smtm_tf.runtime import SmtmRuntime  # pylint: disable=import-outside-toplevel
 
     want_rt = SmtmRuntime(model_content, reference or cpu.CpuBackend(num_threads=1))
     got_rt = SmtmRuntime(model_content, backend)

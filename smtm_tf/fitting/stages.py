@@ -15,7 +15,7 @@ import dataclasses
 
 import numpy as np
 
-from smtm_tf import kerascompat
+from smtm_tf.fitting import kerascompat
 
 
 class StagePlanError(ValueError):

@@ -26,9 +26,12 @@ import time
 
 import numpy as np
 
-from smtm_tf import baselines as baselines_lib
-from smtm_tf import exit_policy
-from smtm_tf import memory as memory_lib
+from smtm_tf.evaluation import baselines as baselines_lib
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import memory as memory_lib
+from delegates import cpu
+from smtm_tf.runtime import host as runtime_lib
+from smtm_tf.runtime import io_utils
 
 FULL = "full"
 BRANCHY = baselines_lib.Method.BRANCHY.value
@@ -329,8 +332,6 @@ def make_contenders(model_bytes: bytes, calibrated: Calibrated, budgets,
                     methods=METHODS, backend_factory=None) -> list[Contender]:
     """One runtime per contender, each on its own interpreter, so none shares
     packed weights (or a cache) with another."""
-    from delegates import cpu  # pylint: disable=import-outside-toplevel
-    from smtm_tf import runtime as runtime_lib  # pylint: disable=import-outside-toplevel
 
     def backend():
         return backend_factory() if backend_factory else cpu.CpuBackend(num_threads=1)
@@ -555,13 +556,11 @@ def plot(rows: list[Row], model: str, path: str) -> None:
         ax.axis("off")
     axes.flat[0].legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
     with io_utils.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
 
 
 def write_json(path: str, info: dict, models: list[dict], rows: list[Row]) -> None:
-    from smtm_tf import io_utils  # pylint: disable=import-outside-toplevel
     payload = {"info": info, "models": models, "rows": [r.to_dict() for r in rows]}
     io_utils.write_bytes_atomic(path, (json.dumps(payload, indent=1) + "\n").encode())

@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from smtm_tf import cache as cache_lib
-from smtm_tf import exit_policy
-from smtm_tf import preprocessing as prep
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.runtime import exit_policy
+from smtm_tf.runtime import preprocessing as prep
 
 SCHEMA_VERSION = 2
 READABLE_SCHEMA_VERSIONS = (1, 2)

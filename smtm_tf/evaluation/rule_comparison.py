@@ -10,12 +10,12 @@ import dataclasses
 
 import numpy as np
 
-from smtm_tf import cache as cache_lib
-from smtm_tf import encoders as enc
-from smtm_tf import exit_policy
-from smtm_tf import memory as memory_lib
-from smtm_tf import stages as stages_lib
-from smtm_tf import validation
+from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.fitting import encoders as enc
+from smtm_tf.runtime import exit_policy
+from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import stages as stages_lib
+from smtm_tf.evaluation import validation
 
 # (name, metric, calibration): "global" is one threshold shared by all
 # stages; "stage" is one per stage; "cache" adds the hot-class prior.
