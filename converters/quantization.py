@@ -334,7 +334,7 @@ def _tie_boundary_ranges(quantized) -> None:
     """
     for prev, nxt in zip(quantized[:-1], quantized[1:]):
         out = {w.name.rsplit("/", 1)[-1].split(":")[0]: w for w in prev.layers[-1].weights}
-        layer = next((l for l in nxt.layers if type(l).__name__ == "QuantizeLayer"), None)
+        layer = next((q for q in nxt.layers if type(q).__name__ == "QuantizeLayer"), None)
         if layer is None or "output_min" not in out or "output_max" not in out:
             continue
         for w in layer.weights:

@@ -20,7 +20,6 @@ import sys
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from converters import quantization as quant
 from converters import smtm_converter

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import math
 import os
-import unittest
 
 from absl.testing import absltest
 from absl.testing import parameterized

@@ -19,7 +19,6 @@ import numpy as np
 
 import delegates
 from converters import gpu_gate
-from smtm_tf.runtime import metadata
 from converters import quantization as quant
 from converters import smtm_converter
 from converters import agreement
