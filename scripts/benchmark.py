@@ -21,6 +21,7 @@ from converters import smtm_converter
 from delegates import cpu
 from smtm_tf.evaluation import baselines
 from smtm_tf.evaluation import benchmark
+from smtm_tf.evaluation import validation
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.fitting import encoders as enc
 from smtm_tf.fitting import kerascompat
@@ -147,7 +148,7 @@ def main(argv):
         # first frames of the last stream (exits as that stream gives them).
         summary_budget = 1.0 if 1.0 in budgets else budgets[0]
         model_info[-1]["host_work_us"] = {
-            c.method: benchmark.host_work_us(c.runtime, frames[:300])
+            c.method: validation.host_work_us(c.runtime, frames[:300])
             for c in contenders if c.budget in (None, summary_budget)}
         print(f"[{name}] ({time.time() - t0:.0f} s) host work per frame (us): " + ", ".join(
             f"{m} {v:.1f}" for m, v in model_info[-1]["host_work_us"].items()

@@ -18,7 +18,6 @@ every signature.
 """
 
 import json
-import time
 
 from absl import app
 from absl import flags
@@ -108,31 +107,17 @@ def _measure(path: str, data, frames, labels, decision_frames, x_cal) -> dict:
     return row
 
 
-def _interleaved_latency(paths, frames: np.ndarray, block: int = 100,
-                         rounds: int = 10) -> dict:
-    """Mean us per frame of `full` and of SMTM for every model, measured side by side.
-
-    Blocks of `block` frames rotate over models and methods (order reversed
-    every round), so machine load hits all of them alike.
-    """
-    runtimes = {}
+def _interleaved_latency(paths, frames: np.ndarray) -> dict:
+    """Mean us per frame of `full` and of SMTM for every model, measured side by
+    side by the harness (`validation.run_interleaved`)."""
+    contenders = []
     for p in paths:
         with open(p, "rb") as f:
-            runtimes[p] = SmtmRuntime(f.read())
-    frames = np.asarray(frames, np.float32)[:, None]
-    totals = {(p, m): [0.0, 0] for p in paths for m in ("full", "smtm")}
-    jobs = [(p, m) for p in paths for m in ("full", "smtm")]
-    for r in range(rounds):
-        for p, m in (jobs if r % 2 == 0 else jobs[::-1]):
-            rt = runtimes[p]
-            chunk = frames[(r * block) % len(frames):][:block]
-            run = rt.classify_full if m == "full" else rt.classify_fast
-            t0 = time.perf_counter()
-            for x in chunk:
-                run(x)
-            totals[(p, m)][0] += time.perf_counter() - t0
-            totals[(p, m)][1] += len(chunk)
-    return {k: 1e6 * t / n for k, (t, n) in totals.items()}
+            rt = SmtmRuntime(f.read())
+        contenders += [((p, "full"), validation.FullOf(rt)), ((p, "smtm"), rt)]
+    frames = np.ascontiguousarray(np.asarray(frames, np.float32)[:, None])
+    out = validation.run_interleaved(contenders, frames)
+    return {key: float(ns.mean()) / 1e3 for key, (_, _, ns) in out.items()}
 
 
 def main(argv):

@@ -63,7 +63,7 @@ def main(argv):
                                               stream.labels)))
     print()
     print(validation.format_table(rows))
-    overhead = validation.host_overhead_us(runtime, data.x_test[:500])
+    overhead = validation.host_work_us(runtime, data.x_test[:500])
     print(f"host work per frame (copies, lookup, decision): {overhead:.1f} us, "
           f"{100 * overhead / rows[0][1].full.mean_us:.1f}% of full")
     print()

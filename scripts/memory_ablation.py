@@ -67,7 +67,7 @@ def scene_oracle(memory, sem, full, labels, scene_starts, costs):
         share = (counts + 1.0 / k) / (end - start + 1.0)
         evidence[start:end] = np.where(hot[start], np.maximum(np.log(share * k), 0.0), 0.0)
     sims = [sem[s] @ c.T for s, c in enumerate(memory.centres)]
-    cumulative = np.append(np.cumsum(costs), 1.0)
+    cumulative = exit_policy.exit_costs(costs)
     plain = exit_policy.calibrate(sims, full, costs, rule.target_agreement, metric=rule.metric,
                                   metric_params=rule.metric_params)
     base_cost = cumulative[exit_policy.simulate(plain, sims, full)[0]].mean()
@@ -140,7 +140,7 @@ def main(argv):
     default_rule, default_policy = variants["cache + prior"]
     variants["cache + prior + centre adaptation 0.1, verify 2%"] = (
         default_rule, dataclasses.replace(default_policy, adapt_rate=0.1, verify_rate=0.02))
-    cumulative = np.append(np.cumsum(memory.plan.stage_costs), 1.0)
+    cumulative = exit_policy.exit_costs(memory.plan.stage_costs)
 
     def compute_share(out):
         """Mean share of full's compute per frame; a checked exit ran full too."""

@@ -85,7 +85,7 @@ def main(argv):
                       f"median {np.median(r):.0f}, 90th percentile {np.percentile(r, 90):.0f}, "
                       f"max {r.max()} ({len(r)} changes)", end="")
             print()
-    overhead = validation.host_overhead_us(runtime, data.x_test[:500])
+    overhead = validation.host_work_us(runtime, data.x_test[:500])
     print(f"host work per frame (copies, lookup, policy, adaptation): {overhead:.1f} us, "
           f"{100 * overhead / rows[0][1].full.mean_us:.1f}% of full")
     for kind, c in rows:

@@ -7,7 +7,9 @@ from absl.testing import absltest
 import numpy as np
 
 from smtm_tf.evaluation import baselines
+from smtm_tf.runtime import exit_policy
 from smtm_tf.evaluation import benchmark
+from smtm_tf.evaluation import validation
 from smtm_tf.fitting import encoders as enc
 from smtm_tf.fitting import stages
 import testing_utils as tu
@@ -94,10 +96,10 @@ class FiguresTest(absltest.TestCase):
         self.assertAlmostEqual(fast.mean_us, 1.0)
 
     def test_compute_speedup(self):
-        self.assertAlmostEqual(benchmark.compute_speedup((1, 0, 0), (0.25, 0.25)), 4.0)
-        self.assertAlmostEqual(benchmark.compute_speedup((0, 0, 1), (0.25, 0.25)), 1.0)
+        self.assertAlmostEqual(exit_policy.compute_speedup((1, 0, 0), (0.25, 0.25)), 4.0)
+        self.assertAlmostEqual(exit_policy.compute_speedup((0, 0, 1), (0.25, 0.25)), 1.0)
         # A tenth of the frames exited at stage 0 and were checked by `full`.
-        self.assertAlmostEqual(benchmark.compute_speedup((1, 0, 0), (0.25, 0.25), 0.1),
+        self.assertAlmostEqual(exit_policy.compute_speedup((1, 0, 0), (0.25, 0.25), 0.1),
                                1 / 0.35)
 
     def test_checked_exits_count_in_the_compute(self):
@@ -195,10 +197,10 @@ class EndToEndTest(absltest.TestCase):
         calibrated = benchmark.calibrate_all(memory, heads, calib, [10.0])
         frames = tu.stripes(40, seed=51)[0].astype(np.float32)[:, None]
         for c in benchmark.make_contenders(flat, calibrated, [10.0]):
-            value = benchmark.host_work_us(c.runtime, frames)
+            value = validation.host_work_us(c.runtime, frames)
             self.assertTrue(np.isfinite(value), c.key)
         # A runtime that does not expose its invokes has no figure.
-        self.assertIsNone(benchmark.host_work_us(_Recorder("a", []), frames))
+        self.assertIsNone(validation.host_work_us(_Recorder("a", []), frames))
 
     def test_machine_info(self):
         info = benchmark.machine_info(1)

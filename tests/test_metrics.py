@@ -684,10 +684,10 @@ class FormatRuleTableTest(absltest.TestCase):
                                        "2.00x"])
 
     def test_compute_speedup(self):
-        self.assertAlmostEqual(rule_comparison.compute_speedup((0, 0, 1.0), (0.3, 0.5)), 1.0)
-        self.assertAlmostEqual(rule_comparison.compute_speedup((1.0, 0, 0), (0.25, 0.5)), 4.0)
+        self.assertAlmostEqual(ep.compute_speedup((0, 0, 1.0), (0.3, 0.5)), 1.0)
+        self.assertAlmostEqual(ep.compute_speedup((1.0, 0, 0), (0.25, 0.5)), 4.0)
         self.assertAlmostEqual(
-            rule_comparison.compute_speedup((0.5, 0.5, 0.0), (0.2, 0.3)), 1 / 0.35)
+            ep.compute_speedup((0.5, 0.5, 0.0), (0.2, 0.3)), 1 / 0.35)
 
 
 if __name__ == "__main__":

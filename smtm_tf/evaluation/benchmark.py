@@ -22,11 +22,11 @@ import json
 import os
 import platform
 import sys
-import time
 
 import numpy as np
 
 from smtm_tf.evaluation import baselines as baselines_lib
+from smtm_tf.evaluation import validation
 from smtm_tf.runtime import exit_policy
 from smtm_tf.fitting import memory as memory_lib
 from delegates import cpu
@@ -125,109 +125,19 @@ class Row:
         return dataclasses.asdict(self)
 
 
-def reset(runtime) -> None:
-    """Empties a runtime's stream state where it keeps any."""
-    fn = getattr(runtime, "reset_cache", None)
-    if fn is not None:
-        fn()
-
-
 def run_interleaved(contenders: list[Contender], frames: np.ndarray, warmup: int = 50,
                     block: int = 100) -> dict:
-    """Runs every contender on every frame, block by block, the order rotating.
-
-    Block b runs the contenders starting from b mod n, forwards on even
-    rounds and backwards on odd ones, so no contender always follows the
-    same one (whose weights it would find in or evict from the caches).
+    """The contenders through the harness (`validation.run_interleaved`).
 
     Returns:
       {contender key: (predictions, exit stages, nanoseconds per frame,
       early exits the runtime also checked against the full model)}.
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}.")
-    n, k = len(frames), len(contenders)
-    out = {c.key: (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
-           for c in contenders}
-    for c in contenders:
-        for i in range(min(warmup, n)):
-            c.runtime.classify_fast(frames[i])
-        reset(c.runtime)  # Each stream starts with an empty cache.
-    clock = time.perf_counter_ns
-    for b, start in enumerate(range(0, n, block)):
-        end = min(n, start + block)
-        order = [contenders[(b + j) % k] for j in range(k)]
-        if (b // k) % 2:
-            order.reverse()
-        for c in order:
-            pred, stage, ns = out[c.key]
-            classify = c.runtime.classify_fast
-            for i in range(start, end):
-                t0 = clock()
-                pred[i], stage[i] = classify(frames[i])
-                ns[i] = clock() - t0
-    # The adaptive memory counts its checks since the reset above.
+    out = validation.run_interleaved([(c.key, c.runtime) for c in contenders], frames,
+                                     warmup=warmup, block=block)
+    # The adaptive memory counts its checks since the harness's reset.
     return {c.key: (*out[c.key], int(getattr(getattr(c.runtime, "memory", None), "checks", 0)))
             for c in contenders}
-
-
-def host_work_us(runtime, frames: np.ndarray) -> float | None:
-    """Per-frame host work of a contender's loop, in microseconds.
-
-    Host work is everything but the model: copies between stages, reading
-    outputs, the decision. Per frame, the time of `classify_fast` minus that
-    of the bare invokes of the signatures it ran, timed back to back. The
-    second of the two runs finds the weights warm, so one pass times
-    classify first and bare invokes second, another the reverse (replaying
-    the first pass's exits; every pass starts from an empty memory), and the
-    figure is the mean of the two passes' medians: the warmth cancels, and
-    medians keep bursts of other work on a shared machine out. None when
-    the runtime does not expose its invokes.
-    """
-    stage_invokes = getattr(runtime, "stage_invokes", None)
-    head_invoke = getattr(runtime, "head_invoke", None)
-    if stage_invokes is None or head_invoke is None:
-        return None
-    invokes = list(stage_invokes) + [head_invoke]
-    num_stages = len(stage_invokes)
-    clock = time.perf_counter_ns
-
-    def path(e):
-        return invokes[:e + 1] if e < num_stages else invokes
-
-    reset(runtime)
-    exits, first = [], []
-    for f in frames:
-        t0 = clock()
-        _, e = runtime.classify_fast(f)
-        t1 = clock()
-        for invoke in path(e):
-            invoke()
-        t2 = clock()
-        exits.append(e)
-        first.append((t1 - t0) - (t2 - t1))
-    reset(runtime)
-    second = []
-    for f, e in zip(frames, exits):
-        t0 = clock()
-        for invoke in path(e):
-            invoke()
-        t1 = clock()
-        runtime.classify_fast(f)
-        t2 = clock()
-        second.append((t2 - t1) - (t1 - t0))
-    reset(runtime)
-    return float(np.median(first) + np.median(second)) / 2e3
-
-
-def compute_speedup(exit_shares, stage_costs, checked: float = 0.0) -> float:
-    """1 / the expected share of full's multiply-adds, given where frames exited.
-
-    `checked` is the share of frames whose early exit was also checked
-    against the full model, which then ran as well.
-    """
-    cumulative = np.append(np.cumsum(stage_costs), 1.0)
-    return float(1.0 / (np.dot(exit_shares, cumulative) + checked))
 
 
 def rows_for(model: str, stream: str, contenders: list[Contender], results: dict,
@@ -254,7 +164,7 @@ def rows_for(model: str, stream: str, contenders: list[Contender], results: dict
                         100 * (full_acc - acc), 100 * float((pred == full_pred).mean()),
                         float(us.mean()), float(np.percentile(us, 95)),
                         full_mean / float(us.mean()),
-                        compute_speedup(shares, stage_costs,
+                        exit_policy.compute_speedup(shares, stage_costs,
                                         checks[0] / len(stage) if checks else 0.0),
                         tuple(float(s) for s in shares),
                         float(np.median(full_blocks / block_means(ns)))))

@@ -85,16 +85,6 @@ def measure_rules(runtime, rules: dict, streams: dict, images: np.ndarray,
     return results
 
 
-def compute_speedup(exit_shares, stage_costs) -> float:
-    """1 / expected share of the full model's multiply-adds per frame.
-
-    Depends only on where frames exit, not on the machine's timing noise:
-    the exit-rate figure of merit of a rule.
-    """
-    cumulative = np.append(np.cumsum(stage_costs), 1.0)
-    return float(1.0 / np.dot(exit_shares, cumulative))
-
-
 def format_rule_table(results: list[RuleResult], stage_costs) -> str:
     num_stages = len(results[0].comparison.smtm.exit_shares) - 1
     exits = " / ".join(f"s{s}" for s in range(num_stages))
@@ -105,7 +95,7 @@ def format_rule_table(results: list[RuleResult], stage_costs) -> str:
         shares = " / ".join(f"{100 * s:.0f}" for s in c.smtm.exit_shares)
         lines.append(f"| {r.budget:g} | {r.stream} | {r.rule} | {shares} | "
                      f"{c.accuracy_drop:+.2f} | {100 * c.smtm.agreement:.2f}% | "
-                     f"{compute_speedup(c.smtm.exit_shares, stage_costs):.2f}x | "
+                     f"{exit_policy.compute_speedup(c.smtm.exit_shares, stage_costs):.2f}x | "
                      f"{c.speedup:.2f}x |")
     return "\n".join(lines)
 

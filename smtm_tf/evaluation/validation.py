@@ -1,10 +1,10 @@
-"""Side-by-side measurement of SMTM and the plain full model on one stream.
+"""The one measurement harness: interleaved timing and host work.
 
-Both run in the same process on the same frames, interleaved block by block
-with the order alternating, so machine noise hits both alike. Blocks rather
-than single frames: the CPU backend packs each signature's weights separately,
-so alternating methods every frame would evict each other's weights from the
-caches, a cost no app pays (it runs one method on every frame).
+`run_interleaved` runs any set of contenders on the same frames in one
+process, block by block with the order rotating, so machine noise hits all
+alike; `compare` is SMTM against its own `full` on one stream;
+`host_work_us` is the one host-work figure. The benchmark, the zoo table and
+the command lines all measure through these.
 """
 
 from __future__ import annotations
@@ -82,42 +82,26 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
       keep_state: start from the runtime's memory as it is (e.g. restored
         from a state file) instead of an empty one; warm-up then runs `full` only.
     """
-    if block < 1:
-        raise ValueError(f"block must be >= 1, got {block}.")
-    n = len(images)
     frames = _frames(runtime, images)
-    full_pred = np.empty(n, np.int64)
-    smtm_pred = np.empty(n, np.int64)
-    exit_stage = np.empty(n, np.int64)
-    full_ns = np.empty(n, np.int64)
-    smtm_ns = np.empty(n, np.int64)
+    n = len(frames)
     hits = np.zeros(n, bool)
     checked = np.zeros(n, bool)
     memory = runtime.memory
-    for i in range(min(warmup, n)):
-        runtime.classify_full(frames[i])
-        if not keep_state:
-            runtime.classify_fast(frames[i])
+    checks = [memory.checks]
+
+    def observe(key, i):
+        if key == "smtm":
+            hits[i] = memory.last_hit
+            checked[i] = memory.checks != checks[0]
+            checks[0] = memory.checks
+
     if not keep_state:
-        runtime.reset_cache()  # The stream starts with an empty cache.
-    clock = time.perf_counter_ns
-    classify, classify_full = runtime.classify_fast, runtime.classify_full
-    for b, start in enumerate(range(0, n, block)):
-        end = min(n, start + block)
-        for method in ((0, 1) if b % 2 == 0 else (1, 0)):
-            if method == 0:
-                for i in range(start, end):
-                    t0 = clock()
-                    full_pred[i] = classify_full(frames[i])
-                    full_ns[i] = clock() - t0
-            else:
-                for i in range(start, end):
-                    checks = memory.checks
-                    t0 = clock()
-                    smtm_pred[i], exit_stage[i] = classify(frames[i])
-                    smtm_ns[i] = clock() - t0
-                    hits[i] = memory.last_hit
-                    checked[i] = memory.checks != checks
+        runtime.reset_cache()
+    out = run_interleaved([("full", FullOf(runtime)), ("smtm", runtime)], frames,
+                          warmup=warmup, block=block, observe=observe,
+                          keep_state=keep_state)
+    full_pred, _, full_ns = out["full"]
+    smtm_pred, exit_stage, smtm_ns = out["smtm"]
     shares = np.bincount(exit_stage, minlength=runtime.num_stages + 1) / n
     no_exit = np.zeros(runtime.num_stages + 1)
     no_exit[-1] = 1.0
@@ -125,6 +109,82 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
         full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
         smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares),
         hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3, checked=checked)
+
+
+class FullOf:
+    """A runtime's `full` signature with the contender interface of `run_interleaved`."""
+
+    def __init__(self, runtime: SmtmRuntime):
+        self._classify_full = runtime.classify_full
+        self.num_stages = runtime.num_stages
+
+    def reset_cache(self) -> None:
+        """Stateless."""
+
+    def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
+        return self._classify_full(frame), self.num_stages
+
+
+def reset(runtime) -> None:
+    """Empties a contender's stream state where it keeps any."""
+    fn = getattr(runtime, "reset_cache", None)
+    if fn is not None:
+        fn()
+
+
+def run_interleaved(contenders, frames: np.ndarray, warmup: int = 50, block: int = 100,
+                    observe=None, keep_state: bool = False) -> dict:
+    """The one timing harness: every contender on every frame, block by block.
+
+    Block b runs the contenders starting from b mod n, forwards on even
+    rounds and backwards on odd ones, so no contender always follows the
+    same one (whose weights it would find in or evict from the caches), and
+    machine noise hits all alike. Blocks rather than single frames: the CPU
+    backend packs each signature's weights separately, so alternating every
+    frame would evict them, a cost no app pays.
+
+    Args:
+      contenders: (key, runtime) pairs; a runtime has `classify_fast(frame)
+        -> (class, exit stage)` and may have `reset_cache()`.
+      frames: float32 frames shaped like the model's input, in stream order.
+      warmup: frames each contender runs (untimed) first; its stream state
+        is then reset.
+      block: frames a contender runs before the next takes over.
+      observe: called as observe(key, frame index) after each frame, outside
+        the timed span (e.g. to read a cache's state).
+      keep_state: keep the contenders' stream state as it is: contenders with
+        a `memory` are neither warmed up nor reset.
+
+    Returns:
+      {key: (predictions, exit stages, nanoseconds per frame)}.
+    """
+    if block < 1:
+        raise ValueError(f"block must be >= 1, got {block}.")
+    n, k = len(frames), len(contenders)
+    out = {key: (np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, np.int64))
+           for key, _ in contenders}
+    for _, rt in contenders:
+        if keep_state and getattr(rt, "memory", None) is not None:
+            continue
+        for i in range(min(warmup, n)):
+            rt.classify_fast(frames[i])
+        reset(rt)  # Each stream starts with an empty cache.
+    clock = time.perf_counter_ns
+    for b, start in enumerate(range(0, n, block)):
+        end = min(n, start + block)
+        order = [contenders[(b + j) % k] for j in range(k)]
+        if (b // k) % 2:
+            order.reverse()
+        for key, rt in order:
+            pred, stage, ns = out[key]
+            classify = rt.classify_fast
+            for i in range(start, end):
+                t0 = clock()
+                pred[i], stage[i] = classify(frames[i])
+                ns[i] = clock() - t0
+                if observe is not None:
+                    observe(key, i)
+    return out
 
 
 def recovery_frames(hits: np.ndarray, scene_starts, level: float = 0.8, before: int = 100,
@@ -200,50 +260,57 @@ def _stats(method, pred, full_pred, labels, ns, shares) -> RunStats:
                     float(np.percentile(us, 95)), tuple(float(s) for s in shares))
 
 
-def host_overhead_us(runtime: SmtmRuntime, images: np.ndarray, repeats: int = 3) -> float:
-    """Median per-frame host work of the SMTM loop, in microseconds.
+def host_work_us(runtime, frames: np.ndarray) -> float | None:
+    """The one host-work measurement: per-frame work of a contender's loop
+    besides its models, in microseconds.
 
-    Host work is everything but the model itself: copying activations between
-    stages, the lookup on the similarities, the exit decision and the memory's
-    updates (cache, short-term tier, adaptation). Each invocation is timed in
-    place, inside `classify_fast`, and the frame's host work is its time minus
-    its invocations' (the timer calls themselves count as host work, so the
-    figure is an upper bound). Measured within each frame, it does not depend
-    on how busy the machine was between frames; the median over frames and
-    `repeats` passes keeps bursts out.
+    Host work is everything but the model: preprocessing, copies between
+    stages, reading outputs, the lookup and decision, the memory's updates.
+    Per frame, the time of `classify_fast` minus that of the bare invokes of
+    the signatures it ran, timed back to back. The second of the two runs
+    finds the weights warm, so one pass times classify first and bare
+    invokes second, another the reverse (replaying the first pass's exits;
+    every pass starts from an empty memory), and the figure is the mean of
+    the two passes' medians: the warmth cancels, and medians keep bursts of
+    other work on a shared machine out. None when the runtime does not
+    expose its invokes (`stage_invokes`, `head_invoke`).
     """
-    frames = _frames(runtime, images)
+    stage_invokes = getattr(runtime, "stage_invokes", None)
+    head_invoke = getattr(runtime, "head_invoke", None)
+    if stage_invokes is None or head_invoke is None:
+        return None
+    if isinstance(runtime, SmtmRuntime):
+        frames = _frames(runtime, frames)
+    invokes = list(stage_invokes) + [head_invoke]
+    num_stages = len(stage_invokes)
     clock = time.perf_counter_ns
-    spent = [0]
 
-    def timed(invoke):
-        def call():
-            t0 = clock()
+    def path(e):
+        return invokes[:e + 1] if e < num_stages else invokes
+
+    reset(runtime)
+    exits, first = [], []
+    for f in frames:
+        t0 = clock()
+        _, e = runtime.classify_fast(f)
+        t1 = clock()
+        for invoke in path(e):
             invoke()
-            spent[0] += clock() - t0
-        return call
-
-    # pylint: disable=protected-access
-    plan, models = runtime._plan, (runtime._head, runtime._full)
-    # pylint: enable=protected-access
-    original_plan = list(plan)
-    plan[:] = [(timed(p[0]),) + tuple(p[1:]) for p in plan]
-    for model in models:  # The head, and `full` for verified exits.
-        model.invoke = timed(model.invoke)
-    per_frame = []
-    try:
-        for _ in range(repeats):
-            runtime.reset_cache()
-            for f in frames:
-                spent[0] = 0
-                t0 = clock()
-                runtime.classify_fast(f)
-                per_frame.append(clock() - t0 - spent[0])
-    finally:
-        plan[:] = original_plan
-        for model in models:
-            del model.invoke  # Back to the class's method.
-    return float(np.median(per_frame)) / 1e3
+        t2 = clock()
+        exits.append(e)
+        first.append((t1 - t0) - (t2 - t1))
+    reset(runtime)
+    second = []
+    for f, e in zip(frames, exits):
+        t0 = clock()
+        for invoke in path(e):
+            invoke()
+        t1 = clock()
+        runtime.classify_fast(f)
+        t2 = clock()
+        second.append((t2 - t1) - (t1 - t0))
+    reset(runtime)
+    return float(np.median(first) + np.median(second)) / 2e3
 
 
 def format_table(rows: list[tuple[str, Comparison]]) -> str:

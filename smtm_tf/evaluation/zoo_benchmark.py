@@ -200,7 +200,7 @@ def evaluate_scale(name: str, model_path: str, preset: str | None,
         row.descriptor_bytes = len(runtime.descriptor.to_json().encode())
         frames = np.ascontiguousarray(scaled.x_test[:50])
         say("timing host work and full on 50 frames")
-        row.host_us = validation.host_overhead_us(runtime, frames)
+        row.host_us = validation.host_work_us(runtime, frames)
         clock = time.perf_counter_ns
         times = []
         for f in frames:

@@ -735,7 +735,7 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
         return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
 
     num_stages = len(stage_costs)
-    cumulative = np.append(np.cumsum(stage_costs), 1.0)
+    cumulative = exit_policy.exit_costs(stage_costs)
 
     def calibrate_levels(pol, inst):
         """Hot and cold thresholds for a policy (and instance thresholds), or None."""

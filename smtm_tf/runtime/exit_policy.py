@@ -560,6 +560,24 @@ def _passes(value: np.ndarray, threshold: float | None) -> np.ndarray:
     return value >= threshold
 
 
+def exit_costs(stage_costs) -> np.ndarray:
+    """Share of the full model's multiply-adds a frame costs by where it stops:
+    index s for an exit after stage s (the cumulative stage costs), and
+    index num_stages for a frame that ran the head (1)."""
+    return np.append(np.cumsum(stage_costs), 1.0)
+
+
+def compute_speedup(exit_shares, stage_costs, checked: float = 0.0) -> float:
+    """1 / the expected share of full's multiply-adds, given where frames exited.
+
+    `exit_shares` are per stage, then the head. `checked` is the share of
+    frames whose early exit was also checked against the full model, which
+    then ran as well. It depends only on where frames exit, not on the
+    machine's timing noise.
+    """
+    return float(1.0 / (np.dot(exit_shares, exit_costs(stage_costs)) + checked))
+
+
 def wilson_lower_bound(successes: int, trials: int, z: float = 1.645) -> float:
     """One-sided lower confidence bound of a binomial proportion (Wilson score).
 
