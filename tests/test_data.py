@@ -10,6 +10,7 @@ import numpy as np
 import tensorflow as tf
 
 from smtm_tf.fitting import data as data_lib
+import testing_utils as tu
 
 
 def _arrays(n_train=6, n_test=4, classes=3, seed=0):
@@ -208,8 +209,9 @@ class FashionMnistTest(absltest.TestCase):
     def test_debian_package(self):
         directory = data_lib.DEBIAN_FASHION_MNIST_DIR
         if not os.path.isfile(os.path.join(directory, "t10k-labels-idx1-ubyte.gz")):
-            self.skipTest(f"Fashion-MNIST is not installed in {directory} "
-                          "(apt-get install dataset-fashion-mnist)")
+            tu.skip_or_fail(self, "SMTM_REQUIRE_DATA",
+                            f"Fashion-MNIST is not installed in {directory} "
+                            "(apt-get install dataset-fashion-mnist)")
         d = data_lib.load_fashion_mnist()  # Finds the Debian files first.
         self.assertEqual(d.x_train.shape, (60000, 28, 28, 1))
         self.assertEqual(d.x_test.shape, (10000, 28, 28, 1))

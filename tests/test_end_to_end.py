@@ -1,7 +1,8 @@
 """End-to-end tests: train -> fit memory -> convert -> run, and the scripts.
 
 Fashion-MNIST comes from the Debian package (dataset-fashion-mnist); the
-tests that need it are skipped, with a message, when it is not installed.
+tests that need it are skipped, with a message, when it is not installed, and
+fail instead in CI (SMTM_REQUIRE_DATA=1).
 Nothing is downloaded.
 """
 
@@ -28,12 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = data_lib.DEBIAN_FASHION_MNIST_DIR
 
 
-def _fashion_mnist_or_skip(test):
-    try:
-        # An explicit directory: an error, never a download, when absent.
-        return data_lib.load_fashion_mnist(FASHION_DIR)
-    except data_lib.DataError as e:
-        test.skipTest(f"Fashion-MNIST not installed in {FASHION_DIR}: {e}")
+_fashion_mnist_or_skip = tu.fashion_mnist_or_skip
 
 
 class FashionMnistEndToEndTest(absltest.TestCase):

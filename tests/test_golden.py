@@ -13,8 +13,8 @@ from absl.testing import parameterized
 import numpy as np
 
 from smtm_tf.evaluation import golden
-from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import SmtmRuntime
+import testing_utils as tu
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = os.path.join(REPO, "tests", "data", "golden_traces.npz")
@@ -25,9 +25,12 @@ class GoldenTracesTest(parameterized.TestCase):
     @classmethod
     def setUpClass(cls):
         super().setUpClass()
-        cls.data = data_lib.load_fashion_mnist()
         with np.load(TRACES) as f:
             cls.traces = {k: f[k] for k in f.files}
+
+    def setUp(self):
+        super().setUp()
+        self.data = tu.fashion_mnist_or_skip(self)
 
     @parameterized.parameters(*golden.DEMO_MODELS)
     def test_same_class_and_exit_stage_on_every_frame(self, name):

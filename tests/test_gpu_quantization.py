@@ -47,11 +47,7 @@ def _gpu_unavailable_reason() -> str | None:
     return None
 
 
-def _skip_or_fail(test, variable: str, reason: str):
-    """Skips, unless CI set `variable`=1 after providing the dependency (then fails)."""
-    if os.environ.get(variable) == "1":
-        test.fail(f"{variable}=1 but: {reason}")
-    test.skipTest(reason)
+_skip_or_fail = tu.skip_or_fail
 
 
 def _require_gpu(test):

@@ -12,6 +12,24 @@ import functools
 
 import numpy as np
 
+def skip_or_fail(test, variable: str, reason: str):
+    """Skips, unless CI set `variable`=1 after providing the dependency (then fails)."""
+    import os  # pylint: disable=import-outside-toplevel
+    if os.environ.get(variable) == "1":
+        test.fail(f"{variable}=1 but: {reason}")
+    test.skipTest(reason)
+
+
+def fashion_mnist_or_skip(test):
+    """The Debian package's Fashion-MNIST; skips without it, fails in CI
+    (SMTM_REQUIRE_DATA=1). Never downloads."""
+    from smtm_tf.fitting import data as data_lib  # pylint: disable=import-outside-toplevel
+    try:
+        return data_lib.load_fashion_mnist(data_lib.DEBIAN_FASHION_MNIST_DIR)
+    except data_lib.DataError as e:
+        skip_or_fail(test, "SMTM_REQUIRE_DATA", f"Fashion-MNIST not installed: {e}")
+
+
 IMAGE_SIZE = 12
 NUM_CLASSES = 4
 CLASS_NAMES = ("horizontal", "vertical", "diagonal", "anti_diagonal")
