@@ -377,7 +377,8 @@ def format_summary(rows: list[Row], budget: float, figure: str = "speedup") -> s
 def check_targets(rows: list[Row], budget: float, streams=("video", "object"),
                   min_speedup: float = 2.0, max_drop: float = 1.0,
                   min_over_baseline: float = 1.3) -> list[str]:
-    """The issue's acceptance figures, one line per model x stream."""
+    """Per model x stream, whether SMTM meets the targets: at least `min_speedup`
+    within `max_drop` points, and `min_over_baseline` times the best baseline."""
     out = []
     keys = sorted({(r.model, r.stream) for r in rows if r.stream in streams})
     for model, stream in keys:
