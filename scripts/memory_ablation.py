@@ -31,6 +31,7 @@ from absl import app
 from absl import flags
 
 from smtm_tf.runtime import cache
+from smtm_tf.fitting import calibration
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.fitting import encoders as enc
 from smtm_tf.runtime import exit_policy
@@ -157,7 +158,7 @@ def main(argv):
             sem, full, confidence = features(stream.render(data.x_test))
             cells = []
             for r, p in variants.values():
-                out = cache.replay(r, p, sem, memory.centres, full,
+                out = calibration.replay(r, p, sem, memory.centres, full,
                                    full_confidence=confidence)
                 cost = compute_share(out)
                 drop = 100 * ((full == stream.labels).mean()
@@ -167,11 +168,11 @@ def main(argv):
             if _CEILING.value:
                 oracle, base_cost = scene_oracle(memory, sem, full, stream.labels,
                                                  stream.scene_starts, costs)
-                fitted, fitted_policy = cache.calibrate_with_cache(
+                fitted, fitted_policy = calibration.calibrate_with_cache(
                     sem, memory.centres, full, costs, [np.arange(len(full))],
                     variants["cache + prior"][1], rule.target_agreement, rule.metric,
                     rule.metric_params, full_confidence=confidence)
-                out = cache.replay(fitted, fitted_policy, sem, memory.centres, full,
+                out = calibration.replay(fitted, fitted_policy, sem, memory.centres, full,
                                    full_confidence=confidence)
                 cells.append(f"{base_cost / compute_share(out):.2f}x over "
                              f"{1 / base_cost:.2f}x")

@@ -18,6 +18,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from smtm_tf.runtime import cache
+from smtm_tf.fitting import calibration
 from smtm_tf.runtime import descriptor as desc
 from smtm_tf.fitting import encoders as enc
 from smtm_tf.runtime import exit_policy as ep
@@ -790,7 +791,7 @@ class ShortTermTierTest(absltest.TestCase):
                                    instance_match=0.999, instance_shift=2.0,
                                    instance_min_confidence=0.9)
         stream = np.repeat([4, 9, 17], 5)
-        out = cache.replay(rule, policy, sem, centres, full, stream)
+        out = calibration.replay(rule, policy, sem, centres, full, stream)
         np.testing.assert_array_equal(out.exit_stage, np.tile([3, 0, 0, 0, 0], 3))
         np.testing.assert_array_equal(out.prediction, full[stream])
         np.testing.assert_array_equal(out.top1[0], full[stream])
@@ -806,12 +807,12 @@ class ShortTermTierTest(absltest.TestCase):
         # others do (confidence is per pool frame).
         confidence = np.ones(50)
         confidence[9] = 0.5
-        out = cache.replay(rule, policy, sem, centres, full, stream,
+        out = calibration.replay(rule, policy, sem, centres, full, stream,
                            full_confidence=confidence)
         np.testing.assert_array_equal(out.exit_stage,
                                       [3, 0, 0, 0, 0, 3, 3, 3, 3, 3, 3, 0, 0, 0, 0])
         # Without slots the same rule never exits.
-        out = cache.replay(rule, dataclasses.replace(policy, instance_slots=0), sem, centres,
+        out = calibration.replay(rule, dataclasses.replace(policy, instance_slots=0), sem, centres,
                            full, stream)
         np.testing.assert_array_equal(out.exit_stage, 3)
 
@@ -927,7 +928,7 @@ class ReplayTest(absltest.TestCase):
         cls.rule = cached_rule(cls.stream_sims)
 
     def replay_sims(self, rule, policy, **kwargs):
-        return cache.replay(rule, policy, None, None, self.full, self.stream,
+        return calibration.replay(rule, policy, None, None, self.full, self.stream,
                             similarities=self.sims, **kwargs)
 
     def test_no_cache_equals_simulate(self):
@@ -978,11 +979,11 @@ class ReplayTest(absltest.TestCase):
 
     def test_frames_default_to_the_pool_in_order(self):
         sub = [s[:300] for s in self.sims]
-        a = cache.replay(self.rule, cache.CachePolicy(), None, None, self.full[:300],
+        a = calibration.replay(self.rule, cache.CachePolicy(), None, None, self.full[:300],
                          similarities=sub)
-        b = cache.replay(self.rule, cache.CachePolicy(), None, None, self.full,
+        b = calibration.replay(self.rule, cache.CachePolicy(), None, None, self.full,
                          np.arange(300), similarities=self.sims)
-        for f in dataclasses.fields(cache.ReplayResult):
+        for f in dataclasses.fields(calibration.ReplayResult):
             np.testing.assert_array_equal(getattr(a, f.name), getattr(b, f.name))
 
     def test_semantics_equal_similarities_without_tier_or_adaptation(self):
@@ -991,8 +992,8 @@ class ReplayTest(absltest.TestCase):
         stream = streams_lib.video(full, 600, seed=2).indices
         rule = cached_rule([x[stream] for x in sims])
         policy = cache.CachePolicy(instance_slots=0, adapt_rate=0.0)
-        a = cache.replay(rule, policy, sem, centres, full, stream)
-        b = cache.replay(rule, policy, None, None, full, stream, similarities=sims)
+        a = calibration.replay(rule, policy, sem, centres, full, stream)
+        b = calibration.replay(rule, policy, None, None, full, stream, similarities=sims)
         np.testing.assert_array_equal(a.exit_stage, b.exit_stage)
         np.testing.assert_array_equal(a.prediction, b.prediction)
         self.assertTrue((a.exit_stage < 3).any())
@@ -1004,7 +1005,7 @@ class ReplayTest(absltest.TestCase):
         for max_hot in (0, 1, 2, 6, 20):
             policy = cache.CachePolicy(min_hot=min(1, max_hot), max_hot=max_hot, window=5,
                                        grow_after=1, instance_slots=2)
-            out = cache.replay(rule, policy, sem, centres, full, stream)
+            out = calibration.replay(rule, policy, sem, centres, full, stream)
             self.assertEqual(out.exit_stage.shape, (500,))
             if max_hot == 0:
                 self.assertFalse(out.hot.any())
@@ -1046,12 +1047,12 @@ class CalibrateWithCacheTest(absltest.TestCase):
         cls.sem, cls.centres, cls.full = semantic_pool(3000, seed=10)
         cls.streams = [s[:600] for s in memory_lib.calibration_streams(cls.full, 600, seed=3)]
         cls.policy = CALIBRATION_POLICY
-        cls.rule, cls.out_policy = cache.calibrate_with_cache(
+        cls.rule, cls.out_policy = calibration.calibrate_with_cache(
             cls.sem, cls.centres, cls.full, COSTS, cls.streams, cls.policy, cls.TARGET)
 
     def check_meets_target(self, rule, policy, **kwargs):
         for k, s in enumerate(self.streams):
-            out = cache.replay(rule, policy, self.sem, self.centres, self.full, s, **kwargs)
+            out = calibration.replay(rule, policy, self.sem, self.centres, self.full, s, **kwargs)
             agree = int((out.prediction == self.full[s]).sum())
             self.assertGreaterEqual(ep.wilson_lower_bound(agree, len(s)), self.TARGET, k)
 
@@ -1066,12 +1067,12 @@ class CalibrateWithCacheTest(absltest.TestCase):
         check_tier_contract(self, rule, self.policy, policy)
         self.assertEqual(policy.instance_slots, 0)
         # Not safe by never exiting.
-        out = cache.replay(rule, policy, self.sem, self.centres, self.full, self.streams[0])
+        out = calibration.replay(rule, policy, self.sem, self.centres, self.full, self.streams[0])
         self.assertGreater(float((out.exit_stage < 3).mean()), 0.2)
 
     def test_with_adaptation_and_verification(self):
         policy = dataclasses.replace(self.policy, adapt_rate=0.2, verify_rate=0.1)
-        rule, out = cache.calibrate_with_cache(self.sem, self.centres, self.full, COSTS,
+        rule, out = calibration.calibrate_with_cache(self.sem, self.centres, self.full, COSTS,
                                                self.streams, policy, self.TARGET)
         self.assertIn(out.adapt_rate, (0.0, 0.2))
         self.assertEqual(out.verify_rate, 0.1)
@@ -1081,13 +1082,13 @@ class CalibrateWithCacheTest(absltest.TestCase):
 
     def test_on_similarities(self):
         sims = [self.sem[s] @ self.centres[s].T for s in range(3)]
-        rule, out = cache.calibrate_with_cache(None, None, self.full, COSTS, self.streams,
+        rule, out = calibration.calibrate_with_cache(None, None, self.full, COSTS, self.streams,
                                                self.policy, self.TARGET, similarities=sims)
         self.assertEqual(out.instance_slots, 0)
         self.assertEqual(out.adapt_rate, 0.0)
         self.assertIsNone(rule.instance_thresholds)
         for k, s in enumerate(self.streams):
-            res = cache.replay(rule, out, None, None, self.full, s, similarities=sims)
+            res = calibration.replay(rule, out, None, None, self.full, s, similarities=sims)
             agree = int((res.prediction == self.full[s]).sum())
             self.assertGreaterEqual(ep.wilson_lower_bound(agree, len(s)), self.TARGET, k)
 
@@ -1105,21 +1106,21 @@ class HeldObjectCalibrationTest(absltest.TestCase):
         cls.sem, cls.centres, cls.full = semantic_pool(3000, seed=10, noises=(3.0, 1.5, 0.6))
         cls.streams = [s[:600] for s in memory_lib.calibration_streams(cls.full, 600, seed=3)]
         cls.policy = CALIBRATION_POLICY
-        cls.without = cache.calibrate_with_cache(cls.sem, cls.centres, cls.full, COSTS,
+        cls.without = calibration.calibrate_with_cache(cls.sem, cls.centres, cls.full, COSTS,
                                                  cls.streams, cls.policy, cls.TARGET,
                                                  instance_target=cls.INSTANCE_TARGET)
         # Held objects the class-level rule exits late: the tier (filled by
         # the full model's answers) is what could make them cheaper.
-        pool = cache.replay(*cls.without, cls.sem, cls.centres, cls.full)
+        pool = calibration.replay(*cls.without, cls.sem, cls.centres, cls.full)
         hard = np.flatnonzero(pool.exit_stage == pool.exit_stage.max())
         rng = np.random.default_rng(0)
         cls.held = [np.full(100, f) for f in rng.choice(hard, 4, replace=False)]
-        cls.with_held = cache.calibrate_with_cache(
+        cls.with_held = calibration.calibrate_with_cache(
             cls.sem, cls.centres, cls.full, COSTS, cls.streams, cls.policy, cls.TARGET,
             instance_target=cls.INSTANCE_TARGET, instance_streams=cls.held)
 
     def replays(self, rule, policy, streams):
-        return [cache.replay(rule, policy, self.sem, self.centres, self.full, s)
+        return [calibration.replay(rule, policy, self.sem, self.centres, self.full, s)
                 for s in streams]
 
     def test_tier_dropped_without_held_objects(self):
@@ -1366,13 +1367,13 @@ class RuntimeMemoryTest(absltest.TestCase):
                                  adapt_rate=0.0, verify_rate=0.0))):
             self.rt.set_exit_rule(rule, policy)
             classes, stages_ = self.run_frames(self.rt, self.stream)
-            want = cache.replay(rule, policy, self.sem, self.centres, self.full, self.stream)
+            want = calibration.replay(rule, policy, self.sem, self.centres, self.full, self.stream)
             np.testing.assert_array_equal(stages_, want.exit_stage)
             np.testing.assert_array_equal(classes, want.prediction)
             counts = np.bincount(stages_, minlength=4)
             self.assertTrue((counts[[0, 3]] > 0).all(), counts)
         # The short-term tier did something: without it, decisions differ.
-        no_tier = cache.replay(rule, dataclasses.replace(policy, instance_slots=0), self.sem,
+        no_tier = calibration.replay(rule, dataclasses.replace(policy, instance_slots=0), self.sem,
                                self.centres, self.full, self.stream)
         self.assertGreater((no_tier.exit_stage != stages_).sum(), 5)
 
@@ -1418,7 +1419,7 @@ class RuntimeMemoryTest(absltest.TestCase):
         np.testing.assert_array_equal(m.centres, m.original)
         # And it decides as a fresh replay does (the stages' centres were reset too).
         classes, stages_ = self.run_frames(rt, self.stream)
-        want = cache.replay(rt.rule, rt.cache_policy, self.sem, self.centres, self.full,
+        want = calibration.replay(rt.rule, rt.cache_policy, self.sem, self.centres, self.full,
                             self.stream)
         np.testing.assert_array_equal(stages_, want.exit_stage)
         np.testing.assert_array_equal(classes, want.prediction)

@@ -20,6 +20,7 @@ import logging
 import numpy as np
 
 from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.fitting import calibration
 from smtm_tf.fitting import encoders as enc
 from smtm_tf.runtime import exit_policy
 from smtm_tf.fitting import streams as streams_lib
@@ -285,7 +286,7 @@ def calibrate_rule(similarities: list[np.ndarray], full_predictions: np.ndarray,
         return exit_policy.calibrate(similarities, full_predictions, stage_costs,
                                      target_agreement, metric=metric,
                                      metric_params=metric_params)
-    rule, _ = cache_lib.calibrate_with_cache(
+    rule, _ = calibration.calibrate_with_cache(
         None, None, full_predictions, stage_costs,
         calibration_streams(full_predictions, seed=seed), cache_policy, target_agreement,
         metric=metric, metric_params=metric_params, similarities=similarities)
@@ -330,7 +331,7 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
             confidence = np.concatenate([confidence, np.asarray(held_confidence)])
         half = held_semantics.shape[1] // 2
         held = [n + np.arange(half), n + np.arange(half, held_semantics.shape[1])]
-    return cache_lib.calibrate_with_cache(
+    return calibration.calibrate_with_cache(
         pool, centres, full, stage_costs, streams, cache_policy, target_agreement,
         metric=metric, metric_params=metric_params, instance_streams=held,
         full_confidence=confidence)
