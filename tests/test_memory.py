@@ -121,7 +121,21 @@ class SaveLoadTest(parameterized.TestCase):
         with self.assertRaisesRegex(memory_lib.MemoryFileError, "not a semantic memory file"):
             memory_lib.SemanticMemory.load(path)
 
-    @parameterized.named_parameters(("newer", 2), ("older", 0), ("absent", None))
+    def test_format_1_loads_without_a_key_and_is_never_reused(self):
+        valid = self._valid_bytes()
+        with np.load(io.BytesIO(valid)) as f:
+            arrays = {k: f[k] for k in f.files}
+        meta = json.loads(str(arrays["meta"]))
+        meta["format_version"] = 1
+        del meta["key"], meta["class_frames"]
+        arrays["meta"] = np.array(json.dumps(meta))
+        loaded = memory_lib.SemanticMemory.load(self._write(self._npz_bytes(**arrays)))
+        self.assertIsNone(loaded.key)
+        self.assertEqual(loaded.mismatches(memory_lib.MemoryKey("any")),
+                         ["it records no key (written by an older smtm_tf)"])
+
+    @parameterized.named_parameters(("newer", memory_lib.MEMORY_FORMAT_VERSION + 1),
+                                    ("older", 0), ("absent", None))
     def test_wrong_format_version(self, version):
         valid = self._valid_bytes()
         with np.load(io.BytesIO(valid)) as f:
