@@ -9,6 +9,7 @@ from absl.testing import parameterized
 from ai_edge_litert import interpreter as litert
 from ai_edge_litert import schema_py_generated as schema
 import numpy as np
+import pytest
 
 from smtm_tf.runtime import metadata
 from converters import smtm_converter
@@ -21,6 +22,8 @@ from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.runtime import host as runtime
 from smtm_tf.fitting import stages
 import testing_utils as tu
+
+pytestmark = pytest.mark.slow
 
 SIGNATURES = {"stage_0", "stage_1", "stage_2", "head", "full"}
 

@@ -15,6 +15,7 @@ import tempfile
 
 from absl.testing import absltest
 import numpy as np
+import pytest
 
 from converters import smtm_converter
 from smtm_tf.fitting import data as data_lib
@@ -25,6 +26,8 @@ from smtm_tf.fitting import stages
 from smtm_tf.fitting import streams
 from smtm_tf.evaluation import validation
 import testing_utils as tu
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FASHION_DIR = data_lib.DEBIAN_FASHION_MNIST_DIR

@@ -11,10 +11,13 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 from smtm_tf.evaluation import golden
 from smtm_tf.runtime import SmtmRuntime
 import testing_utils as tu
+
+pytestmark = pytest.mark.slow
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACES = os.path.join(REPO, "tests", "data", "golden_traces.npz")

@@ -16,6 +16,7 @@ from unittest import mock
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 import delegates
 from converters import gpu_gate
@@ -32,6 +33,8 @@ from smtm_tf.fitting import encoders as enc
 from smtm_tf.fitting import memory as memory_lib
 from smtm_tf.runtime import host as runtime
 import testing_utils as tu
+
+pytestmark = pytest.mark.slow
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -8,6 +8,7 @@ import os
 from absl.testing import absltest
 from absl.testing import parameterized
 import numpy as np
+import pytest
 
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.fitting import kerascompat
@@ -15,6 +16,8 @@ from smtm_tf.fitting import models
 from smtm_tf.runtime import preprocessing
 from smtm_tf.fitting import stages
 from smtm_tf.fitting import zoo
+
+pytestmark = pytest.mark.slow
 
 ENTRIES = tuple((name, name) for name in zoo.names())
 # Two steps of 64 images: enough to move every weight and BatchNorm statistic.
