@@ -124,7 +124,10 @@ class CachePolicyTest(parameterized.TestCase):
     @parameterized.named_parameters(
         ("decay_zero", dict(decay=0.0), "decay must be in"),
         ("decay_one", dict(decay=1.0), "decay must be in"),
-        ("decay_nan", dict(decay=math.nan), "decay must be in"),
+        ("decay_nan", dict(decay=math.nan), "decay must be finite"),
+        ("prior_weight_infinite", dict(prior_weight=math.inf), "prior_weight must be finite"),
+        ("prior_weight_nan", dict(prior_weight=math.nan), "prior_weight must be finite"),
+        ("window_huge", dict(window=2 ** 63), "window must be <="),
         ("exit_weight_above_one", dict(exit_weight=1.5), "exit_weight must be in"),
         ("hot_min_zero", dict(hot_min=0.0), "hot_min must be > 0"),
         ("max_hot_negative", dict(max_hot=-1, min_hot=0), "must be >= 0"),

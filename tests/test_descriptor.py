@@ -150,14 +150,17 @@ class RejectionTest(parameterized.TestCase):
     def test_unknown_exit_rule_field(self):
         d = self._dict()
         d["exit_rule"]["speed"] = "fast"
-        with self.assertRaisesRegex(desc.DescriptorError, "Invalid exit_rule"):
+        with self.assertRaisesRegex(desc.DescriptorError, "^exit_rule: Unknown exit rule"):
             desc.Descriptor.from_json(json.dumps(d))
 
     def test_non_finite_threshold(self):
         d = self._dict()
         d["exit_rule"]["thresholds"][0] = float("nan")
-        with self.assertRaisesRegex(desc.DescriptorError, "Invalid exit_rule"):
+        with self.assertRaisesRegex(desc.DescriptorError, r"^exit_rule\.thresholds\[0\]: "):
             desc.Descriptor.from_json(json.dumps(d))
+        # Built from a dict, not parsed: the rule itself refuses it.
+        with self.assertRaisesRegex(desc.DescriptorError, r"^exit_rule: thresholds\[0\]"):
+            desc.Descriptor.from_dict(d)
 
     @parameterized.named_parameters(
         ("truncated", lambda text: text[: len(text) // 2]),

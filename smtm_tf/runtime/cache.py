@@ -73,6 +73,9 @@ import numpy as np
 from smtm_tf.runtime import exit_policy
 
 _INF = float("inf")
+# Bound on a policy's sizes and on a restored state's counters: far above any
+# real stream, far below int64 overflow.
+_MAX_COUNT = 1 << 40
 _TOP1 = exit_policy.Metric.TOP1
 _LAYER_AWARE = exit_policy.Metric.LAYER_AWARE
 
@@ -164,12 +167,17 @@ class CachePolicy:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
                 raise ValueError(f"{name} must be a number, got {value!r}.")
+            if not math.isfinite(float(value)):
+                # NaN passes every range test below (all comparisons are False).
+                raise ValueError(f"{name} must be finite, got {value!r}.")
             object.__setattr__(self, name, float(value))  # numpy scalars -> JSON-safe.
         for name in ("min_hot", "max_hot", "window", "grow_after", "instance_slots",
                      "verify_after"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
                 raise ValueError(f"{name} must be a whole number, got {value!r}.")
+            if value > _MAX_COUNT:
+                raise ValueError(f"{name} must be <= {_MAX_COUNT}, got {value!r}.")
             object.__setattr__(self, name, int(value))
         if not 0.0 < self.decay < 1.0:
             raise ValueError(f"decay must be in (0, 1), got {self.decay}.")
