@@ -18,7 +18,7 @@ from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import io_utils
 from smtm_tf.fitting import streams
 from smtm_tf.evaluation import validation
-from smtm_tf.runtime import SmtmRuntime
+from smtm_tf.runtime import SmtmRuntime, check_state_path
 
 _MODEL = flags.DEFINE_string("model", None, "SMTM .tflite to validate.", required=True)
 _DATA = flags.DEFINE_string("data", "fashion_mnist",
@@ -38,6 +38,9 @@ _STATE = flags.DEFINE_string(
 
 def main(argv):
     del argv
+    if _STATE.value:
+        # Fail now, not after the whole run, if the state cannot be saved.
+        check_state_path(_STATE.value)
     runtime = SmtmRuntime.from_file(_MODEL.value,
                                     backend_flags.make_backend())
     shape = runtime.descriptor.full.inputs[0].shape

@@ -130,7 +130,13 @@ class RuntimeTest(parameterized.TestCase):
         d = runtime.read_descriptor(self.flat).to_dict()
         d["stages"][1]["signature"]["key"] = "stage_9"
         flat = metadata.add_metadata(self.flat, desc.METADATA_NAME, json.dumps(d).encode())
-        with self.assertRaisesRegex(runtime.ModelFileError, r"lacks the signatures \['stage_9'\]"):
+        with self.assertRaisesRegex(runtime.ModelFileError,
+                                    r"^stages\[1\]\.signature: key 'stage_9'"):
+            runtime.SmtmRuntime(flat)
+        d = runtime.read_descriptor(self.flat).to_dict()
+        d["head"]["key"] = "tail"
+        flat = metadata.add_metadata(self.flat, desc.METADATA_NAME, json.dumps(d).encode())
+        with self.assertRaisesRegex(runtime.ModelFileError, r"descriptor names .*'tail'"):
             runtime.SmtmRuntime(flat)
 
     def test_corrupted_descriptor(self):

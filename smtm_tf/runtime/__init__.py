@@ -5,6 +5,9 @@ and the Python host runtime. Needs numpy and ai-edge-litert only (no TensorFlow)
 .tflite on camera frames.
 """
 
-from smtm_tf.runtime.host import FrameResult, ModelFileError, SmtmRuntime, read_descriptor
+from smtm_tf.runtime.descriptor import DescriptorError
+from smtm_tf.runtime.host import (FrameError, FrameResult, ModelFileError, SmtmRuntime,
+                                  check_state_path, read_descriptor)
 
-__all__ = ["FrameResult", "ModelFileError", "SmtmRuntime", "read_descriptor"]
+__all__ = ["DescriptorError", "FrameError", "FrameResult", "ModelFileError", "SmtmRuntime",
+           "check_state_path", "read_descriptor"]

@@ -542,8 +542,16 @@ class MemoryState:
                    and ((classes[s, :c] >= 0) & (classes[s, :c] < self.num_classes)).all()
                    for s, (c, n) in enumerate(zip(count, nxt))):
             raise ValueError("the short-term tier's slots do not fit this model.")
-        if (np.asarray(arrays["scores"]) < 0).any():
-            raise ValueError("class scores must be >= 0.")
+        # A score is a decayed sum of at most 1 per frame.
+        top = 1.0 / (1.0 - p.decay) + 1e-6
+        scores = np.asarray(arrays["scores"], np.float64)
+        if ((scores < 0) | (scores > top)).any():
+            raise ValueError(f"class scores must be in [0, {top:.6g}].")
+        if any((np.asarray(arrays[name]) > p.window).any() for name in ("answers", "left_out")):
+            raise ValueError(f"answer and left-out counts exceed the window ({p.window}).")
+        if (np.asarray(arrays["counters"]) > _MAX_COUNT).any():
+            # Counting on from int64's top would overflow when the state is saved.
+            raise ValueError(f"exit counters must be <= {_MAX_COUNT}.")
         frame_in_window = int(arrays["frame_in_window"])
         if not 0 <= frame_in_window < p.window:
             raise ValueError(f"frame_in_window {frame_in_window} is outside [0, {p.window}).")

@@ -20,6 +20,8 @@ import hashlib
 import io
 import json
 import logging
+import math
+import os
 
 import numpy as np
 
@@ -32,13 +34,30 @@ from delegates import cpu
 
 STATE_FORMAT_VERSION = 2
 
+# Every way a model file can be wrong raises this from `SmtmRuntime(...)`.
+ModelFileError = desc.ModelFileError
 
-class ModelFileError(ValueError):
-    """Raised when a file is not an SMTM .tflite."""
+
+class FrameError(ValueError):
+    """Raised for a frame that cannot be classified: non-finite pixels, or a
+    model output that is not finite for it. Nothing from such a frame reaches
+    the adaptive memory."""
+
+
+# Errors a backend or the descriptor's objects raise for a model that is not
+# what its descriptor says (RuntimeError stays: it means the backend itself
+# is unavailable, e.g. no GPU).
+_MODEL_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError,
+                 AttributeError)
 
 
 def read_descriptor(model_content: bytes) -> desc.Descriptor:
-    """Reads the descriptor embedded in an SMTM .tflite."""
+    """Reads the descriptor embedded in an SMTM .tflite.
+
+    Raises:
+      ModelFileError: the bytes are not an SMTM .tflite or its descriptor is
+        malformed (a `DescriptorError` naming the field).
+    """
     try:
         raw = metadata.read_metadata(model_content, desc.METADATA_NAME)
     except Exception as e:  # pylint: disable=broad-except
@@ -48,6 +67,54 @@ def read_descriptor(model_content: bytes) -> desc.Descriptor:
             f"The model has no '{desc.METADATA_NAME}' metadata: it is a plain .tflite, "
             "not one made by smtm_tf's converter. Convert it with scripts/convert.py.")
     return desc.Descriptor.from_json(raw)
+
+
+def check_against_graph(descriptor: desc.Descriptor, session) -> None:
+    """Raises ModelFileError unless the graph has exactly the descriptor's signatures.
+
+    Every signature of the model is a stage, the head or `full` of the
+    descriptor, and each has exactly the inputs and outputs (names, shapes,
+    dtypes) the descriptor lists, as the backend session reports them.
+    """
+    specs = {f"stages[{s}].signature": st.signature for s, st in enumerate(descriptor.stages)}
+    specs.update(head=descriptor.head, full=descriptor.full)
+    graph = sorted(session.signature_keys)
+    named = sorted(spec.key for spec in specs.values())
+    if graph != named:
+        raise ModelFileError(f"The model's signatures are {graph}; its descriptor names "
+                             f"{named}.")
+    for field, spec in specs.items():
+        try:
+            sig = session.signature(spec.key)
+        except (ValueError, KeyError) as e:
+            raise ModelFileError(f"{field}: signature {spec.key!r} cannot run: {e}") from e
+        for kind, details in (("inputs", sig.input_details), ("outputs", sig.output_details)):
+            want = {t.name: (t.shape, t.dtype) for t in getattr(spec, kind)}
+            got = {name: (tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]).name)
+                   for name, d in details.items()}
+            if got != want:
+                raise ModelFileError(
+                    f"{field}.{kind}: the descriptor lists {_tensor_list(want)}, the graph's "
+                    f"signature {spec.key!r} has {_tensor_list(got)}.")
+
+
+def _tensor_list(tensors: dict) -> str:
+    return ", ".join(f"{n} {list(shape)} {dtype}" for n, (shape, dtype) in sorted(tensors.items()))
+
+
+def check_state_path(path: str) -> None:
+    """Raises OSError unless `save_state(path)` can write there; call it before a run.
+
+    Also removes the temporary files a killed `save_state` left beside `path`.
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"The state path {path} is a directory.")
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    if not os.access(directory, os.W_OK | os.X_OK) or (
+            os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise PermissionError(f"The state path {path} is not writable.")
+    io_utils.remove_stale_temporaries(path)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,13 +135,21 @@ class SmtmRuntime:
         if backend is None:
             backend = cpu.CpuBackend(num_threads=1)
         self.descriptor = read_descriptor(model_content)
-        self.session = backend.load(model_content)
-        missing = [s.signature.key for s in self.descriptor.stages
-                   if s.signature.key not in self.session.signature_keys]
-        missing += [k for k in (self.descriptor.head.key, self.descriptor.full.key)
-                    if k not in self.session.signature_keys]
-        if missing:
-            raise ModelFileError(f"The model lacks the signatures {missing} its descriptor names.")
+        try:
+            self.session = backend.load(model_content)
+        except _MODEL_ERRORS as e:
+            raise ModelFileError(f"The backend cannot load the model ({type(e).__name__}: "
+                                 f"{e}).") from e
+        try:
+            check_against_graph(self.descriptor, self.session)
+            self._bind()
+        except ModelFileError:
+            raise
+        except _MODEL_ERRORS as e:
+            raise ModelFileError(f"The model does not run as its descriptor says "
+                                 f"({type(e).__name__}: {e}).") from e
+
+    def _bind(self) -> None:
         self._stages = [self.session.signature(s.signature.key) for s in self.descriptor.stages]
         self._head = self.session.signature(self.descriptor.head.key)
         self._full = self.session.signature(self.descriptor.full.key)
@@ -108,8 +183,6 @@ class SmtmRuntime:
         multiply, add = np.multiply, np.add
 
         def feed(dst, frame):
-            if frame.shape != dst.shape:
-                frame = frame.reshape(dst.shape)
             multiply(frame, scale, out=dst)
             add(dst, offset, out=dst)
         return feed
@@ -197,6 +270,10 @@ class SmtmRuntime:
         self._write_centres()
         return True
 
+    def check_state_path(self, path: str) -> None:
+        """`check_state_path(path)`, as a method for apps that hold a runtime."""
+        check_state_path(path)
+
     def _fingerprint(self) -> str:
         """Identifies what a saved state is valid for: the descriptor, rule and policy."""
         text = json.dumps([self.descriptor.to_dict(), self.rule.to_dict(),
@@ -224,13 +301,31 @@ class SmtmRuntime:
             return cls(f.read(), backend)
 
     def _frame(self, frame: np.ndarray) -> np.ndarray:
+        """The frame as float32 `[1, H, W, C]`; `[H, W, C]` gains the batch axis."""
         frame = np.asarray(frame, np.float32)
         if frame.shape != self._input_shape:
+            if frame.shape != self._input_shape[1:]:
+                raise ValueError(f"The frame has shape {frame.shape}; the model takes "
+                                 f"{self._input_shape} (or {self._input_shape[1:]}).")
             frame = frame.reshape(self._input_shape)
         return frame
 
+    def _check_frame(self, frame: np.ndarray) -> None:
+        if frame.shape != self._input_shape:
+            raise ValueError(f"The frame has shape {frame.shape}; the model takes "
+                             f"{self._input_shape}.")
+        if not np.isfinite(frame).all():
+            raise FrameError(f"The frame has {int((~np.isfinite(frame)).sum())} non-finite "
+                             "pixels (NaN or infinity); it was not classified.")
+
     def classify(self, frame: np.ndarray) -> FrameResult:
-        """Classifies one frame `[1, H, W, C]` (or `[H, W, C]`) with early exits."""
+        """Classifies one frame `[1, H, W, C]` (or `[H, W, C]`) with early exits.
+
+        Raises:
+          ValueError: the frame's shape is not the model's input shape.
+          FrameError: the frame has non-finite pixels, or the model's output
+            for it is not finite. The memory is left as it was.
+        """
         return FrameResult(*self.classify_fast(self._frame(frame)))
 
     def classify_fast(self, frame: np.ndarray) -> tuple[int, int]:
@@ -239,7 +334,11 @@ class SmtmRuntime:
         Returns:
           (class_id, exit_stage). A verified exit that the full model
           contradicts returns the full model's class (at its exit stage).
+
+        Raises:
+          ValueError, FrameError: as `classify`.
         """
+        self._check_frame(frame)
         activation = None
         memory = self.memory
         decide = memory.decide
@@ -258,7 +357,7 @@ class SmtmRuntime:
             if answer >= 0:
                 confirmed = False
                 if memory.verify_due():
-                    full = self.classify_full(frame)
+                    full = self._run_full(frame)
                     adapted = memory.adapted[answer]
                     memory.verified(answer, full)
                     if full != answer:
@@ -271,22 +370,40 @@ class SmtmRuntime:
             activation = next_act
         copyto(self._head_in, activation)
         self._head.invoke()
+        confidence = float(self._head_out.max())
+        isfinite = math.isfinite
+        if not isfinite(confidence):  # No answer, and nothing for the memory.
+            raise FrameError(f"The model's probabilities for this frame are not finite "
+                             f"(top {confidence}); it was not classified.")
         answer = int(self._head_out.argmax())
         adapting = memory.adapting and memory.hot[answer]
-        memory.record(answer, True, semantics, self.num_stages, float(self._head_out.max()))
+        memory.record(answer, True, semantics, self.num_stages, confidence)
         if adapting:
             self._write_centres(answer)
         return answer, self.num_stages
 
     def classify_full(self, frame: np.ndarray) -> int:
-        """Runs the `full` signature on a float32 `[1, H, W, C]` frame of pixels."""
+        """Runs the `full` signature on a float32 `[1, H, W, C]` frame of pixels.
+
+        Raises:
+          ValueError, FrameError: as `classify`.
+        """
+        self._check_frame(frame)
+        return self._run_full(frame)
+
+    def _run_full(self, frame: np.ndarray) -> int:
         self._feed(self._full_in, frame)
         self._full.invoke()
+        if not math.isfinite(float(self._full_out.max())):
+            raise FrameError("The full model's probabilities for this frame are not finite; "
+                             "it was not classified.")
         return int(self._full_out.argmax())
 
     def stage_similarities(self, frame: np.ndarray) -> list[np.ndarray]:
         """Similarities to all centres at every stage (no exits), for analysis."""
-        activation = self.preprocessing.apply(self._frame(frame))
+        frame = self._frame(frame)
+        self._check_frame(frame)
+        activation = self.preprocessing.apply(frame)
         out = []
         for stage in self._stages:
             stage.set_input("activation", activation)

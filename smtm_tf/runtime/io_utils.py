@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import tempfile
 
@@ -18,7 +19,7 @@ def atomic_path(path: str):
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=suffix, dir=directory)
+    fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=suffix, dir=directory)
     os.close(fd)
     # mkstemp creates the file 0600; give it the mode a plain open() would.
     umask = os.umask(0)
@@ -39,3 +40,23 @@ def write_bytes_atomic(path: str, content: bytes) -> None:
             f.write(content)
             f.flush()
             os.fsync(f.fileno())
+
+
+def _temporary_prefix(path: str) -> str:
+    # Named after the target, so that the leftovers of a killed writer of
+    # one file can be told from another file's.
+    return f".{os.path.basename(path)}.tmp-"
+
+
+def remove_stale_temporaries(path: str) -> list[str]:
+    """Removes temporary files that a killed `atomic_path(path)` left; returns them.
+
+    Call it when no other process is writing `path`, e.g. at start-up.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    pattern = os.path.join(glob.escape(directory),
+                           glob.escape(_temporary_prefix(path)) + "*")
+    stale = [p for p in glob.glob(pattern) if os.path.isfile(p)]
+    for p in stale:
+        os.remove(p)
+    return stale
