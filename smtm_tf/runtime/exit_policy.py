@@ -40,8 +40,8 @@ class Metric(str, enum.Enum):
 def _check_thresholds(name: str, values) -> tuple[float | None, ...]:
     out = []
     for s, t in enumerate(values):
-        if t is not None and not (isinstance(t, (int, float, np.floating))
-                                  and math.isfinite(float(t))):
+        if t is not None and (isinstance(t, bool) or not (
+                isinstance(t, (int, float, np.floating)) and math.isfinite(float(t)))):
             raise ValueError(f"{name}[{s}] must be a finite number or None, got {t!r}.")
         out.append(None if t is None else float(t))
     return tuple(out)

@@ -59,6 +59,8 @@ class Preprocessing:
             if isinstance(values, (int, float)):
                 values = (values,)
             try:
+                if any(isinstance(v, (bool, str, bytes)) for v in values):
+                    raise TypeError("booleans and strings are not numbers")
                 values = tuple(float(v) for v in values)
             except (TypeError, ValueError) as e:
                 raise PreprocessingError(f"preprocessing.{field} must be numbers, got "
