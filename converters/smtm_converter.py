@@ -280,7 +280,8 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
         rep_data = quant.representative_dataset(builder.stage_models, memory.centres,
                                                 train_images[np.sort(pick)])
     flat = convert_module(builder.module, sigs, q, rep_data)
-    flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
+    flat = metadata.add_digest(
+        metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode()))
     if q == quant.Quantization.FLOAT32:
         report = check_conversion(flat, model, memory, check_images, builder.apply_softmax,
                                   atol)
@@ -772,6 +773,7 @@ def check_exit_rule(flat: bytes, memory: SemanticMemory, x_cal: np.ndarray,
         metric=rule.metric, metric_params=rule.metric_params, cache_policy=descriptor.cache,
         seed=seed)
     descriptor = dataclasses.replace(descriptor, exit_rule=new_rule)
-    flat = metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode())
+    flat = metadata.add_digest(
+        metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode()))
     after, _, _ = replay_rule(flat, x_cal, streams_of)
     return flat, ExitRuleCheck(rule.target_agreement, before, True, after)

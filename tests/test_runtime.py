@@ -129,18 +129,21 @@ class RuntimeTest(parameterized.TestCase):
     def test_descriptor_naming_missing_signatures(self):
         d = runtime.read_descriptor(self.flat).to_dict()
         d["stages"][1]["signature"]["key"] = "stage_9"
-        flat = metadata.add_metadata(self.flat, desc.METADATA_NAME, json.dumps(d).encode())
+        flat = metadata.add_digest(metadata.add_metadata(
+            self.flat, desc.METADATA_NAME, json.dumps(d).encode()))
         with self.assertRaisesRegex(runtime.ModelFileError,
                                     r"^stages\[1\]\.signature: key 'stage_9'"):
             runtime.SmtmRuntime(flat)
         d = runtime.read_descriptor(self.flat).to_dict()
         d["head"]["key"] = "tail"
-        flat = metadata.add_metadata(self.flat, desc.METADATA_NAME, json.dumps(d).encode())
+        flat = metadata.add_digest(metadata.add_metadata(
+            self.flat, desc.METADATA_NAME, json.dumps(d).encode()))
         with self.assertRaisesRegex(runtime.ModelFileError, r"descriptor names .*'tail'"):
             runtime.SmtmRuntime(flat)
 
     def test_corrupted_descriptor(self):
-        flat = metadata.add_metadata(self.flat, desc.METADATA_NAME, b"{broken")
+        flat = metadata.add_digest(
+            metadata.add_metadata(self.flat, desc.METADATA_NAME, b"{broken"))
         with self.assertRaisesRegex(desc.DescriptorError, "not valid JSON"):
             runtime.SmtmRuntime(flat)
 

@@ -410,8 +410,9 @@ def convert(model, memory, heads: BaselineHeads, check_images: np.ndarray,
     sigs.update(signatures(heads, builder.stage_models, builder.input_shape))
     flat = conv.convert_module(builder.module, sigs)
     # pylint: enable=protected-access
-    flat = metadata.add_metadata(flat, desc.METADATA_NAME,
-                                 builder.descriptor(model.name, prep.Preprocessing.raw()).to_json().encode())
+    flat = metadata.add_digest(metadata.add_metadata(
+        flat, desc.METADATA_NAME,
+        builder.descriptor(model.name, prep.Preprocessing.raw()).to_json().encode()))
     conv.check_conversion(flat, model, memory, check_images, builder.apply_softmax, atol)
     # Like the similarities, the heads' outputs pass through a whole stage of
     # float32 convolutions (Keras vs XNNPACK) before the head: the same
