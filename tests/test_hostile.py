@@ -351,6 +351,15 @@ class FrameTest(parameterized.TestCase):
         # Adaptation ran, so the NaN frames had a memory to spoil.
         self.assertTrue(rt.memory.adapted.any())
 
+    def test_huge_finite_pixels_are_not_called_non_finite(self):
+        # The fast check (a sum of squares) overflows from 1e19; the exact one decides.
+        rt = host.SmtmRuntime(self.flat)
+        try:
+            rt.classify_fast(self.frames[0] * np.float32(1e20))
+        except host.FrameError as e:
+            self.assertIn("probabilities", str(e))
+            self.assertNotIn("pixels", str(e))
+
     def test_frame_of_another_shape_is_a_value_error(self):
         rt = host.SmtmRuntime(self.flat)
         f = self.frames[0]
