@@ -352,7 +352,6 @@ class FrameTest(parameterized.TestCase):
         self.assertTrue(rt.memory.adapted.any())
 
     def test_huge_finite_pixels_are_not_called_non_finite(self):
-        # The fast check (a sum of squares) overflows from 1e19; the exact one decides.
         rt = host.SmtmRuntime(self.flat)
         try:
             rt.classify_fast(self.frames[0] * np.float32(1e20))

@@ -365,12 +365,10 @@ class SmtmRuntime:
         Raises:
           ValueError, FrameError: as `classify`.
         """
-        # The sum of squares is non-finite if a pixel is (and, rarely, when
-        # pixels reach 1e19): 0.9 us against 1.6 for np.isfinite(frame).all()
-        # on a 28x28 frame; _check_frame decides exactly, and raises.
-        pixels = frame.reshape(-1)
-        if frame.shape != self._input_shape or not math.isfinite(np.dot(pixels, pixels)):
-            self._check_frame(frame)
+        # 1.6 us on a 28x28 frame. (A sum of squares takes 0.9 us but warns
+        # of overflow on huge finite pixels, frame after frame.)
+        if frame.shape != self._input_shape or not np.isfinite(frame).all():
+            self._check_frame(frame)  # Raises, saying what is wrong.
         activation = None
         memory = self.memory
         decide = memory.decide
