@@ -77,7 +77,8 @@ class HarnessMeasurementTest(absltest.TestCase):
         rt = runtime.SmtmRuntime(self.flat)
         base = validation.host_work_us(rt, self.frames[:60])
         slow = _SlowHost(rt, seconds=200e-6)
-        self.assertGreater(validation.host_work_us(slow, self.frames[:60]), base + 150.0)
+        frames = validation._frames(rt, self.frames[:60])
+        self.assertGreater(validation.host_work_us(slow, frames), base + 150.0)
 
     def test_compare_records_hits_and_latencies_and_plots(self):
         rt = runtime.SmtmRuntime(self.flat)
