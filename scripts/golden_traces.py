@@ -10,7 +10,6 @@ indices, seed and the (class, exit stage) of every frame. Any runtime that
 follows the descriptor's contract must reproduce them (`tests/test_golden.py`).
 """
 
-import io
 import sys
 
 from absl import app
@@ -43,9 +42,7 @@ def main(argv):
             print(f"{name} {kind}: exits per stage and head "
                   f"{np.bincount(decisions[:, 1], minlength=runtime.num_stages + 1)}",
                   flush=True)
-    buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
-    io_utils.write_bytes_atomic(_OUTPUT.value, buf.getvalue())
+    io_utils.write_npz_atomic(_OUTPUT.value, arrays, compressed=True)
     print(f"wrote {_OUTPUT.value}")
 
 

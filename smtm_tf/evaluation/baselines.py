@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import io
 import json
 
 import numpy as np
@@ -181,9 +180,7 @@ class BaselineHeads:
                 for i, (k, b) in enumerate(zip(h.kernels, h.biases)):
                     arrays[f"{m.value}_{s}_kernel_{i}"] = k
                     arrays[f"{m.value}_{s}_bias_{i}"] = b
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        io_utils.write_bytes_atomic(path, buf.getvalue())
+        io_utils.write_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str) -> "BaselineHeads":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 
@@ -205,9 +204,7 @@ class SemanticMemory:
         for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
             arrays[f"kernel_{s}"], arrays[f"bias_{s}"] = e.kernel, e.bias
             arrays[f"centres_{s}"] = c
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        io_utils.write_bytes_atomic(path, buf.getvalue())
+        io_utils.write_npz_atomic(path, arrays)
 
     @classmethod
     def load(cls, path: str) -> "SemanticMemory":

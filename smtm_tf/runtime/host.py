@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
@@ -263,9 +262,7 @@ class SmtmRuntime:
         arrays = {f"state_{k}": v for k, v in self.memory.to_arrays().items()}
         arrays["meta"] = np.array(json.dumps({
             "format_version": STATE_FORMAT_VERSION, "model": self._fingerprint()}))
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        io_utils.write_bytes_atomic(path, buf.getvalue())
+        io_utils.write_npz_atomic(path, arrays)
 
     def load_state(self, path: str) -> bool:
         """Restores a state written by `save_state`.

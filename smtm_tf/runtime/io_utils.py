@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import io
 import os
 import tempfile
+
+import numpy as np
 
 
 @contextlib.contextmanager
@@ -60,3 +63,10 @@ def remove_stale_temporaries(path: str) -> list[str]:
     for p in stale:
         os.remove(p)
     return stale
+
+
+def write_npz_atomic(path: str, arrays: dict, compressed: bool = False) -> None:
+    """Writes named arrays to `path` as an .npz, atomically."""
+    buf = io.BytesIO()
+    (np.savez_compressed if compressed else np.savez)(buf, **arrays)
+    write_bytes_atomic(path, buf.getvalue())
