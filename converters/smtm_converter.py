@@ -729,15 +729,21 @@ class ExitRuleCheck:
 
 def replay_rule(flat: bytes, x_cal: np.ndarray, stream_indices) -> tuple[
         tuple[float, ...], list[np.ndarray], np.ndarray]:
+    """Replays the model's exit rule on streams of `x_cal` (pixels).
 
+    Returns:
+      (agreement with the model's own `full` per stream, the runtime, the
+      `full` answers per frame).
+    """
     runtime = SmtmRuntime(flat, CpuBackend(num_threads=1))
     shape = runtime.descriptor.full.inputs[0].shape
-    frames = np.asarray(x_cal, np.float32).reshape((-1,) + tuple(shape))
-    full = np.array([runtime.classify_full(f[None]) for f in frames])
+    # Each frame shaped as the model's input, [1, H, W, C].
+    frames = np.ascontiguousarray(x_cal, np.float32).reshape((-1,) + tuple(shape))
+    full = np.array([runtime.classify_full(f) for f in frames])
     agreement = []
     for indices in stream_indices(full):
         runtime.reset_cache()
-        agree = sum(runtime.classify_fast(frames[i][None])[0] == full[i] for i in indices)
+        agree = sum(runtime.classify_fast(frames[i])[0] == full[i] for i in indices)
         agreement.append(agree / len(indices))
     return tuple(agreement), runtime, full
 

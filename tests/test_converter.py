@@ -414,6 +414,18 @@ class ConvertModelTest(absltest.TestCase):
             cold = exit_policy.exit_report(memory.exit_rule, 5, hot=hot)
             self.assertFalse(cold.can_exit()[:, 4].any())
 
+    def test_replay_rule_runs_the_runtime_on_pixel_frames(self):
+        flat, _ = tu.converted("tf_keras")
+        x, _ = tu.stripes(40, seed=9)
+        agreement, rt, full = smtm_converter.replay_rule(
+            flat, x, lambda answers: [np.arange(len(answers))])
+        self.assertEqual(full.shape, (40,))
+        want = np.asarray(tu.trained_residual("tf_keras")(x)).argmax(-1)
+        np.testing.assert_array_equal(full, want)
+        self.assertLen(agreement, 1)
+        self.assertGreaterEqual(agreement[0], 0.8)
+        self.assertEqual(rt.num_stages, 3)
+
     def test_accuracy_check_scores_every_preset(self):
         pixels = dataclasses.replace(self.data, x_test=self.data.x_test * 255.0)
         check = smtm_converter.check_accuracy(self.model, pixels, prep.Preprocessing.raw())
