@@ -150,6 +150,23 @@ class ImageFolderTest(absltest.TestCase):
         self.assertEqual(d.class_names, ("a", "b", "c"))
         self.assertEqual(d.x_train.shape[1:], (6, 7, 1))
 
+    def test_folder_images_follow_the_one_adaptation_rule(self):
+        # 6x7 images into 7x8: within the padding limit, so padded, as
+        # Fashion-MNIST's 28x28 is into 32x32 (a resize would blur the border).
+        root = self._folder()
+        d = data_lib.load_image_folder(root, image_size=(7, 8), channels=3)
+        self.assertEqual(d.x_train.shape[1:], (7, 8, 3))
+        np.testing.assert_array_equal(d.x_train[:, -1], 0.0)
+        np.testing.assert_array_equal(d.x_train[:, 3, 3, 0], 40 + 100 * d.y_train)
+
+    def test_a_corrupt_image_is_named(self):
+        root = self._folder()
+        bad = os.path.join(root, "dogs", "broken.png")
+        with open(bad, "wb") as f:
+            f.write(b"not a png")
+        with self.assertRaisesRegex(data_lib.DataError, f"{bad} is not a readable image"):
+            data_lib.load_image_folder(root, image_size=(6, 7))
+
     def test_seeded_split(self):
         root = self._folder(per_class=10)
         a = data_lib.load_image_folder(root, image_size=(6, 7), seed=1)

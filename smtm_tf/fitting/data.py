@@ -164,8 +164,14 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
     """Loads a folder with one sub-folder of images per class.
 
     This is the layout `image_dataset_from_directory` reads; class names are
-    the sub-folder names in sorted order. A seeded `test_fraction` of each
-    class forms the test split.
+    the sub-folder names in sorted order. Each image is decoded at its own
+    size (an alpha channel is dropped) and brought to `image_size` and
+    `channels` by `adapt_images`, the rule every data source follows. A
+    seeded `test_fraction` of each class forms the test split.
+
+    Raises:
+      DataError: for a folder without class sub-folders or images, or a file
+        that does not decode (named).
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -177,17 +183,25 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
         raise DataError(
             f"{path} must hold one sub-folder of images per class (at least 2); "
             f"found {class_names}.")
-    ds = tf.keras.utils.image_dataset_from_directory(
-        path, labels="inferred", label_mode="int", class_names=class_names,
-        color_mode={1: "grayscale", 3: "rgb", 4: "rgba"}[channels],
-        image_size=image_size, shuffle=False, batch_size=256)
     xs, ys = [], []
-    for xb, yb in ds:
-        xs.append(xb.numpy().astype(np.float32))
-        ys.append(yb.numpy().astype(np.int64))
+    for label, name in enumerate(class_names):
+        folder = os.path.join(path, name)
+        for f in sorted(os.listdir(folder)):
+            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
+                continue
+            file = os.path.join(folder, f)
+            try:
+                image = tf.io.decode_image(tf.io.read_file(file),
+                                           expand_animations=False).numpy()
+            except (tf.errors.OpError, ValueError) as e:
+                raise DataError(f"{file} is not a readable image ({e}).") from e
+            if image.shape[-1] in (2, 4):  # Grey or RGB with alpha.
+                image = image[..., :-1]
+            xs.append(adapt_images(image[None].astype(np.float32), image_size, channels)[0])
+            ys.append(label)
     if not xs:
         raise DataError(f"No images found under {path}.")
-    x, y = np.concatenate(xs), np.concatenate(ys)
+    x, y = np.stack(xs), np.asarray(ys, np.int64)
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(y), bool)
     for c in range(len(class_names)):
@@ -198,6 +212,8 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
                         tuple(class_names))
 
 
+# What `image_dataset_from_directory` reads.
+IMAGE_EXTENSIONS = (".bmp", ".gif", ".jpeg", ".jpg", ".png")
 # A source image at most this much smaller than the model's input (per side)
 # is zero-padded around its centre; a smaller one is resized.
 PAD_LIMIT = 1.25
