@@ -65,19 +65,19 @@ class HarnessMeasurementTest(absltest.TestCase):
     def test_host_work_is_small_and_leaves_the_runtime_intact(self):
         rt = runtime.SmtmRuntime(self.flat)
         rt.reset_cache()
-        before = [rt.classify_fast(f) for f in validation._frames(rt, self.frames)]
+        before = [rt.classify_fast(f) for f in validation.model_frames(rt, self.frames)]
         host = validation.host_work_us(rt, self.frames[:40])
         self.assertTrue(np.isfinite(host))
         self.assertLess(host, 5000.0)
         rt.reset_cache()
-        after = [rt.classify_fast(f) for f in validation._frames(rt, self.frames)]
+        after = [rt.classify_fast(f) for f in validation.model_frames(rt, self.frames)]
         self.assertEqual(before, after)
 
     def test_host_work_grows_with_work_outside_the_models(self):
         rt = runtime.SmtmRuntime(self.flat)
         base = validation.host_work_us(rt, self.frames[:60])
         slow = _SlowHost(rt, seconds=200e-6)
-        frames = validation._frames(rt, self.frames[:60])
+        frames = validation.model_frames(rt, self.frames[:60])
         self.assertGreater(validation.host_work_us(slow, frames), base + 150.0)
 
     def test_compare_records_hits_and_latencies_and_plots(self):
@@ -108,7 +108,7 @@ class HarnessMeasurementTest(absltest.TestCase):
     def test_keep_state_starts_from_the_runtime_memory(self):
         rt = runtime.SmtmRuntime(self.flat)
         self.assertIsNotNone(rt.cache_policy, "the fixture's memory must have a cache")
-        frames = validation._frames(rt, self.frames)
+        frames = validation.model_frames(rt, self.frames)
         for f in frames[:60]:
             rt.classify_fast(f)
         decay = rt.cache_policy.decay

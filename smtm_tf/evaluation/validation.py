@@ -63,7 +63,7 @@ class Comparison:
         return 100.0 * (self.full.accuracy - self.smtm.accuracy)
 
 
-def _frames(runtime: SmtmRuntime, images: np.ndarray) -> np.ndarray:
+def model_frames(runtime: SmtmRuntime, images: np.ndarray) -> np.ndarray:
     """Images as contiguous float32 frames shaped like the model's input."""
     return np.ascontiguousarray(images, np.float32).reshape(
         (len(images),) + tuple(runtime.descriptor.full.inputs[0].shape))
@@ -82,7 +82,7 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
       keep_state: start from the runtime's memory as it is (e.g. restored
         from a state file) instead of an empty one; warm-up then runs `full` only.
     """
-    frames = _frames(runtime, images)
+    frames = model_frames(runtime, images)
     n = len(frames)
     hits = np.zeros(n, bool)
     checked = np.zeros(n, bool)
@@ -280,7 +280,7 @@ def host_work_us(runtime, frames: np.ndarray) -> float | None:
     if stage_invokes is None or head_invoke is None:
         return None
     if isinstance(runtime, SmtmRuntime):
-        frames = _frames(runtime, frames)
+        frames = model_frames(runtime, frames)
     invokes = list(stage_invokes) + [head_invoke]
     num_stages = len(stage_invokes)
     clock = time.perf_counter_ns

@@ -173,7 +173,7 @@ def evaluate_scale(name: str, model_path: str, preset: str | None,
     turn), the accuracy check is off (the model is untrained), and the GPU
     gate is skipped (a 224x224 model on a software GPU takes minutes and says
     nothing about scale). Host work is `validation.host_overhead_us`, `full`
-    the mean of timed `classify_full` calls on the same frames.
+    the mean time of `full` on the same frames, through the same harness.
     """
     say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
     row = ScaleRow(name, 0, (), num_images)
@@ -201,13 +201,9 @@ def evaluate_scale(name: str, model_path: str, preset: str | None,
         frames = np.ascontiguousarray(scaled.x_test[:50])
         say("timing host work and full on 50 frames")
         row.host_us = validation.host_work_us(runtime, frames)
-        clock = time.perf_counter_ns
-        times = []
-        for f in frames:
-            t = clock()
-            runtime.classify_full(f[None])
-            times.append(clock() - t)
-        row.full_us = float(np.mean(times)) / 1e3
+        out = validation.run_interleaved([("full", validation.FullOf(runtime))],
+                                         validation.model_frames(runtime, frames), warmup=5)
+        row.full_us = float(out["full"][2].mean()) / 1e3
     except Exception as e:  # pylint: disable=broad-except
         row.error = _short(e)
         say("FAILED: " + row.error)

@@ -398,8 +398,7 @@ class SmtmRuntime:
         copyto(self._head_in, activation)
         self._head.invoke()
         confidence = float(self._head_out.max())
-        isfinite = math.isfinite
-        if not isfinite(confidence):  # No answer, and nothing for the memory.
+        if not math.isfinite(confidence):  # No answer, and nothing for the memory.
             raise FrameError(f"The model's probabilities for this frame are not finite "
                              f"(top {confidence}); it was not classified.")
         answer = int(self._head_out.argmax())
