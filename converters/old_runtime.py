@@ -1,8 +1,9 @@
 """Checks that models load and run on an older TFLite runtime apps still ship.
 
 tflite-runtime 2.14.0 needs numpy<2, so it lives in its own virtualenv; its
-Python is found from `SMTM_OLD_RUNTIME_PYTHON`, or `.venv-tflite214/bin/python`
-in the repository (CI creates it: see .ci/run). Each model's signatures run
+Python is the one passed (the command lines' `--old_runtime_python`), else
+`$SMTM_OLD_RUNTIME_PYTHON`, else `.venv-tflite214/bin/python` in the
+repository (CI creates it: see .ci/run). Each model's signatures run
 there on the same inputs as in the current LiteRT interpreter, and the
 outputs are compared.
 """
@@ -28,14 +29,22 @@ class OldRuntimeUnavailable(RuntimeError):
     """No Python with the old runtime was found."""
 
 
-def find_python() -> str:
-    """The old runtime's Python; raises OldRuntimeUnavailable when there is none."""
-    python = os.environ.get("SMTM_OLD_RUNTIME_PYTHON") or DEFAULT_PYTHON
+ENV_VAR = "SMTM_OLD_RUNTIME_PYTHON"
+
+
+def find_python(python: str | None = None) -> str:
+    """The old runtime's Python: `python`, else $SMTM_OLD_RUNTIME_PYTHON, else
+    `.venv-tflite214/bin/python` in the repository.
+
+    Raises:
+      OldRuntimeUnavailable: there is none, or it cannot import tflite_runtime.
+    """
+    python = python or os.environ.get(ENV_VAR) or DEFAULT_PYTHON
     if not os.path.exists(python):
         raise OldRuntimeUnavailable(
-            f"No old-runtime Python at {python}. Create it with: python3 -m venv "
-            ".venv-tflite214 && .venv-tflite214/bin/pip install 'numpy<2' "
-            "tflite-runtime==2.14.0 (or set SMTM_OLD_RUNTIME_PYTHON).")
+            f"No old-runtime Python at {python}. Create one with: python3 -m venv "
+            "VENV && VENV/bin/pip install 'numpy<2' tflite-runtime==2.14.0, and pass "
+            f"--old_runtime_python=VENV/bin/python (or set {ENV_VAR}).")
     probe = subprocess.run([python, "-c", "import tflite_runtime.interpreter"],
                            capture_output=True, text=True, check=False)
     if probe.returncode:
@@ -109,7 +118,7 @@ def check_models(paths: list[str], images: np.ndarray | None = None,
     """
     from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
 
-    python = python or find_python()
+    python = find_python(python)
     contents = {}
     for p in paths:
         with open(p, "rb") as f:

@@ -554,7 +554,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
                   qat_epochs: int = 1, qat_images: int = 6000,
                   gpu_check: bool = True, require_gpu: bool = False,
                   gpu_precision: str = "fp32", old_runtime_check: bool = True,
-                  require_old_runtime: bool = False,
+                  require_old_runtime: bool = False, old_runtime_python: str | None = None,
                   preprocessing: prep.Preprocessing | None = None,
                   accuracy_check: bool = True, progress=None
                   ) -> tuple[SemanticMemory, ConversionReport]:
@@ -590,6 +590,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         (`converters.old_runtime`), load and run every signature there
         (`report.old_runtime`; a failure is flagged in the report).
       require_old_runtime: make that check mandatory and a failure an error.
+      old_runtime_python: the old runtime's Python (`old_runtime.find_python`).
       preprocessing: what the model expects done to pixels (default: found
         from its first layer, else pixels as they are; `preprocessing.resolve`).
       accuracy_check: score the Keras model on the labelled data first and
@@ -607,6 +608,12 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
     preprocessing.check_channels(shape[2])
     say(f"preprocessing: {preprocessing.describe()}")
     class_names = class_names_for(model, data)
+    present = np.unique(data.y_train)
+    if len(present) < 2:
+        raise DataMismatchError(
+            f"The data's train split holds images of {len(present)} class"
+            f"{'' if len(present) == 1 else 'es'}: fitting and calibrating the exits needs "
+            "labelled images of at least 2 classes.")
     absent = len(class_names) - len(np.unique(data.y_train))
     if absent:
         say(f"{absent} of the model's {len(class_names)} classes have no labelled training "
@@ -654,7 +661,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         report = dataclasses.replace(report, gpu_gate=gate)
     if old_runtime_check or require_old_runtime:
         report = dataclasses.replace(
-            report, old_runtime=_check_old_runtime(flat, x_check[:1], require_old_runtime))
+            report, old_runtime=_check_old_runtime(flat, x_check[:1], require_old_runtime,
+                                                    old_runtime_python))
     report = dataclasses.replace(report, accuracy=accuracy)
     if fitted and memory_output:
         memory.save(memory_output)
@@ -683,11 +691,11 @@ def _matching_memory(paths, key: memory_lib.MemoryKey, say, **wanted) -> Semanti
     return None
 
 
-def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool):
+def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool,
+                       python: str | None = None):
     """tflite-runtime 2.14 loads and runs every signature? None when not installed."""
-
     try:
-        old_runtime.find_python()
+        python = old_runtime.find_python(python)
     except old_runtime.OldRuntimeUnavailable as e:
         if required:
             raise ConversionError(f"--require_old_runtime: {e}") from e
@@ -696,7 +704,7 @@ def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool):
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
             f.write(flat)
-        (result,) = old_runtime.check_models([path], images)
+        (result,) = old_runtime.check_models([path], images, python=python)
     if required and not result.ok:
         raise ConversionError("--require_old_runtime: " + result.format()
                               + "\nNothing was written.")

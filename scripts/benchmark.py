@@ -12,6 +12,8 @@ Example:
   python3 scripts/benchmark.py --quick         # CI: every method produces numbers
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import os
 import time
 
@@ -223,7 +225,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

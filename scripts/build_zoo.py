@@ -10,6 +10,8 @@ Example:
   python scripts/build_zoo.py --out_dir=out/zoo --models=vgg_sequential,inception_branchy
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import os
 
 from absl import app
@@ -41,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    _cli.run(main)

@@ -17,9 +17,10 @@ GPU (fp32) vs CPU on a stream; and whether tflite-runtime 2.14 loads and runs
 every signature.
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import json
 
-from absl import app
 from absl import flags
 import numpy as np
 
@@ -96,7 +97,8 @@ def _measure(path: str, data, frames, labels, decision_frames, x_cal) -> dict:
             print(f"   exit decisions GPU (fp32) vs CPU: {d.identical}/{d.frames} identical",
                   flush=True)
     try:
-        (old,) = old_runtime.check_models([path], data.x_test[:1])
+        (old,) = old_runtime.check_models([path], data.x_test[:1],
+                                         python=_cli.OLD_RUNTIME_PYTHON.value)
         row["tflite_runtime_2_14"] = {"ok": old.ok, "runtime": old.runtime,
                                       "max_diff": max((s.max_abs_diff for s in old.signatures),
                                                       default=None)}
@@ -158,7 +160,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

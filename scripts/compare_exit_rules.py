@@ -9,7 +9,8 @@ Example:
       --tflite=out/demo_resnet.smtm.tflite
 """
 
-from absl import app
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 from absl import flags
 
 from converters import smtm_converter
@@ -75,7 +76,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

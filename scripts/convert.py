@@ -16,7 +16,8 @@ are trained and the exits calibrated from `--data`, and the memory is saved to
 `--memory` or beside the output, once every check has passed.
 """
 
-import sys
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 
 from absl import app
 from absl import flags
@@ -88,8 +89,8 @@ _REQUIRE_GPU = flags.DEFINE_bool(
 _GPU_PRECISION = flags.DEFINE_enum("gpu_precision", "fp32", ["fp32", "fp16"],
                                    "GPU kernel precision for the gate.")
 _REQUIRE_OLD_RUNTIME = flags.DEFINE_bool(
-    "require_old_runtime", False, "Fail unless tflite-runtime 2.14 (its virtualenv, see "
-    "README.md) loads and runs every signature; without the flag the check runs when that "
+    "require_old_runtime", False, "Fail unless tflite-runtime 2.14 (its virtualenv: "
+    "--old_runtime_python, see README.md) loads and runs every signature; without the flag the check runs when that "
     "environment exists and a failure is flagged.")
 
 
@@ -108,12 +109,7 @@ def main(argv):
         quantization = quant.parse(_QUANTIZE.value)
     except quant.QuantizationError as e:
         raise app.UsageError(str(e)) from e
-    try:
-        _convert(quantization)
-    except (smtm_converter.ConversionError, data_lib.DataError, prep.PreprocessingError,
-            stages_lib.StagePlanError, quant.QuantizationError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+    _convert(quantization)  # An error prints as one line (scripts/_cli.py).
 
 
 def _convert(quantization):
@@ -142,6 +138,7 @@ def _convert(quantization):
         qat_epochs=_QAT_EPOCHS.value, qat_images=_QAT_IMAGES.value,
         gpu_check=_GPU_GATE.value, require_gpu=_REQUIRE_GPU.value,
         gpu_precision=_GPU_PRECISION.value, require_old_runtime=_REQUIRE_OLD_RUNTIME.value,
+        old_runtime_python=_cli.OLD_RUNTIME_PYTHON.value,
         preprocessing=preprocessing, accuracy_check=_CHECK_ACCURACY.value,
         progress=lambda line: print(line, flush=True))
     plain = len(smtm_converter.convert_keras(model))
@@ -183,7 +180,8 @@ def _convert(quantization):
     if report.gpu_gate is not None:
         print(report.gpu_gate.format())
     if report.old_runtime is None:
-        print("tflite-runtime 2.14 check: skipped (no .venv-tflite214; see README.md)")
+        print("tflite-runtime 2.14 check: skipped (no old-runtime Python: pass "
+              "--old_runtime_python; see README.md)")
     elif report.old_runtime.ok:
         print(report.old_runtime.format())
     else:
@@ -194,7 +192,7 @@ def _convert(quantization):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

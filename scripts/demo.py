@@ -8,9 +8,10 @@ Example:
   python scripts/demo.py
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import os
 
-from absl import app
 from absl import flags
 
 from converters import smtm_converter
@@ -73,7 +74,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

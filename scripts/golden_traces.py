@@ -10,9 +10,9 @@ indices, seed and the (class, exit stage) of every frame. Any runtime that
 follows the descriptor's contract must reproduce them (`tests/test_golden.py`).
 """
 
-import sys
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
 
-from absl import app
+
 from absl import flags
 import numpy as np
 
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.exit(app.run(main))
+    _cli.run(main)

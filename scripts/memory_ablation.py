@@ -24,10 +24,11 @@ test stream itself, so both are in-sample and optimistic):
     the best of four weights.
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import dataclasses
 
 import numpy as np
-from absl import app
 from absl import flags
 
 from smtm_tf.runtime import cache
@@ -181,7 +182,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

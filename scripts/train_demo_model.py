@@ -4,7 +4,8 @@ Example:
     python scripts/train_demo_model.py --output=models/demo_resnet.keras
 """
 
-from absl import app
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 from absl import flags
 from absl import logging
 
@@ -36,7 +37,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

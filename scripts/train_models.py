@@ -12,6 +12,8 @@ Example:
   python scripts/train_models.py --steps=calibrate   # new exit rule, same encoders
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import os
 import time
 
@@ -96,7 +98,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

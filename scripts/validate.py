@@ -4,12 +4,13 @@ Example:
   python scripts/validate.py --model=model.smtm.tflite --data=fashion_mnist --stream=video
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import json
 import os
 
 import numpy as np
 
-from absl import app
 from absl import flags
 
 from converters import agreement
@@ -104,7 +105,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ int8 and float16, checked on tflite-runtime 2.14 (when its virtualenv exists)
 and through the strict GPU gate (when a GPU or software Vulkan is present).
 """
 
+from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+
 import json
 import os
 import platform
@@ -79,7 +81,7 @@ def main(argv):
 
 
 def run():
-    app.run(main)
+    _cli.run(main)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from smtm_tf.fitting import progress
 from smtm_tf.runtime import SmtmRuntime
 
 
@@ -170,20 +171,23 @@ def run_interleaved(contenders, frames: np.ndarray, warmup: int = 50, block: int
             rt.classify_fast(frames[i])
         reset(rt)  # Each stream starts with an empty cache.
     clock = time.perf_counter_ns
-    for b, start in enumerate(range(0, n, block)):
-        end = min(n, start + block)
-        order = [contenders[(b + j) % k] for j in range(k)]
-        if (b // k) % 2:
-            order.reverse()
-        for key, rt in order:
-            pred, stage, ns = out[key]
-            classify = rt.classify_fast
-            for i in range(start, end):
-                t0 = clock()
-                pred[i], stage[i] = classify(frames[i])
-                ns[i] = clock() - t0
-                if observe is not None:
-                    observe(key, i)
+    # The bar moves between blocks, outside the timed spans.
+    with progress.bar(total=n * k, desc=f"{k} contenders x {n} frames", unit="frame") as bar:
+        for b, start in enumerate(range(0, n, block)):
+            end = min(n, start + block)
+            order = [contenders[(b + j) % k] for j in range(k)]
+            if (b // k) % 2:
+                order.reverse()
+            for key, rt in order:
+                pred, stage, ns = out[key]
+                classify = rt.classify_fast
+                for i in range(start, end):
+                    t0 = clock()
+                    pred[i], stage[i] = classify(frames[i])
+                    ns[i] = clock() - t0
+                    if observe is not None:
+                        observe(key, i)
+                bar.update(end - start)
     return out
 
 

@@ -13,6 +13,7 @@ import dataclasses
 
 import numpy as np
 
+from smtm_tf.fitting import progress
 from smtm_tf.runtime import exit_policy
 from smtm_tf.runtime.cache import CachePolicy, MemoryState
 
@@ -168,93 +169,96 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
     Returns:
       (ExitRule with cold and instance thresholds, the policy as calibrated).
     """
-    full_predictions = np.asarray(full_predictions)
-    lengths = [len(s) for s in streams]
-    stream_full = np.concatenate([full_predictions[np.asarray(s)] for s in streams])
-    static = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0, verify_rate=0.0,
-                                 verify_after=0)
-    if semantics is None:
-        policy = static
+    with progress.bar(desc="calibration replays", unit="frame") as bar:
+        full_predictions = np.asarray(full_predictions)
+        lengths = [len(s) for s in streams]
+        stream_full = np.concatenate([full_predictions[np.asarray(s)] for s in streams])
+        static = dataclasses.replace(policy, instance_slots=0, adapt_rate=0.0, verify_rate=0.0,
+                                     verify_after=0)
+        if semantics is None:
+            policy = static
 
-    def closed_loop(rule, pol, oracle=False):
-        parts = [replay(rule, pol, semantics, centres, full_predictions, s, oracle,
-                        similarities, full_confidence)
-                 for s in streams]
-        return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
-                                             axis=-1)
-                              for f in dataclasses.fields(ReplayResult)))
+        def closed_loop(rule, pol, oracle=False):
+            parts = [replay(rule, pol, semantics, centres, full_predictions, s, oracle,
+                            similarities, full_confidence)
+                     for s in streams]
+            bar.update(sum(lengths))
+            return ReplayResult(*(np.concatenate([getattr(p, f.name) for p in parts],
+                                                 axis=-1)
+                                  for f in dataclasses.fields(ReplayResult)))
 
-    def worst(result):
-        return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
+        def worst(result):
+            return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
 
-    num_stages = len(stage_costs)
-    cumulative = exit_policy.exit_costs(stage_costs)
+        num_stages = len(stage_costs)
+        cumulative = exit_policy.exit_costs(stage_costs)
 
-    def calibrate_levels(pol, inst):
-        """Hot and cold thresholds for a policy (and instance thresholds), or None."""
-        probe = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
-                                     (None,) * num_stages, metric_params, inst)
+        def calibrate_levels(pol, inst):
+            """Hot and cold thresholds for a policy (and instance thresholds), or None."""
+            probe = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
+                                         (None,) * num_stages, metric_params, inst)
 
-        def fit(goal, seen):
-            tops = [(seen.top1[s], seen.value[s]) for s in range(num_stages)]
-            rule = exit_policy.calibrate_scores(tops, stream_full, stage_costs, goal,
-                                                confidence_z=confidence_z,
-                                                hot=list(seen.hot), metric=metric,
-                                                metric_params=metric_params)
-            rule = dataclasses.replace(rule, target_agreement=target_agreement,
-                                       instance_thresholds=inst)
-            return rule, closed_loop(rule, pol)
+            def fit(goal, seen):
+                tops = [(seen.top1[s], seen.value[s]) for s in range(num_stages)]
+                rule = exit_policy.calibrate_scores(tops, stream_full, stage_costs, goal,
+                                                    confidence_z=confidence_z,
+                                                    hot=list(seen.hot), metric=metric,
+                                                    metric_params=metric_params)
+                rule = dataclasses.replace(rule, target_agreement=target_agreement,
+                                           instance_thresholds=inst)
+                return rule, closed_loop(rule, pol)
 
-        # Open loop on an ideal cache's hot sets, then refits on the rule's own.
-        seen = closed_loop(probe, pol, oracle=True)
-        for _ in range(rounds):
-            rule, seen = fit(target_agreement, seen)
-        if worst(seen) >= target_agreement:
-            return rule
-        # Every stream must meet the target on its own: raise the open-loop
-        # goal, by bisection, until the closed loop does.
-        best, lo, hi, base = None, target_agreement, 1.0, seen
-        for _ in range(7):
-            mid = 0.5 * (lo + hi)
-            rule, result = fit(mid, base)
-            if worst(result) >= target_agreement:
-                best, hi = rule, mid
-            else:
-                lo = mid
-        return best
+            # Open loop on an ideal cache's hot sets, then refits on the rule's own.
+            seen = closed_loop(probe, pol, oracle=True)
+            for _ in range(rounds):
+                rule, seen = fit(target_agreement, seen)
+            if worst(seen) >= target_agreement:
+                return rule
+            # Every stream must meet the target on its own: raise the open-loop
+            # goal, by bisection, until the closed loop does.
+            best, lo, hi, base = None, target_agreement, 1.0, seen
+            for _ in range(7):
+                mid = 0.5 * (lo + hi)
+                rule, result = fit(mid, base)
+                if worst(result) >= target_agreement:
+                    best, hi = rule, mid
+                else:
+                    lo = mid
+            return best
 
-    def on_held(rule, pol):
-        """(mean compute share, agreement) per instance stream."""
-        out = []
-        for s in instance_streams:
-            r = replay(rule, pol, semantics, centres, full_predictions, s,
-                       full_confidence=full_confidence)
-            out.append((float(cumulative[r.exit_stage].mean()),
-                        float((r.prediction == full_predictions[np.asarray(s)]).mean())))
-        return out
+        def on_held(rule, pol):
+            """(mean compute share, agreement) per instance stream."""
+            out = []
+            for s in instance_streams:
+                r = replay(rule, pol, semantics, centres, full_predictions, s,
+                           full_confidence=full_confidence)
+                bar.update(len(s))
+                out.append((float(cumulative[r.exit_stage].mean()),
+                            float((r.prediction == full_predictions[np.asarray(s)]).mean())))
+            return out
 
-    def cost(rule, pol):
-        r = closed_loop(rule, pol)
-        return (float(cumulative[r.exit_stage].sum()) + sum(
-            c * len(s) for (c, _), s in zip(on_held(rule, pol), instance_streams)))
+        def cost(rule, pol):
+            r = closed_loop(rule, pol)
+            return (float(cumulative[r.exit_stage].sum()) + sum(
+                c * len(s) for (c, _), s in zip(on_held(rule, pol), instance_streams)))
 
-    no_exits = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
-                                    (None,) * num_stages, metric_params)
-    best = calibrate_levels(static, None)
-    chosen = dataclasses.replace(policy, instance_slots=0)
-    if best is None:  # The cache cannot be made safe here: no exits at all.
-        return no_exits, chosen
-    if policy.instance_slots > 0 and semantics is not None:
-        tier = dataclasses.replace(static, instance_slots=policy.instance_slots)
-        with_tier = calibrate_levels(tier, (policy.instance_match,) * num_stages)
-        # The tier stays if it saves compute over all streams without losing
-        # more than 1 - instance_target of agreement on any held-object stream.
-        if with_tier is not None and cost(with_tier, tier) < cost(best, static) and all(
-                a >= b - (1.0 - instance_target) for (_, a), (_, b)
-                in zip(on_held(with_tier, tier), on_held(best, static))):
-            best, chosen = with_tier, policy
-    check = dataclasses.replace(chosen, verify_rate=policy.verify_rate,
-                                verify_after=policy.verify_after)
-    if policy.adapt_rate > 0 and worst(closed_loop(best, check)) < target_agreement:
-        chosen = dataclasses.replace(chosen, adapt_rate=0.0)
-    return best, chosen
+        no_exits = exit_policy.ExitRule(metric, (None,) * num_stages, target_agreement,
+                                        (None,) * num_stages, metric_params)
+        best = calibrate_levels(static, None)
+        chosen = dataclasses.replace(policy, instance_slots=0)
+        if best is None:  # The cache cannot be made safe here: no exits at all.
+            return no_exits, chosen
+        if policy.instance_slots > 0 and semantics is not None:
+            tier = dataclasses.replace(static, instance_slots=policy.instance_slots)
+            with_tier = calibrate_levels(tier, (policy.instance_match,) * num_stages)
+            # The tier stays if it saves compute over all streams without losing
+            # more than 1 - instance_target of agreement on any held-object stream.
+            if with_tier is not None and cost(with_tier, tier) < cost(best, static) and all(
+                    a >= b - (1.0 - instance_target) for (_, a), (_, b)
+                    in zip(on_held(with_tier, tier), on_held(best, static))):
+                best, chosen = with_tier, policy
+        check = dataclasses.replace(chosen, verify_rate=policy.verify_rate,
+                                    verify_after=policy.verify_after)
+        if policy.adapt_rate > 0 and worst(closed_loop(best, check)) < target_agreement:
+            chosen = dataclasses.replace(chosen, adapt_rate=0.0)
+        return best, chosen

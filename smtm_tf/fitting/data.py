@@ -148,8 +148,15 @@ def load_npz(path: str) -> LabelledData:
     for k in x:
         if x[k].ndim == 3:  # Grey images without a channel axis.
             x[k] = x[k][..., None]
-    y = {k: np.asarray(arrays[k]).astype(np.int64).reshape(-1)
-         for k in ("y_train", "y_test")}
+    y = {}
+    for k in ("y_train", "y_test"):
+        labels = np.asarray(arrays[k])
+        if labels.dtype.kind not in "iub" and not (
+                labels.dtype.kind == "f" and np.isfinite(labels).all()
+                and (labels == np.round(labels)).all()):
+            raise DataError(f"{path}: {k} must hold whole-number class indices, got "
+                            f"{labels.dtype} values such as {labels.reshape(-1)[:3]}.")
+        y[k] = labels.astype(np.int64).reshape(-1)
     if "class_names" in arrays:
         names = tuple(str(n) for n in arrays["class_names"])
     else:
@@ -170,8 +177,8 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
     seeded `test_fraction` of each class forms the test split.
 
     Raises:
-      DataError: for a folder without class sub-folders or images, or a file
-        that does not decode (named).
+      DataError: for a folder without class sub-folders, a class folder
+        without images, or a file that does not decode (each named).
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
@@ -186,9 +193,14 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
     xs, ys = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(path, name)
-        for f in sorted(os.listdir(folder)):
-            if os.path.splitext(f)[1].lower() not in IMAGE_EXTENSIONS:
-                continue
+        files = [f for f in sorted(os.listdir(folder))
+                 if os.path.splitext(f)[1].lower() in IMAGE_EXTENSIONS]
+        if not files:
+            # A class without images would be a class the model can never be
+            # checked or calibrated on: refuse rather than guess.
+            raise DataError(f"The class folder {folder} holds no images "
+                            f"({', '.join(IMAGE_EXTENSIONS)}); remove it or add its images.")
+        for f in files:
             file = os.path.join(folder, f)
             try:
                 image = tf.io.decode_image(tf.io.read_file(file),
@@ -199,8 +211,6 @@ def load_image_folder(path: str, image_size: tuple[int, int] | None = None,
                 image = image[..., :-1]
             xs.append(adapt_images(image[None].astype(np.float32), image_size, channels)[0])
             ys.append(label)
-    if not xs:
-        raise DataError(f"No images found under {path}.")
     x, y = np.stack(xs), np.asarray(ys, np.int64)
     rng = np.random.default_rng(seed)
     is_test = np.zeros(len(y), bool)

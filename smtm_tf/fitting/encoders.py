@@ -16,6 +16,8 @@ import logging
 
 import numpy as np
 
+from smtm_tf.fitting import progress
+
 EPSILON = 1e-12
 
 # Input standardisation of the encoders, relative to the largest per-channel
@@ -124,7 +126,9 @@ def extract_features(stage_models, head_model, images: np.ndarray,
     per_stage = [[] for _ in stage_models]
     probs = []
     ds = tf.data.Dataset.from_tensor_slices(images).batch(batch_size).prefetch(2)
-    for batch in ds:
+    batches = -(-len(images) // batch_size)
+    for batch in progress.bar(ds, total=batches, desc=f"stage features of {len(images)} images",
+                              unit="batch"):
         pooled, p = forward(batch)
         for s, f in enumerate(pooled):
             per_stage[s].append(f.numpy())
@@ -255,9 +259,11 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
 
     ds = (tf.data.Dataset.from_tensor_slices((x_std, labels.astype(np.int32)))
           .shuffle(len(x_std), seed=seed).batch(batch_size))
-    for _ in range(epochs):
-        for xb, yb in ds:
-            step(xb, yb)
+    with progress.bar(total=steps, desc="encoder training", unit="step") as bar:
+        for _ in range(epochs):
+            for xb, yb in ds:
+                step(xb, yb)
+                bar.update()
     class_weights = l2_normalize_np(weights.numpy().T)
     return standardisation.fold(kernel.numpy(), bias.numpy()), class_weights
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import types
+import zipfile
 
 
 def flavour_of(model) -> str | None:
@@ -48,11 +50,44 @@ def is_input_layer(layer) -> bool:
     return type(layer).__name__ == "InputLayer"
 
 
+# The HDF5 signature; a user block may put it at 512, 1024, 2048, ... bytes.
+_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def check_model_file(path: str) -> None:
+    """Raises ValueError, naming the file and what is wrong, unless `path` looks
+    like a Keras model file: a .keras zip archive or a .h5 HDF5 file."""
+    if not os.path.exists(path):
+        raise ValueError(f"No such model file: {path}.")
+    if os.path.isdir(path):
+        return  # A SavedModel folder: tf_keras reads it.
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".keras":
+        if not zipfile.is_zipfile(path):
+            raise ValueError(f"{path} is not a Keras model: a .keras file is a zip archive "
+                             "(model.save('m.keras')), and this one is not.")
+    elif ext in (".h5", ".hdf5"):
+        with open(path, "rb") as f:
+            head = f.read(1 << 16)
+        offsets = [0] + [512 << i for i in range(7)]
+        if not any(head[o:o + 8] == _HDF5_SIGNATURE for o in offsets):
+            raise ValueError(f"{path} is not a Keras model: a {ext} file is an HDF5 file, "
+                             "and this one is not.")
+    else:
+        raise ValueError(f"{path} is not a Keras model file: pass a .keras or .h5 file "
+                         "(model.save('m.keras')).")
+
+
 def load_model(path: str):
     """Loads a .keras/.h5 model with Keras 3, falling back to tf_keras.
 
     Files saved by tf_keras carry its layer classes and load there.
+
+    Raises:
+      ValueError: the file is missing, not a Keras model file, or neither
+        Keras loads it.
     """
+    check_model_file(path)
     import keras  # pylint: disable=import-outside-toplevel
     import tf_keras  # pylint: disable=import-outside-toplevel
     errors = []
