@@ -106,7 +106,8 @@ class CommandLineErrorTest(absltest.TestCase):
             "state_is_a_directory": (("validate.py", f"--model={t('damaged.tflite')}",
                                       f"--state={cls.tmp}"), r"is a directory"),
         }
-        cls.debug_case = ("validate.py", f"--model={t('random.tflite')}", "--debug")
+        # Loads the model, so TensorFlow starts (and logs) before the error.
+        cls.debug_case = convert(t("labels_4_to_7.npz")) + ("--debug",)
         with futures.ThreadPoolExecutor(2) as pool:
             runs = {name: pool.submit(run_script, *args) for name, (args, _) in
                     cls.cases.items()}
@@ -137,7 +138,7 @@ class CommandLineErrorTest(absltest.TestCase):
         # The other cases' checks could fail: without the quieting these show.
         self.assertNotEqual(self.debug.returncode, 0)
         self.assertIn("Traceback (most recent call last)", self.debug.stderr)
-        self.assertIn("ModelFileError", self.debug.stderr)
+        self.assertIn("DataMismatchError: ", self.debug.stderr)
         self.assertRegex(self.debug.stderr, NATIVE_LOG)
 
 
