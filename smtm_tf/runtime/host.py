@@ -67,16 +67,14 @@ def read_descriptor(model_content: bytes) -> desc.Descriptor:
     """
     try:
         raw = metadata.read_metadata(model_content, desc.METADATA_NAME)
-        digest = metadata.read_metadata(model_content, metadata.DIGEST_NAME)
-        actual = None if digest is None else metadata.content_digest(model_content)
+        digest = metadata.check_digest(model_content)
     except Exception as e:  # pylint: disable=broad-except
         raise ModelFileError(f"Not a .tflite flatbuffer ({type(e).__name__}: {e}).") from e
     # Files converted before digests existed have none: they are read as before.
-    if digest is not None and digest != actual.encode():
+    if digest == "mismatch":
         raise ModelFileError(
-            "The model file is damaged: the SHA-256 of its weights and descriptor is not "
-            f"the one stored at conversion ({metadata.DIGEST_NAME}). Download or convert "
-            "it again.")
+            "The model file is damaged: its SHA-256 is not the one stored at conversion "
+            f"({metadata.DIGEST_NAME}). Download or convert it again.")
     if raw is None:
         raise ModelFileError(
             f"The model has no '{desc.METADATA_NAME}' metadata: it is a plain .tflite, "

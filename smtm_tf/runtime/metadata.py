@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 
+import flatbuffers
+
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
 
@@ -42,17 +44,21 @@ def read_metadata(model_bytes: bytes, name: str) -> bytes | None:
     return None
 
 
-# The SHA-256 of every buffer (weights, constants and other metadata, the
-# descriptor included) but its own, as hex: `add_digest` writes it last.
+# The integrity record, written last by `add_digest`: "sha256-file:" and the
+# SHA-256 of the whole file but the record's own bytes (see `file_digest`).
+# Files converted earlier hold the bare hex SHA-256 of their buffers
+# (`content_digest`) and are checked that way; files without a record load
+# unchecked.
 DIGEST_NAME = "smtm_digest"
+DIGEST_PREFIX = "sha256-file:"
+_PLACEHOLDER = (DIGEST_PREFIX + "0" * 64).encode()
 
 
 def content_digest(model_bytes: bytes) -> str:
     """SHA-256 over the model's buffers (the digest entry's excepted), in order.
 
-    It covers the weights and the descriptor, not the graph's structure
-    (tensor shapes, operators), which the interpreter and the runtime's
-    checks against the descriptor refuse when it is damaged.
+    The record of files converted before `file_digest`: it covers the weights
+    and the descriptor, not the graph's structure (tensors, operators).
     """
     model = schema.Model.GetRootAs(model_bytes, 0)
     skip = {model.Metadata(i).Buffer() for i in range(model.MetadataLength())
@@ -66,9 +72,82 @@ def content_digest(model_bytes: bytes) -> str:
     return digest.hexdigest()
 
 
+def file_digest(model_bytes: bytes, region: tuple[int, int]) -> str:
+    """SHA-256 of every byte of the file but `region` (the record's own bytes),
+    with the region's place and length, as hex.
+
+    Weights, descriptor and graph structure (tensors, operators, signatures,
+    padding, anything appended) are all covered: a change anywhere but in
+    the record changes this; a change in the record changes the record.
+    """
+    start, end = region
+    digest = hashlib.sha256()
+    digest.update(start.to_bytes(8, "little") + (end - start).to_bytes(8, "little"))
+    digest.update(memoryview(model_bytes)[:start])
+    digest.update(memoryview(model_bytes)[end:])
+    return digest.hexdigest()
+
+
+def _digest_records(model_bytes: bytes) -> list[tuple[bytes, tuple[int, int]]]:
+    """(content, file region) of each metadata entry named DIGEST_NAME or
+    holding a "sha256-file:" record (so a damaged name does not hide one)."""
+    model = schema.Model.GetRootAs(model_bytes, 0)
+    records = []
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        region = _buffer_region(model, entry.Buffer())
+        content = bytes(model_bytes[region[0]:region[1]])
+        if entry.Name() == DIGEST_NAME.encode() or content.startswith(DIGEST_PREFIX.encode()):
+            records.append((content, region))
+    return records
+
+
+def check_digest(model_bytes: bytes) -> str:
+    """"ok", "absent" (no record: an older file) or "mismatch" (damaged).
+
+    Raises what the flatbuffer reader raises for bytes that do not parse.
+    """
+    records = _digest_records(model_bytes)
+    if not records:
+        return "absent"
+    if len(records) > 1:
+        return "mismatch"
+    ((content, region),) = records
+    text = content.decode("ascii", errors="replace")
+    if text.startswith(DIGEST_PREFIX):
+        ok = text[len(DIGEST_PREFIX):] == file_digest(model_bytes, region)
+    else:  # An earlier file's record: its buffers only.
+        ok = text == content_digest(model_bytes)
+    return "ok" if ok else "mismatch"
+
+
 def add_digest(model_bytes: bytes) -> bytes:
-    """Returns the model with its `content_digest` stored under `DIGEST_NAME`."""
-    return add_metadata(model_bytes, DIGEST_NAME, content_digest(model_bytes).encode())
+    """Returns the model with its integrity record stored under `DIGEST_NAME`.
+
+    The entry is written twice through the flatbuffer writer: with a
+    placeholder of the record's length, whose file digest is then stored in
+    its place (same length, so the same layout; checked).
+    """
+    staged = add_metadata(model_bytes, DIGEST_NAME, _PLACEHOLDER)
+    ((_, region),) = _digest_records(staged)
+    value = DIGEST_PREFIX + file_digest(staged, region)
+    final = add_metadata(staged, DIGEST_NAME, value.encode())
+    if _digest_records(final) != [(value.encode(), region)] or check_digest(final) != "ok":
+        raise RuntimeError("Writing the integrity record moved the model's layout.")
+    return final
+
+
+def _buffer_region(model, index: int) -> tuple[int, int]:
+    """Where buffer `index`'s bytes lie in the file: [start, end)."""
+    buffer = model.Buffers(index)
+    if buffer.Offset():  # Large models keep buffers after the flatbuffer.
+        return buffer.Offset(), buffer.Offset() + buffer.Size()
+    if not buffer.DataLength():
+        return 0, 0
+    # The data vector's first byte, as the generated DataAsNumpy reads it.
+    o = flatbuffers.number_types.UOffsetTFlags.py_type(buffer._tab.Offset(4))  # pylint: disable=protected-access
+    start = buffer._tab.Vector(o)  # pylint: disable=protected-access
+    return start, start + buffer.DataLength()
 
 
 def _buffer(model, model_bytes: bytes, index: int) -> bytes:
