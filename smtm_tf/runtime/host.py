@@ -48,7 +48,7 @@ class FrameError(ValueError):
 # what its descriptor says (RuntimeError stays: it means the backend itself
 # is unavailable, e.g. no GPU).
 _MODEL_ERRORS = (ValueError, KeyError, IndexError, TypeError, OverflowError, RecursionError,
-                 AttributeError)
+                 AttributeError, MemoryError)  # MemoryError: a damaged shape asks for TiBs.
 
 
 def _is_model_error(e: Exception) -> bool:
