@@ -5,7 +5,7 @@ Python is the one passed (the command lines' `--old_runtime_python`), else
 `$SMTM_OLD_RUNTIME_PYTHON`, else `.venv-tflite214/bin/python` in the
 repository (CI creates it: see .ci/run). Each model's signatures run
 there on the same inputs as in the current LiteRT interpreter, and the
-outputs are compared.
+outputs are compared. The command line is `scripts/check_old_runtime.py`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import dataclasses
 import json
 import os
 import subprocess
-import sys
 import tempfile
 
 import numpy as np
@@ -156,15 +155,3 @@ def check_models(paths: list[str], images: np.ndarray | None = None,
                 sigs.append(SignatureResult(key, None, diff))
             results.append(ModelResult(path, report["runtime"], None, tuple(sigs)))
     return results
-
-
-def main(argv: list[str]) -> int:
-    """`python -m converters.old_runtime MODEL.tflite ...`: exit 1 if any fails."""
-    results = check_models(argv[1:])
-    for r in results:
-        print(r.format())
-    return 0 if all(r.ok for r in results) else 1
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv))

@@ -10,7 +10,7 @@ Example:
   python scripts/build_zoo.py --out_dir=out/zoo --models=vgg_sequential,inception_branchy
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import os
 
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _cli.run(main)
+    command_line.run(main)

@@ -12,7 +12,7 @@ data's first test frames, answering differently, raising another error,
 crashing (a signal) or hanging. Loads run in a worker process.
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 from absl import flags
 import numpy as np
@@ -56,7 +56,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

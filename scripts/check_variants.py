@@ -17,7 +17,7 @@ GPU (fp32) vs CPU on a stream; and whether tflite-runtime 2.14 loads and runs
 every signature.
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import json
 
@@ -98,7 +98,7 @@ def _measure(path: str, data, frames, labels, decision_frames, x_cal) -> dict:
                   flush=True)
     try:
         (old,) = old_runtime.check_models([path], data.x_test[:1],
-                                         python=_cli.OLD_RUNTIME_PYTHON.value)
+                                         python=command_line.OLD_RUNTIME_PYTHON.value)
         row["tflite_runtime_2_14"] = {"ok": old.ok, "runtime": old.runtime,
                                       "max_diff": max((s.max_abs_diff for s in old.signatures),
                                                       default=None)}
@@ -160,7 +160,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

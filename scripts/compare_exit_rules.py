@@ -9,7 +9,7 @@ Example:
       --tflite=out/demo_resnet.smtm.tflite
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 from absl import flags
 
@@ -76,7 +76,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ are trained and the exits calibrated from `--data`, and the memory is saved to
 `--memory` or beside the output, once every check has passed.
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 
 from absl import app
@@ -109,7 +109,7 @@ def main(argv):
         quantization = quant.parse(_QUANTIZE.value)
     except quant.QuantizationError as e:
         raise app.UsageError(str(e)) from e
-    _convert(quantization)  # An error prints as one line (scripts/_cli.py).
+    _convert(quantization)  # An error prints as one line (scripts/command_line.py).
 
 
 def _convert(quantization):
@@ -138,7 +138,7 @@ def _convert(quantization):
         qat_epochs=_QAT_EPOCHS.value, qat_images=_QAT_IMAGES.value,
         gpu_check=_GPU_GATE.value, require_gpu=_REQUIRE_GPU.value,
         gpu_precision=_GPU_PRECISION.value, require_old_runtime=_REQUIRE_OLD_RUNTIME.value,
-        old_runtime_python=_cli.OLD_RUNTIME_PYTHON.value,
+        old_runtime_python=command_line.OLD_RUNTIME_PYTHON.value,
         preprocessing=preprocessing, accuracy_check=_CHECK_ACCURACY.value,
         progress=lambda line: print(line, flush=True))
     plain = len(smtm_converter.convert_keras(model))
@@ -192,7 +192,7 @@ def _convert(quantization):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

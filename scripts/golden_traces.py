@@ -10,7 +10,7 @@ indices, seed and the (class, exit stage) of every frame. Any runtime that
 follows the descriptor's contract must reproduce them (`tests/test_golden.py`).
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 
 from absl import flags
@@ -47,4 +47,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    _cli.run(main)
+    command_line.run(main)

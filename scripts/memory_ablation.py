@@ -24,7 +24,7 @@ test stream itself, so both are in-sample and optimistic):
     the best of four weights.
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import dataclasses
 
@@ -182,7 +182,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

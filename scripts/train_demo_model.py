@@ -4,7 +4,7 @@ Example:
     python scripts/train_demo_model.py --output=models/demo_resnet.keras
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 from absl import flags
 from absl import logging
@@ -37,7 +37,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

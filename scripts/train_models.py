@@ -12,7 +12,7 @@ Example:
   python scripts/train_models.py --steps=calibrate   # new exit rule, same encoders
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import os
 import time
@@ -98,7 +98,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@ Example:
   python scripts/validate.py --model=model.smtm.tflite --data=fashion_mnist --stream=video
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import json
 import os
@@ -105,7 +105,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ int8 and float16, checked on tflite-runtime 2.14 (when its virtualenv exists)
 and through the strict GPU gate (when a GPU or software Vulkan is present).
 """
 
-from scripts import _cli  # First: quiets native logs before TensorFlow loads.
+from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import json
 import os
@@ -64,7 +64,8 @@ def main(argv):
         if entry.get("trained", True):
             rows.append(zoo_benchmark.evaluate(
                 entry["name"], path, entry["preprocessing"], data, out_dir,
-                frames=_FRAMES.value, progress=say))
+                frames=_FRAMES.value, progress=say,
+                old_runtime_python=command_line.OLD_RUNTIME_PYTHON.value))
         else:  # An untrained many-class model: the scale check.
             scale.append(zoo_benchmark.evaluate_scale(
                 entry["name"], path, entry["preprocessing"], data, out_dir, progress=say))
@@ -81,7 +82,7 @@ def main(argv):
 
 
 def run():
-    _cli.run(main)
+    command_line.run(main)
 
 
 if __name__ == "__main__":

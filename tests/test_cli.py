@@ -13,10 +13,12 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import numpy as np
 
+from converters import old_runtime
 from converters import smtm_converter
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import descriptor as desc
@@ -103,6 +105,13 @@ class CommandLineErrorTest(absltest.TestCase):
                                 "--frames=10"), r"The model file is damaged"),
             "missing_tflite": (("validate.py", f"--model={t('absent.tflite')}"),
                                r"No such file or directory: .*absent\.tflite"),
+            "old_runtime_python_missing": (
+                ("check_old_runtime.py", f"--old_runtime_python={t('no-venv', 'bin', 'python')}",
+                 t("random.tflite")), r"No old-runtime Python at .*no-venv/bin/python\. "
+                r"Create one with: .* --old_runtime_python=VENV/bin/python"),
+            "old_runtime_model_missing": (
+                ("check_old_runtime.py", t("absent.tflite")),
+                r"No such model file: .*absent\.tflite"),
             "state_is_a_directory": (("validate.py", f"--model={t('damaged.tflite')}",
                                       f"--state={cls.tmp}"), r"is a directory"),
         }
@@ -140,6 +149,39 @@ class CommandLineErrorTest(absltest.TestCase):
         self.assertIn("Traceback (most recent call last)", self.debug.stderr)
         self.assertIn("DataMismatchError: ", self.debug.stderr)
         self.assertRegex(self.debug.stderr, NATIVE_LOG)
+
+
+class OldRuntimePythonTest(absltest.TestCase):
+    """Which Python runs the tflite-runtime 2.14 check: the flag's, else the
+    environment variable's, else the checkout's .venv-tflite214."""
+
+    def _fake_python(self, name):
+        # Answers the probe (`-c "import tflite_runtime.interpreter"`) with success.
+        path = os.path.join(self.create_tempdir().full_path, name)
+        with open(path, "w") as f:
+            f.write("#!/bin/sh\nexit 0\n")
+        os.chmod(path, 0o755)
+        return path
+
+    def test_the_flag_wins_over_the_environment(self):
+        flag, env = self._fake_python("flag_python"), self._fake_python("env_python")
+        with mock.patch.dict(os.environ, {old_runtime.ENV_VAR: env}):
+            self.assertEqual(old_runtime.find_python(flag), flag)
+            self.assertEqual(old_runtime.find_python(), env)
+            self.assertEqual(old_runtime.find_python(None), env)
+
+    def test_without_flag_or_environment_the_checkout_venv(self):
+        with mock.patch.dict(os.environ):
+            os.environ.pop(old_runtime.ENV_VAR, None)
+            try:
+                self.assertEqual(old_runtime.find_python(), old_runtime.DEFAULT_PYTHON)
+            except old_runtime.OldRuntimeUnavailable as e:
+                self.assertIn(old_runtime.DEFAULT_PYTHON, str(e))
+
+    def test_a_python_without_the_runtime_is_named(self):
+        with self.assertRaisesRegex(old_runtime.OldRuntimeUnavailable,
+                                    f"{sys.executable} cannot import tflite_runtime"):
+            old_runtime.find_python(sys.executable)
 
 
 class ConversionInputTest(absltest.TestCase):

@@ -108,6 +108,27 @@ class NpzTest(parameterized.TestCase):
         with self.assertRaisesRegex(data_lib.DataError, "no such .npz file"):
             data_lib.load_data(path)
 
+    @parameterized.named_parameters(("nan", np.nan), ("inf", np.inf), ("minus_inf", -np.inf))
+    def test_non_finite_pixels_are_refused(self, value):
+        arrays = _arrays()
+        x = arrays["x_test"].astype(np.float32)
+        x[1, 2, 3] = value
+        path = self._save(**dict(arrays, x_test=x))
+        with self.assertRaisesRegex(data_lib.DataError, r"data\.npz: x_test holds non-finite "
+                                    r"pixels \(NaN or Inf\) in 1 image, the first at index 1"):
+            data_lib.load_npz(path)
+
+    @parameterized.named_parameters(("fraction", 0.5), ("nan", np.nan))
+    def test_labels_must_be_whole_numbers(self, offset):
+        arrays = _arrays()
+        path = self._save(**dict(arrays, y_train=arrays["y_train"] + offset))
+        with self.assertRaisesRegex(data_lib.DataError,
+                                    "y_train must hold whole-number class indices"):
+            data_lib.load_npz(path)
+        # Whole numbers stored as floats are labels.
+        path = self._save(**dict(arrays, y_train=arrays["y_train"].astype(np.float32)))
+        self.assertEqual(data_lib.load_npz(path).y_train.dtype, np.int64)
+
     def test_load_data_dispatch(self):
         path = self._save(**_arrays())
         self.assertEqual(data_lib.load_data(path).x_train.shape, (6, 5, 5, 1))
@@ -164,6 +185,22 @@ class ImageFolderTest(absltest.TestCase):
         bad = os.path.join(root, "dogs", "broken.png")
         with open(bad, "wb") as f:
             f.write(b"not a png")
+        with self.assertRaisesRegex(data_lib.DataError, f"{bad} is not a readable image"):
+            data_lib.load_image_folder(root, image_size=(6, 7))
+
+    def test_an_empty_class_folder_is_named(self):
+        root = self._folder()
+        os.makedirs(os.path.join(root, "owls"))
+        with open(os.path.join(root, "owls", "notes.txt"), "w") as f:
+            f.write("no images here")
+        with self.assertRaisesRegex(data_lib.DataError,
+                                    f"The class folder {root}/owls holds no images"):
+            data_lib.load_image_folder(root, image_size=(6, 7))
+
+    def test_a_folder_named_like_an_image_is_named(self):
+        root = self._folder()
+        bad = os.path.join(root, "dogs", "folder.png")
+        os.makedirs(bad)
         with self.assertRaisesRegex(data_lib.DataError, f"{bad} is not a readable image"):
             data_lib.load_image_folder(root, image_size=(6, 7))
 

@@ -72,7 +72,7 @@ def _short(e: BaseException) -> str:
 
 def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.LabelledData,
              out_dir: str, frames: int = 1500, variants=VARIANTS, seed: int = 0,
-             progress=print) -> ZooRow:
+             progress=print, old_runtime_python: str | None = None) -> ZooRow:
     """Converts one zoo model the default way and measures it.
 
     Args:
@@ -84,6 +84,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
       out_dir: where the .tflite files and memories go.
       frames: frames per stream.
       variants: quantized variants to convert too.
+      old_runtime_python: the tflite-runtime 2.14 Python
+        (`converters.old_runtime.find_python`).
     """
     row = ZooRow(name, preprocessing_flag(preset))
     say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
@@ -97,7 +99,7 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
         memory, report = smtm_converter.convert_model(
             model, data, out, memory_output=smtm_converter.memory_path_for(out),
             memory_candidates=[smtm_converter.memory_path_for(out)],
-            preprocessing=preprocessing, progress=say)
+            preprocessing=preprocessing, progress=say, old_runtime_python=old_runtime_python)
         row.convert_seconds = time.time() - t0
         row.keras_accuracy = report.accuracy.accuracy if report.accuracy else None
         row.stage_shares = tuple(memory.plan.stage_costs)
@@ -121,7 +123,7 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
                 _, vreport = smtm_converter.convert_model(
                     model, data, vout, memory=memory, preprocessing=preprocessing,
                     quantization=quant.parse(variant), gpu_check=False, progress=None,
-                    accuracy_check=False)
+                    accuracy_check=False, old_runtime_python=old_runtime_python)
                 text = f"ok, full top-1 = Keras on {100 * vreport.full_top1_agreement:.0f}%"
                 if vreport.old_runtime is not None and not vreport.old_runtime.ok:
                     text += "; tflite-runtime 2.14 FAILED"

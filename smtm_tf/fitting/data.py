@@ -148,6 +148,12 @@ def load_npz(path: str) -> LabelledData:
     for k in x:
         if x[k].ndim == 3:  # Grey images without a channel axis.
             x[k] = x[k][..., None]
+        finite = np.isfinite(x[k]).reshape(len(x[k]), -1).all(axis=1) if x[k].ndim else []
+        if not np.all(finite):
+            bad = np.flatnonzero(~finite)
+            raise DataError(f"{path}: {k} holds non-finite pixels (NaN or Inf) in {len(bad)} "
+                            f"image{'' if len(bad) == 1 else 's'}, the first at index "
+                            f"{bad[0]}; pass camera pixels (e.g. 0..255).")
     y = {}
     for k in ("y_train", "y_test"):
         labels = np.asarray(arrays[k])

@@ -29,6 +29,7 @@ from absl import logging
 from smtm_tf.fitting import progress
 
 _SCRIPTS_DIR = os.path.dirname(os.path.abspath(__file__))
+_PROJECT_PACKAGES = ("delegates", "smtm_tf", "converters", "scripts")
 
 DEBUG = flags.DEFINE_bool(
     "debug", False, "Show the traceback of an error, and TensorFlow's and LiteRT's own "
@@ -84,7 +85,10 @@ if (is_command_line(sys.argv[0] if sys.argv else "")
 def one_line(error: BaseException) -> str:
     """The error as one line: its message, lines joined; its type for unexpected kinds."""
     text = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-    if isinstance(error, (ValueError, OSError)):  # The documented errors derive from these.
+    # The project's own errors (and the ValueError/OSError kinds they derive
+    # from) say what is wrong and how to fix it: their message is enough.
+    own = type(error).__module__.split(".")[0] in _PROJECT_PACKAGES
+    if own or isinstance(error, (ValueError, OSError)):
         return text or type(error).__name__
     return (f"{type(error).__name__}: {text} (--debug shows the traceback)" if text
             else f"{type(error).__name__} (--debug shows the traceback)")
