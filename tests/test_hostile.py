@@ -4,16 +4,20 @@ A model file, a frame or a state file that is wrong is refused with the
 documented error (ModelFileError / DescriptorError, FrameError, a fresh
 memory), or gives exactly the intact answers: never other answers.
 
-SMTM_HYPOTHESIS_EXAMPLES sets the number of mutated descriptors (default 1,000,
-about 20 s; 2,000 took 36 s on 2 shared cores; CI sets 10,000) and of state
-files (a third of it); SMTM_BYTE_FLIPS the number of damaged copies of the
+SMTM_HYPOTHESIS_EXAMPLES sets the number of mutated descriptors and of mutated
+state files, and of fuzzed descriptor texts for the parser alone (unset: 1,000
+mutated descriptors, about 20 s, and 200 of the others; .ci/run sets 10,000:
+each then runs 10,000); SMTM_BYTE_FLIPS the number of damaged copies of the
 whole .tflite (default 1,000, a few seconds).
 """
 
+import collections
 import copy
 import json
 import math
 import os
+import shutil
+import tempfile
 
 from absl.testing import absltest
 from ai_edge_litert.tools import flatbuffer_utils
@@ -29,7 +33,11 @@ from smtm_tf.runtime import host
 from smtm_tf.runtime import metadata
 import testing_utils as tu
 
-_EXAMPLES = int(os.environ.get("SMTM_HYPOTHESIS_EXAMPLES", "1000"))
+_EXAMPLES = int(os.environ.get("SMTM_HYPOTHESIS_EXAMPLES") or 1000)
+_STATE_EXAMPLES = int(os.environ.get("SMTM_HYPOTHESIS_EXAMPLES") or 200)
+_FUZZ_SETTINGS = hypothesis.settings(
+    max_examples=int(os.environ.get("SMTM_HYPOTHESIS_EXAMPLES") or 200), deadline=None,
+    derandomize=True, database=None, suppress_health_check=list(hypothesis.HealthCheck))
 _BYTE_FLIPS = int(os.environ.get("SMTM_BYTE_FLIPS", "1000"))
 _SETTINGS = hypothesis.settings(
     max_examples=_EXAMPLES, deadline=None, derandomize=True, database=None,
@@ -151,6 +159,76 @@ class DescriptorMutationTest(parameterized.TestCase):
         finally:
             self.outcomes = saved
         self.assertGreater(outcomes["refused"], 0.9 * sum(outcomes.values()), outcomes)
+
+
+class DescriptorParserFuzzTest(absltest.TestCase):
+    """The parser alone on damaged JSON text and on arbitrary JSON values:
+    it returns a descriptor or raises DescriptorError, nothing else."""
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        flat, _ = tu.exiting_converted("tf_keras")
+        cls.text = metadata.read_metadata(flat, desc.METADATA_NAME)
+        cls.outcomes = collections.Counter()
+
+    @classmethod
+    def tearDownClass(cls):
+        print(f"\nfuzzed descriptor texts: {dict(cls.outcomes)}")
+        super().tearDownClass()
+
+    def _parse(self, text):
+        try:
+            desc.Descriptor.from_json(text)
+        except desc.DescriptorError as e:
+            self.assertTrue(str(e))
+            self.outcomes["refused"] += 1
+            return
+        self.outcomes["parsed"] += 1
+
+    @hypothesis.given(st.data())
+    @_FUZZ_SETTINGS
+    def test_damaged_text_parses_or_raises_descriptor_error(self, data):
+        text = bytearray(self.text)
+        for _ in range(data.draw(st.integers(1, 4))):
+            i = data.draw(st.integers(0, len(text) - 1))
+            op = data.draw(st.sampled_from(["flip", "insert", "delete", "repeat"]))
+            if op == "flip":
+                text[i] ^= data.draw(st.integers(1, 255))
+            elif op == "insert":
+                text[i:i] = data.draw(st.sampled_from(
+                    [b"[", b"{", b"]", b"}", b",", b'"', b"\\", b"-", b"e999", b"NaN",
+                     b"Infinity", b"\xff", b"\xc3", b"\x00", b"1e-400", b"null"]))
+            elif op == "delete":
+                del text[i:i + data.draw(st.integers(1, 64))]
+            else:
+                j = min(len(text), i + data.draw(st.integers(1, 256)))
+                text[i:i] = text[i:j]
+        self._parse(bytes(text))
+
+    @hypothesis.given(st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
+            st.sampled_from(["schema_version", "stages", "head", "full", "exit_rule", "cache",
+                             "lookup_op", "preprocessing", "signature", "key", "inputs",
+                             "outputs", "shape", "dtype", "name", "centres", "thresholds",
+                             "version", "attributes", "x"]), inner, max_size=5),
+        max_leaves=20))
+    @_FUZZ_SETTINGS
+    def test_arbitrary_json_values_parse_or_raise_descriptor_error(self, value):
+        self._parse(json.dumps(value))
+
+    @hypothesis.given(st.sampled_from(["stages", "head", "full", "exit_rule", "cache",
+                                       "lookup_op", "preprocessing"]),
+                      st.recursive(
+                          st.none() | st.booleans() | st.integers() | st.floats()
+                          | st.text(max_size=8),
+                          lambda inner: st.lists(inner, max_size=4)
+                          | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+                          max_leaves=12))
+    @_FUZZ_SETTINGS
+    def test_a_section_replaced_parses_or_raises_descriptor_error(self, key, value):
+        self._parse(json.dumps(dict(json.loads(self.text), **{key: value})))
 
 
 class ModelFileTest(parameterized.TestCase):
@@ -275,9 +353,13 @@ class ByteFlipTest(absltest.TestCase):
         self.assertEqual(metadata.check_digest(self.flat), "ok")
 
     def test_flips_anywhere_in_the_file_are_refused(self):
-        flips = byte_flips.random_flips(len(self.flat), _BYTE_FLIPS // 2, seed=5)
-        flips += byte_flips.random_flips(len(self.flat), _BYTE_FLIPS - len(flips),
-                                         max_bytes=16, seed=6)
+        structure = byte_flips.structure_positions(self.flat)
+        n = _BYTE_FLIPS // 4
+        flips = (byte_flips.random_flips(len(self.flat), n, seed=5)
+                 + byte_flips.random_flips(len(self.flat), n, max_bytes=16, seed=6)
+                 + byte_flips.random_flips(structure, n, seed=7)
+                 + byte_flips.random_flips(structure, _BYTE_FLIPS - 3 * n, max_bytes=16,
+                                           seed=8))
         report = byte_flips.run_flips(self.flat, self.frames, flips)
         print(f"\nbyte flips over the whole file: {report.format()}")
         self.assertEqual(report.counts, {"refused": len(flips)}, report.format())
@@ -294,6 +376,17 @@ class ByteFlipTest(absltest.TestCase):
         report = byte_flips.run_flips(bare, self.frames, flips)
         self.assertGreater(report.counts.get("different", 0), 0, report.format())
         self.assertEqual(report.counts.get("refused", 0), 0, report.format())
+
+    def test_structure_flips_get_past_an_earlier_buffers_record(self):
+        # What the whole-file record closes: flips outside the buffers that a
+        # buffers-only record lets through to the interpreter. The worker
+        # process survives whatever they do to it.
+        old = byte_flips.with_record(self.flat, "buffers")
+        flips = byte_flips.random_flips(byte_flips.structure_positions(old), 200, seed=9)
+        report = byte_flips.run_flips(old, self.frames, flips)
+        print(f"\nstructure flips, buffers-only record: {report.format()}")
+        self.assertGreater(sum(report.counts.get(k, 0) for k in ("same", "different", "error",
+                                                                 "signal")), 0, report.format())
 
     def test_an_earlier_buffers_record_is_still_checked(self):
         old = byte_flips.with_record(self.flat, "buffers")
@@ -411,6 +504,174 @@ class FrameTest(parameterized.TestCase):
         self.assertEqual(rt.classify(f[0]), rt.classify(f))
 
 
+# Values a crafted or damaged state file may hold: each array's bounds and
+# just past them, int64's and float's extremes, NaN and the infinities.
+_STATE_VALUES = st.one_of(
+    st.sampled_from([-1, 0, 1, 2, 3, 4, 7, 99, 100, 101, 2 ** 31, 2 ** 40, 2 ** 40 + 1, 2 ** 62,
+                     int(np.iinfo(np.int64).max), int(np.iinfo(np.int64).min)]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.sampled_from([-0.0, 0.5, 1e-300, 20.0, 20.000002, 1e300]),
+    st.booleans())
+_DTYPES = (np.bool_, np.int8, np.int32, np.int64, np.uint64, np.float16, np.float32,
+           np.float64, "<U3")
+_STATE_OPS = ("element", "element", "element", "fill", "dtype", "shape", "drop", "extra",
+              "meta", "bytes")
+
+
+def _tiered_runtime(flat: bytes) -> host.SmtmRuntime:
+    """A runtime whose every state array is in use: hot classes, adaptation
+    and a short-term tier."""
+    rt = host.SmtmRuntime(flat)
+    rule = rt.descriptor.exit_rule
+    rule = type(rule)(rule.metric, rule.thresholds, rule.target_agreement,
+                      cold_thresholds=rule.thresholds, metric_params=rule.metric_params,
+                      instance_thresholds=(0.9,) * len(rule.thresholds))
+    rt.set_exit_rule(rule, cache_lib.CachePolicy(adapt_rate=0.3, verify_rate=0.2,
+                                                 instance_slots=2, instance_min_confidence=0.0))
+    return rt
+
+
+class StateLoaderPropertyTest(absltest.TestCase):
+    """Mutated state files: restored only when every value fits, then usable.
+
+    One runtime (adapting, with a short-term tier, so that every state array
+    matters) loads each mutated file. A file it restores must leave a memory
+    in range (finite unit centres, scores and counters within bounds) that
+    classifies, saves and restores again; a file it refuses leaves a fresh
+    memory. Nothing raises.
+    """
+
+    @classmethod
+    def setUpClass(cls):
+        super().setUpClass()
+        cls.flat, _ = tu.exiting_converted("tf_keras")
+        frames, _ = tu.stripes(30, seed=35)
+        cls.frames = np.ascontiguousarray(frames[:, None], np.float32)
+        cls.rt = _tiered_runtime(cls.flat)
+        for f in cls.frames:
+            cls.rt.classify_fast(f)
+        cls.tmp = tempfile.mkdtemp(prefix="smtm-state-")
+        path = os.path.join(cls.tmp, "state.npz")
+        cls.rt.save_state(path)
+        with np.load(path) as z:
+            cls.base = {k: z[k] for k in z.files}
+        cls.outcomes = collections.Counter()
+
+    @classmethod
+    def tearDownClass(cls):
+        print(f"\nmutated state files: {dict(cls.outcomes)}")
+        shutil.rmtree(cls.tmp, ignore_errors=True)
+        super().tearDownClass()
+
+    def test_the_saved_state_is_rich_and_round_trips(self):
+        # The mutations below mean something only if every part is in use.
+        self.assertTrue(self.base["state_adapted"].any())
+        self.assertTrue((self.base["state_inst_pos"][:, 0] > 0).any())
+        self.assertTrue(self.base["state_hot"].any())
+        path = os.path.join(self.create_tempdir().full_path, "s.npz")
+        with open(path, "wb") as f:
+            np.savez(f, **self.base)
+        rt = _tiered_runtime(self.flat)
+        self.assertTrue(rt.load_state(path))
+        for k, v in rt.memory.to_arrays().items():
+            np.testing.assert_array_equal(v, self.base[f"state_{k}"], err_msg=k)
+
+    def _mutate(self, data, arrays):
+        op = data.draw(st.sampled_from(_STATE_OPS))
+        names = sorted(k for k in arrays if k.startswith("state_")) or ["meta"]
+        name = data.draw(st.sampled_from(names))
+        with np.errstate(all="ignore"):
+            if op in ("element", "fill") and name in arrays:
+                value = data.draw(_STATE_VALUES)
+                a = np.array(arrays[name])
+                if isinstance(value, float) and a.dtype.kind in "biu":
+                    a = a.astype(np.float64)
+                elif (isinstance(value, int) and not isinstance(value, bool)
+                      and a.dtype.kind == "b"):
+                    a = a.astype(np.int64)
+                elif a.dtype.kind == "f" and a.dtype != np.float64:
+                    a = a.astype(np.float64)  # 1e300 would read as inf in float32.
+                flat = a.reshape(-1)
+                if a.dtype.kind == "U" or not flat.size:
+                    return op
+                if op == "fill":
+                    flat[:] = value
+                else:
+                    flat[data.draw(st.integers(0, flat.size - 1))] = value
+                arrays[name] = a
+            elif op == "dtype" and name in arrays:
+                arrays[name] = np.asarray(arrays[name]).astype(data.draw(st.sampled_from(_DTYPES)))
+            elif op == "shape" and name in arrays:
+                a = np.asarray(arrays[name])
+                how = data.draw(st.sampled_from(["add_axis", "flatten", "truncate", "grow"]))
+                if how == "add_axis":
+                    a = a[None]
+                elif how == "flatten":
+                    a = a.reshape(-1)
+                elif how == "truncate" and a.ndim and a.shape[0]:
+                    a = a[:-1]
+                else:
+                    a = np.concatenate([a.reshape(-1), a.reshape(-1)[:1]])
+                arrays[name] = a
+            elif op == "drop":
+                arrays.pop(name, None)
+            elif op == "extra":
+                arrays["state_extra"] = np.zeros(3)
+            elif op == "meta":
+                meta = json.loads(str(self.base["meta"]))
+                arrays["meta"] = np.array(data.draw(st.sampled_from([
+                    "not json", "[]", "{}", "null", "7",
+                    json.dumps(dict(meta, format_version=meta["format_version"] + 1)),
+                    json.dumps(dict(meta, format_version=str(meta["format_version"]))),
+                    json.dumps(dict(meta, model="0" * 64)),
+                    json.dumps({k: v for k, v in meta.items() if k != "model"}),
+                    "[" * 10_000])))
+        return op
+
+    @hypothesis.given(st.data())
+    @hypothesis.settings(max_examples=_STATE_EXAMPLES, deadline=None, derandomize=True,
+                         database=None, suppress_health_check=list(hypothesis.HealthCheck))
+    def test_a_mutated_state_is_refused_or_restored_in_range(self, data):
+        arrays = dict(self.base)
+        ops = [self._mutate(data, arrays) for _ in range(data.draw(st.integers(1, 3)))]
+        path = os.path.join(self.tmp, "mutated.npz")
+        with open(path, "wb") as f:
+            np.savez(f, **arrays)
+        if "bytes" in ops:  # Damage the file itself (zip structure, CRCs, headers).
+            with open(path, "r+b") as f:
+                content = bytearray(f.read())
+                for _ in range(data.draw(st.integers(1, 8))):
+                    content[data.draw(st.integers(0, len(content) - 1))] ^= data.draw(
+                        st.integers(1, 255))
+                f.seek(0)
+                f.write(content)
+        rt = self.rt
+        restored = rt.load_state(path)
+        m = rt.memory
+        self.outcomes["restored" if restored else "refused"] += 1
+        if not restored:
+            self.assertEqual(float(np.abs(m.scores).sum()), 0.0)
+            self.assertFalse(m.adapted.any())
+            np.testing.assert_array_equal(m.centres, m.original)
+            return
+        policy = m.policy
+        self.assertTrue(np.isfinite(m.centres).all())
+        norms = np.sqrt((m.centres.astype(np.float64) ** 2).sum(-1))
+        self.assertTrue((np.abs(norms[norms > 0] - 1) < 1e-4).all(), norms)
+        self.assertTrue(((m.scores >= 0) & (m.scores <= 1 / (1 - policy.decay) + 1e-6)).all())
+        self.assertLessEqual(max(m.exits, m.checks, m.disagreements, m.reverts, m.exit_run),
+                             1 << 40)
+        self.assertTrue(np.isfinite(m.inst).all())
+        self.assertLessEqual(float(np.sqrt((m.inst.astype(np.float64) ** 2).sum(-1)).max()),
+                             1 + 1e-4)
+        for f in self.frames[:5]:
+            label, stage = rt.classify_fast(f)
+            self.assertTrue(0 <= label < m.num_classes and 0 <= stage <= m.num_stages)
+        again = os.path.join(self.tmp, "again.npz")
+        rt.save_state(again)
+        self.assertTrue(rt.load_state(again))
+
+
 class StateFileTest(absltest.TestCase):
 
     @classmethod
@@ -446,33 +707,25 @@ class StateFileTest(absltest.TestCase):
         fresh.save_state(path)  # Overflowed before.
         self.assertTrue(host.SmtmRuntime(self.flat).load_state(path))
 
-    @hypothesis.given(name=st.sampled_from(["scores", "answers", "left_out", "counters",
-                                            "capacity", "frame_in_window", "inst_pos"]),
-                      value=st.sampled_from([-1, 2 ** 62, np.nan, np.inf, 1e300]),
-                      index=st.integers(0, 1000))
-    @hypothesis.settings(max_examples=max(50, _EXAMPLES // 3), deadline=None, database=None,
-                         derandomize=True, suppress_health_check=list(hypothesis.HealthCheck))
-    def test_out_of_range_state_is_replaced_by_a_fresh_memory(self, name, value, index):
-        if not hasattr(self, "_base"):
-            type(self)._base = self._saved()
-        rt, path, arrays = self._base
-        key = f"state_{name}"
-        a = np.array(arrays[key], np.float64 if isinstance(value, float) else arrays[key].dtype)
-        flat_a = a.reshape(-1)
-        if not flat_a.size:
-            return
-        flat_a[index % flat_a.size] = value
-        bad = os.path.join(self.create_tempdir().full_path, "bad.npz")
-        self._rewrite(bad, dict(arrays, **{key: a}))
-        fresh = host.SmtmRuntime(self.flat)
-        restored = fresh.load_state(bad)
-        if restored:
-            # Only a value that fits: the state must save and classify again.
-            for f in self.frames[:5]:
-                fresh.classify_fast(f)
-            fresh.save_state(bad)
-        else:
-            np.testing.assert_array_equal(fresh.memory.scores, 0.0)
+    def test_a_short_term_tier_out_of_range_is_not_restored(self):
+        # Found by the property test above: 1e300 is finite in the file's
+        # float64 and infinite in the tier's float32; a vector longer than 1
+        # would match any frame.
+        rt = _tiered_runtime(self.flat)
+        for f in self.frames:
+            rt.classify_fast(f)
+        path = os.path.join(self.create_tempdir().full_path, "state.npz")
+        rt.save_state(path)
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+        self.assertGreater(arrays["state_inst_pos"][0, 0], 0)
+        for inst in (arrays["state_inst"].astype(np.float64) * 0 + 1e300,
+                     arrays["state_inst"] * 2):
+            self._rewrite(path, dict(arrays, state_inst=inst))
+            fresh = _tiered_runtime(self.flat)
+            with self.assertLogs(level="WARNING") as logs:
+                self.assertFalse(fresh.load_state(path))
+            self.assertRegex(logs.output[0], "non-finite|longer than 1")
 
     def test_state_path_is_checked_before_a_run(self):
         directory = self.create_tempdir().full_path

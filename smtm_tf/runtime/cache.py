@@ -530,8 +530,14 @@ class MemoryState:
             if got.shape != np.shape(value):
                 raise ValueError(f"state array {name!r} has shape {got.shape}, this model "
                                  f"needs {np.shape(value)}.")
-            if not np.isfinite(got.astype(np.float64)).all():
-                raise ValueError(f"state array {name!r} holds non-finite values.")
+            # Checked as the memory will hold it: 1e300 is finite in float64
+            # and infinite once stored in a float32 array.
+            dtype = np.asarray(value).dtype
+            with np.errstate(over="ignore", invalid="ignore"):
+                stored = got.astype(dtype if dtype.kind == "f" else np.float64)
+            if not np.isfinite(stored).all():
+                raise ValueError(f"state array {name!r} holds non-finite values "
+                                 f"(as {stored.dtype}).")
         capacity = int(arrays["capacity"])
         count, nxt = (list(int(v) for v in col) for col in np.asarray(arrays["inst_pos"]).T)
         classes = np.asarray(arrays["inst_class"])
@@ -542,6 +548,12 @@ class MemoryState:
                    and ((classes[s, :c] >= 0) & (classes[s, :c] < self.num_classes)).all()
                    for s, (c, n) in enumerate(zip(count, nxt))):
             raise ValueError("the short-term tier's slots do not fit this model.")
+        # The tier holds unit-norm semantic vectors: a longer one would match
+        # any frame above the instance threshold.
+        inst = np.asarray(arrays["inst"], np.float32)
+        with np.errstate(over="ignore"):
+            if (np.sqrt((inst * inst).sum(axis=-1)) > 1.0 + 1e-4).any():
+                raise ValueError("the short-term tier holds vectors longer than 1.")
         # A score is a decayed sum of at most 1 per frame.
         top = 1.0 / (1.0 - p.decay) + 1e-6
         scores = np.asarray(arrays["scores"], np.float64)
@@ -559,15 +571,17 @@ class MemoryState:
                for name in ("answers", "left_out", "counters")):
             raise ValueError("answer, left-out and exit counters must be >= 0.")
         offsets = np.asarray(arrays["offsets"], np.float32)
-        if (np.sqrt((offsets * offsets).sum(axis=-1)) > p.max_drift + 1e-4).any():
-            raise ValueError("an adapted centre lies further than max_drift from its original.")
+        with np.errstate(over="ignore"):
+            if (np.sqrt((offsets * offsets).sum(axis=-1)) > p.max_drift + 1e-4).any():
+                raise ValueError("an adapted centre lies further than max_drift from its "
+                                 "original.")
         self.scores[:] = arrays["scores"]
         self.hot[:] = arrays["hot"]
         self.capacity = capacity
         self.frame_in_window = frame_in_window
         self.left_out[:] = arrays["left_out"]
         self.answers[:] = arrays["answers"]
-        self.inst[:] = arrays["inst"]
+        self.inst[:] = inst
         self.inst_class[:] = classes
         self.inst_count, self.inst_next = count, nxt
         self.exits, self.checks, self.disagreements, self.reverts, self.exit_run = (
