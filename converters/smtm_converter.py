@@ -207,12 +207,25 @@ def convert_keras(model) -> bytes:
     return convert_module(module, {"serving_default": fn})
 
 
+# The SavedModel each conversion goes through lives in the system's temp folder.
+SAVED_MODEL_PREFIX = "smtm-savedmodel-"
+
+
+def remove_leftovers(*outputs: str | None) -> None:
+    """Removes what killed conversions left: temporaries beside `outputs`
+    and SavedModel folders of processes that are gone. Called at the start."""
+    for path in outputs:
+        if path:
+            io_utils.remove_stale_temporaries(path)
+    io_utils.remove_orphan_temp_dirs(SAVED_MODEL_PREFIX)
+
+
 def convert_module(module, signatures: dict,
                     quantization: quant.Quantization = quant.Quantization.FLOAT32,
                     representative_dataset=None) -> bytes:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    with tempfile.TemporaryDirectory(prefix="smtm-savedmodel-") as tmp:
+    with io_utils.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
         concrete = {k: f.get_concrete_function() for k, f in signatures.items()}
         tf.saved_model.save(module, tmp, signatures=concrete)
         converter = tf.lite.TFLiteConverter.from_saved_model(
@@ -601,6 +614,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
       (memory, report); `report.accuracy` holds the accuracy check.
     """
     say = progress or (lambda _: None)
+    remove_leftovers(output_path, memory_output)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     data = data_lib.adapt(data, shape[:2], shape[2])
     if preprocessing is None:

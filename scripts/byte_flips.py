@@ -5,7 +5,7 @@ Example:
       --flips=1000 --max_bytes=16 --record=file,buffers,none
 
 Each copy has 1..--max_bytes bytes XORed with random masks at random places
-of the whole file. With each integrity record (`file`: what the converter
+of the whole file (or, --where=structure, of the bytes outside the buffers). With each integrity record (`file`: what the converter
 writes; `buffers`: files converted before it; `none`: older still) the table
 counts copies refused (ModelFileError), answering as the intact model on the
 data's first test frames, answering differently, raising another error,
@@ -29,6 +29,9 @@ _MAX_BYTES = flags.DEFINE_integer("max_bytes", 1, "Bytes damaged per copy: 1..th
 _RECORD = flags.DEFINE_list("record", ["file", "buffers", "none"],
                             "Integrity records to measure: file, buffers, none.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the damage.")
+_WHERE = flags.DEFINE_enum("where", "file", ["file", "structure"],
+                           "Damage anywhere in the file, or only outside the buffers "
+                           "(the graph's structure).")
 
 
 def main(argv):
@@ -44,7 +47,9 @@ def main(argv):
     notes = []
     for kind in _RECORD.value:
         damaged = byte_flips.with_record(model, kind)
-        flips = byte_flips.random_flips(len(damaged), _FLIPS.value, _MAX_BYTES.value,
+        positions = (len(damaged) if _WHERE.value == "file"
+                     else byte_flips.structure_positions(damaged))
+        flips = byte_flips.random_flips(positions, _FLIPS.value, _MAX_BYTES.value,
                                         seed=_SEED.value)
         report = byte_flips.run_flips(damaged, frames, flips)
         print(f"| {kind} | {len(flips)} | "

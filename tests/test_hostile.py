@@ -382,7 +382,7 @@ class ByteFlipTest(absltest.TestCase):
         # buffers-only record lets through to the interpreter. The worker
         # process survives whatever they do to it.
         old = byte_flips.with_record(self.flat, "buffers")
-        flips = byte_flips.random_flips(byte_flips.structure_positions(old), 200, seed=9)
+        flips = byte_flips.random_flips(byte_flips.structure_positions(old), 150, seed=9)
         report = byte_flips.run_flips(old, self.frames, flips)
         print(f"\nstructure flips, buffers-only record: {report.format()}")
         self.assertGreater(sum(report.counts.get(k, 0) for k in ("same", "different", "error",

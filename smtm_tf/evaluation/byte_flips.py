@@ -30,17 +30,27 @@ from smtm_tf.runtime import metadata
 OUTCOMES = ("refused", "same", "different", "error", "signal", "hang")
 
 
-def random_flips(size: int, count: int, max_bytes: int = 1, seed: int = 0,
-                 lo: int = 0, hi: int | None = None) -> list[list[tuple[int, int]]]:
-    """`count` damages, each 1..max_bytes (position, xor mask) pairs in [lo, hi)."""
+def random_flips(positions, count: int, max_bytes: int = 1,
+                 seed: int = 0) -> list[list[tuple[int, int]]]:
+    """`count` damages, each 1..max_bytes (position, xor mask) pairs drawn from
+    `positions` (a file size: every byte)."""
     rng = np.random.default_rng(seed)
-    hi = size if hi is None else hi
+    positions = np.arange(positions) if np.isscalar(positions) else np.asarray(positions)
     out = []
     for _ in range(count):
         k = int(rng.integers(1, max_bytes + 1))
-        positions = rng.choice(np.arange(lo, hi), k, replace=False)
-        out.append([(int(p), int(rng.integers(1, 256))) for p in sorted(positions)])
+        picked = rng.choice(positions, k, replace=False)
+        out.append([(int(p), int(rng.integers(1, 256))) for p in sorted(picked)])
     return out
+
+
+def structure_positions(model: bytes) -> np.ndarray:
+    """Every byte of the file outside the buffers: the graph's structure
+    (tables, vtables, tensor and operator records, names, signatures, padding)."""
+    inside = np.zeros(len(model), bool)
+    for start, end in metadata.buffer_regions(model):
+        inside[start:end] = True
+    return np.flatnonzero(~inside)
 
 
 def with_record(model: bytes, kind: str) -> bytes:

@@ -137,6 +137,12 @@ def add_digest(model_bytes: bytes) -> bytes:
     return final
 
 
+def buffer_regions(model_bytes: bytes) -> list[tuple[int, int]]:
+    """Where each buffer's bytes (weights, constants, metadata) lie: [start, end)."""
+    model = schema.Model.GetRootAs(model_bytes, 0)
+    return [_buffer_region(model, i) for i in range(model.BuffersLength())]
+
+
 def _buffer_region(model, index: int) -> tuple[int, int]:
     """Where buffer `index`'s bytes lie in the file: [start, end)."""
     buffer = model.Buffers(index)

@@ -1,0 +1,158 @@
+"""Killed writers leave no partial file, and nothing that survives the next start.
+
+A process saving runtime state in a loop, and `scripts/convert.py`, are
+killed (SIGKILL) at random times. After each kill the file is either absent,
+the previous complete one, or the new complete one; the temporaries a kill
+leaves beside it (and a killed conversion's SavedModel folder) are removed
+by the next start: `check_state_path` before a run, `convert_model` before
+a conversion.
+"""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from absl.testing import absltest
+import numpy as np
+import pytest
+
+from converters import smtm_converter
+from smtm_tf.runtime import host
+from smtm_tf.runtime import metadata
+import testing_utils as tu
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_SAVER = """
+import sys
+import numpy as np
+from converters import smtm_converter
+from smtm_tf.runtime import host
+model, frames, path = sys.argv[1:4]
+rt = host.SmtmRuntime(open(model, "rb").read())
+for f in np.load(frames):
+    rt.classify_fast(f)
+host.check_state_path(path)
+n = 0
+while True:
+    rt.save_state(path)
+    n += 1
+    if n == 1:
+        print("saving", flush=True)
+"""
+
+
+def _env(tmpdir):
+    return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
+                TMPDIR=tmpdir, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+def _own_temporaries(directory):
+    # TensorFlow's autograph leaves its generated modules in the temp folder
+    # on every run, killed or not: not this project's files.
+    return sorted(f for f in os.listdir(directory)
+                  if not f.startswith("__autograph_generated_file"))
+
+
+def _temporaries(directory):
+    return sorted(f for f in os.listdir(directory) if ".tmp-" in f)
+
+
+@pytest.mark.slow
+class KillTest(absltest.TestCase):
+
+    def test_killed_state_saves(self):
+        flat, _ = tu.exiting_converted("tf_keras")
+        work = self.create_tempdir().full_path
+        model = os.path.join(work, "m.tflite")
+        with open(model, "wb") as f:
+            f.write(flat)
+        frames, _ = tu.stripes(30, seed=70)
+        np.save(os.path.join(work, "frames.npy"), np.ascontiguousarray(frames[:, None]))
+        state_dir = os.path.join(work, "state")
+        path = os.path.join(state_dir, "s.npz")
+        rng = np.random.default_rng(0)
+        kills, orphaned = 20, 0
+        for _ in range(kills):
+            proc = subprocess.Popen([sys.executable, "-c", _SAVER, model,
+                                     os.path.join(work, "frames.npy"), path],
+                                    stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                                    text=True, env=_env(work))
+            self.assertEqual(proc.stdout.readline().strip(), "saving")
+            time.sleep(float(rng.uniform(0.0, 0.05)))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            proc.stdout.close()
+            self.assertEqual(proc.returncode, -signal.SIGKILL)
+            # Never a partial state: the last complete save restores.
+            self.assertTrue(host.SmtmRuntime(flat).load_state(path))
+            orphaned += bool(_temporaries(state_dir))
+            # The next start (here: the next saver's check_state_path) cleans up;
+            # check it directly too.
+        host.check_state_path(path)
+        self.assertEqual(_temporaries(state_dir), [])
+        self.assertEqual(os.listdir(state_dir), ["s.npz"])
+        print(f"\n{kills} killed savers: {orphaned} left a temporary file, removed at the "
+              "next start")
+        # The kills did land inside saves, so the clean-up was exercised.
+        self.assertGreater(orphaned, 0)
+
+    def test_killed_conversions(self):
+        work = self.create_tempdir().full_path
+        sys_tmp = os.path.join(work, "sys_tmp")
+        os.makedirs(sys_tmp)
+        x, y = tu.stripes(600, seed=71)
+        xt, yt = tu.stripes(150, seed=72)
+        data = os.path.join(work, "stripes.npz")
+        np.savez(data, x_train=x, y_train=y, x_test=xt, y_test=yt)
+        keras_path = os.path.join(work, "model.keras")
+        tu.trained_residual("tf_keras").save(keras_path)
+        out_dir = os.path.join(work, "out")
+        out = os.path.join(out_dir, "m.smtm.tflite")
+        args = [sys.executable, os.path.join(REPO, "scripts", "convert.py"),
+                f"--model={keras_path}", f"--data={data}", f"--output={out}",
+                "--num_stages=3", "--embedding_dim=8", "--target_agreement=0.95",
+                "--nogpu_gate", "--noprogress", "--retrain"]
+
+        def check_outputs():
+            # The output and the memory are absent or complete, never partial.
+            if os.path.exists(out):
+                with open(out, "rb") as f:
+                    content = f.read()
+                self.assertEqual(metadata.check_digest(content), "ok")
+                host.SmtmRuntime(content)
+            memory_file = smtm_converter.memory_path_for(out)
+            if os.path.exists(memory_file):
+                with np.load(memory_file) as z:
+                    self.assertNotEmpty(z.files)
+
+        start = time.monotonic()
+        done = subprocess.run(args, env=_env(sys_tmp), capture_output=True, text=True,
+                              timeout=600, check=False)
+        duration = time.monotonic() - start
+        self.assertEqual(done.returncode, 0, done.stderr)
+        os.remove(out)
+        rng = np.random.default_rng(1)
+        left = 0
+        for fraction in (0.3, 0.6, 0.8, 0.9, 0.95):
+            proc = subprocess.Popen(args, env=_env(sys_tmp), stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(duration * float(fraction + rng.uniform(-0.05, 0.05)))
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            check_outputs()
+            left += len(_own_temporaries(sys_tmp)) + len(_temporaries(out_dir))
+        done = subprocess.run(args, env=_env(sys_tmp), capture_output=True, text=True,
+                              timeout=600, check=False)
+        self.assertEqual(done.returncode, 0, done.stderr)
+        check_outputs()
+        self.assertEqual(_temporaries(out_dir), [])
+        self.assertEqual(_own_temporaries(sys_tmp), [])
+        print(f"\n5 killed conversions ({duration:.0f} s each in full) left {left} "
+              "temporaries in all, none after the next start")
+
+
+if __name__ == "__main__":
+    absltest.main()
