@@ -5,8 +5,9 @@ Example:
       --flips=1000 --max_bytes=16 --record=file,buffers,none
 
 Each copy has 1..--max_bytes bytes XORed with random masks at random places
-of the whole file (or, --where=structure, of the bytes outside the buffers). With each integrity record (`file`: what the converter
-writes; `buffers`: files converted before it; `none`: older still) the table
+of the whole file (or, --where=structure, of the bytes outside the buffers).
+With each integrity record (`file`: what the converter writes; `buffers`:
+files converted before it; `none`: older still) the table
 counts copies refused (ModelFileError), answering as the intact model on the
 data's first test frames, answering differently, raising another error,
 crashing (a signal) or hanging. Loads run in a worker process.

@@ -17,6 +17,7 @@ from converters import agreement
 from delegates import backend_flags
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import io_utils
+from smtm_tf.runtime import metadata
 from smtm_tf.fitting import streams
 from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime, check_state_path
@@ -44,6 +45,9 @@ def main(argv):
         check_state_path(_STATE.value)
     runtime = SmtmRuntime.from_file(_MODEL.value,
                                     backend_flags.make_backend())
+    with open(_MODEL.value, "rb") as f:
+        # SmtmRuntime refused a file that does not match its record.
+        print(f"integrity: {metadata.INTEGRITY_NOTES[metadata.record_kind(f.read())]}")
     shape = runtime.descriptor.full.inputs[0].shape
     data = data_lib.load_data(_DATA.value, image_size=tuple(shape[1:3]), channels=shape[3])
     if backend_flags.BACKEND.value != "cpu" or backend_flags.DELEGATE_LIBRARY.value:

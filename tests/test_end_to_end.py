@@ -188,6 +188,7 @@ class ScriptsTest(absltest.TestCase):
                            f"--json_output={json_path}")
         self._assert_ok(proc)
         self.assertIn("speed-up", proc.stdout)
+        self.assertIn("integrity: the whole file matches its SHA-256 record", proc.stdout)
         self.assertIn("| video | smtm | 300 |", proc.stdout)
         self.assertIn("| uniform | full | 300 |", proc.stdout)
         with open(json_path) as f:

@@ -388,6 +388,10 @@ class ByteFlipTest(absltest.TestCase):
         self.assertGreater(sum(report.counts.get(k, 0) for k in ("same", "different", "error",
                                                                  "signal")), 0, report.format())
 
+    def test_record_kind(self):
+        self.assertEqual([metadata.record_kind(byte_flips.with_record(self.flat, k))
+                          for k in ("file", "buffers", "none")], ["file", "buffers", "none"])
+
     def test_an_earlier_buffers_record_is_still_checked(self):
         old = byte_flips.with_record(self.flat, "buffers")
         self.assertEqual(metadata.check_digest(old), "ok")

@@ -121,6 +121,24 @@ def check_digest(model_bytes: bytes) -> str:
     return "ok" if ok else "mismatch"
 
 
+def record_kind(model_bytes: bytes) -> str:
+    """Which integrity record the file carries: "file" (the whole file),
+    "buffers" (an earlier file: weights and descriptor only) or "none"."""
+    record = read_metadata(model_bytes, DIGEST_NAME)
+    if record is None:
+        return "none"
+    return "file" if record.startswith(DIGEST_PREFIX.encode()) else "buffers"
+
+
+INTEGRITY_NOTES = {
+    "file": "the whole file matches its SHA-256 record",
+    "buffers": "weights and descriptor match their SHA-256 record (an earlier file: its "
+               "graph's structure is not covered; convert it again to cover it)",
+    "none": "NOT CHECKED: the file has no integrity record (converted before records "
+            "existed; convert it again to get one)",
+}
+
+
 def add_digest(model_bytes: bytes) -> bytes:
     """Returns the model with its integrity record stored under `DIGEST_NAME`.
 
