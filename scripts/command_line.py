@@ -10,7 +10,8 @@ TF_CPP_MIN_LOG_LEVEL is read, so only the file descriptor can hold them back.
 `--native_logs` (or `--debug`) keeps them.
 
 `run(main)` runs an absl main: errors print as one line, `error: ...`, and
-exit 1; `--debug` (or `--verbosity=1`) shows the traceback instead. Progress
+exit 1 (Ctrl-C: one line, exit 130); `--debug` (or `--verbosity=1`) shows
+the traceback instead. Progress
 bars are on (`--noprogress` turns them off).
 """
 
@@ -102,12 +103,18 @@ def run(main) -> None:
         if not (DEBUG.value or NATIVE_LOGS.value):
             # TensorFlow's Python-side warnings (retracing, deprecations).
             std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+        debug = DEBUG.value or logging.get_verbosity() >= logging.DEBUG
         try:
             return main(argv)
-        except (app.UsageError, SystemExit, KeyboardInterrupt):
+        except (app.UsageError, SystemExit):
             raise
+        except KeyboardInterrupt:
+            if debug:
+                raise
+            print("interrupted", file=sys.stderr, flush=True)
+            sys.exit(130)
         except Exception as e:  # pylint: disable=broad-except
-            if DEBUG.value or logging.get_verbosity() >= logging.DEBUG:
+            if debug:
                 raise
             print(f"error: {one_line(e)}", file=sys.stderr, flush=True)
             sys.exit(1)

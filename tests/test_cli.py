@@ -151,6 +151,36 @@ class CommandLineErrorTest(absltest.TestCase):
         self.assertRegex(self.debug.stderr, NATIVE_LOG)
 
 
+class RunTest(absltest.TestCase):
+    """`command_line.run` on what a main can raise, in a subprocess (flags are global)."""
+
+    def _run(self, body, *args):
+        code = ("from scripts import command_line\n"
+                "def main(argv):\n"
+                f"    {body}\n"
+                "command_line.run(main)\n")
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=120, check=False)
+
+    def test_ctrl_c_is_one_line_and_exit_130(self):
+        proc = self._run("raise KeyboardInterrupt")
+        self.assertEqual((proc.returncode, proc.stderr), (130, "interrupted\n"))
+        proc = self._run("raise KeyboardInterrupt", "--debug")
+        self.assertIn("Traceback", proc.stderr)
+
+    def test_an_unexpected_error_names_its_type(self):
+        proc = self._run("raise TypeError('bad\\nthing')")
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr,
+                         "error: TypeError: bad thing (--debug shows the traceback)\n")
+
+    def test_the_projects_own_errors_print_their_message(self):
+        proc = self._run("from converters import old_runtime; "
+                         "raise old_runtime.OldRuntimeUnavailable('no venv')")
+        self.assertEqual((proc.returncode, proc.stderr), (1, "error: no venv\n"))
+
+
 class OldRuntimePythonTest(absltest.TestCase):
     """Which Python runs the tflite-runtime 2.14 check: the flag's, else the
     environment variable's, else the checkout's .venv-tflite214."""
