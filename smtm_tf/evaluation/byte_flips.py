@@ -5,7 +5,9 @@ the answers to a few frames. Outcomes: "refused" (ModelFileError), "same"
 (the intact model's answers), "different" (a silently wrong answer), "error"
 (another exception type), "signal" (the process died: a crash in native
 code) and "hang". Loads run in a worker process, so a crash is seen and
-named rather than taking the caller down; the worker restarts after it.
+named rather than taking the caller down; the worker restarts after it. Its
+address space is capped (MEMORY_LIMIT_BYTES), so a damaged shape that asks
+for tens of GB fails there rather than exhausting the machine.
 
 `python -m smtm_tf.evaluation.byte_flips WORKDIR` is that worker.
 """
@@ -16,6 +18,7 @@ import collections
 import dataclasses
 import json
 import os
+import resource
 import selectors
 import subprocess
 import sys
@@ -150,7 +153,14 @@ def _answers(rt: host.SmtmRuntime, frames: np.ndarray) -> list:
     return [tuple(int(v) for v in rt.classify_fast(f)) for f in frames]
 
 
+# The worker's address space: a damaged shape can make the interpreter
+# allocate tens of GB (measured: 19 GB resident); the limit turns that into a
+# failed allocation instead of a machine out of memory.
+MEMORY_LIMIT_BYTES = 4 << 30
+
+
 def _worker(work: str) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (MEMORY_LIMIT_BYTES, MEMORY_LIMIT_BYTES))
     with open(os.path.join(work, "model.tflite"), "rb") as f:
         model = f.read()
     frames = np.ascontiguousarray(np.load(os.path.join(work, "frames.npy")))
