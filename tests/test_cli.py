@@ -7,6 +7,7 @@ no output file is left.
 """
 
 from concurrent import futures
+import io
 import os
 import re
 import shutil
@@ -21,6 +22,7 @@ import numpy as np
 from converters import old_runtime
 from converters import smtm_converter
 from smtm_tf.fitting import data as data_lib
+from smtm_tf.fitting import progress
 from smtm_tf.runtime import descriptor as desc
 from smtm_tf.runtime import metadata
 import testing_utils as tu
@@ -179,6 +181,32 @@ class RunTest(absltest.TestCase):
         proc = self._run("from converters import old_runtime; "
                          "raise old_runtime.OldRuntimeUnavailable('no venv')")
         self.assertEqual((proc.returncode, proc.stderr), (1, "error: no venv\n"))
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+class ProgressTest(absltest.TestCase):
+    """Bars show when a command line turns them on and stderr is a terminal."""
+
+    def tearDown(self):
+        progress.enable(False)
+        super().tearDown()
+
+    def _shown(self, enabled, stream):
+        progress.enable(enabled)
+        with mock.patch.object(sys, "stderr", stream):
+            self.assertEqual(list(progress.bar(range(3), desc="steps")), [0, 1, 2])
+        return stream.getvalue()
+
+    def test_on_a_terminal(self):
+        self.assertIn("steps", self._shown(True, _Terminal()))
+
+    def test_off_by_default_and_off_a_terminal(self):
+        self.assertEqual(self._shown(False, _Terminal()), "")
+        self.assertEqual(self._shown(True, io.StringIO()), "")
 
 
 class OldRuntimePythonTest(absltest.TestCase):
