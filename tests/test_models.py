@@ -1,6 +1,7 @@
 """Tests for smtm_tf.fitting.models (demo models, saving) and smtm_tf.fitting.kerascompat."""
 
 import os
+import zipfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -49,8 +50,37 @@ class KerasCompatTest(parameterized.TestCase):
         x = tu.check_images()[:3]
         np.testing.assert_allclose(np.asarray(loaded(x)), np.asarray(model(x)), atol=1e-6)
 
+    def test_files_that_are_no_keras_model_are_named(self):
+        d = self.create_tempdir().full_path
+        text = os.path.join(d, "text.keras")
+        with open(text, "w") as f:
+            f.write("not a model")
+        archive = os.path.join(d, "other.keras")
+        with zipfile.ZipFile(archive, "w") as z:
+            z.writestr("readme.txt", "hello")
+        h5 = os.path.join(d, "text.h5")
+        with open(h5, "w") as f:
+            f.write("not HDF5")
+        for path, pattern in (
+                (text, r"text\.keras is not a Keras model: a \.keras file is a zip archive"),
+                (archive, r"other\.keras is a zip archive but not a Keras model: it holds no "
+                          r"config\.json"),
+                (h5, r"text\.h5 is not a Keras model: a \.h5 file is an HDF5 file"),
+                (os.path.join(d, "m.onnx"), r"No such model file: .*m\.onnx")):
+            with self.assertRaisesRegex(ValueError, pattern):
+                kerascompat.load_model(path)
+        pt = os.path.join(d, "model.pt")
+        with open(pt, "wb") as f:
+            f.write(b"\0" * 16)
+        with self.assertRaisesRegex(ValueError, r"model\.pt is not a Keras model file: pass a "
+                                    r"\.keras or \.h5 file"):
+            kerascompat.load_model(pt)
+
     def test_load_model_error_names_both_loaders(self):
-        path = self.create_tempfile("bad.keras", content="not a model").full_path
+        # Looks like a Keras archive, but neither Keras reads it.
+        path = os.path.join(self.create_tempdir().full_path, "bad.keras")
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("config.json", "{}")
         with self.assertRaises(ValueError) as cm:
             kerascompat.load_model(path)
         message = str(cm.exception)

@@ -66,6 +66,10 @@ def check_model_file(path: str) -> None:
         if not zipfile.is_zipfile(path):
             raise ValueError(f"{path} is not a Keras model: a .keras file is a zip archive "
                              "(model.save('m.keras')), and this one is not.")
+        with zipfile.ZipFile(path) as archive:
+            if "config.json" not in archive.namelist():
+                raise ValueError(f"{path} is a zip archive but not a Keras model: it holds no "
+                                 "config.json, which model.save('m.keras') writes.")
     elif ext in (".h5", ".hdf5"):
         with open(path, "rb") as f:
             head = f.read(1 << 16)
