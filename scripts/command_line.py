@@ -11,8 +11,8 @@ TF_CPP_MIN_LOG_LEVEL is read, so only the file descriptor can hold them back.
 
 `run(main)` runs an absl main: errors print as one line, `error: ...`, and
 exit 1 (Ctrl-C: one line, exit 130); `--debug` (or `--verbosity=1`) shows
-the traceback instead. Progress
-bars are on (`--noprogress` turns them off).
+the traceback instead. Progress bars are on when stderr is a terminal
+(`--noprogress` turns them off).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ DEBUG = flags.DEFINE_bool(
 NATIVE_LOGS = flags.DEFINE_bool(
     "native_logs", False, "Show TensorFlow's and LiteRT's C++ log lines (hidden by default).")
 PROGRESS = flags.DEFINE_bool("progress", True,
-                             "Progress bars on long steps (on stderr).")
+                             "Progress bars on long steps (on stderr, when a terminal).")
 OLD_RUNTIME_PYTHON = flags.DEFINE_string(
     "old_runtime_python", None, "Python of a virtualenv with tflite-runtime==2.14.0 and "
     "numpy<2 for the old-runtime check (default $SMTM_OLD_RUNTIME_PYTHON, else "
