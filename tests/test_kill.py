@@ -136,10 +136,19 @@ class KillTest(absltest.TestCase):
         os.remove(out)
         rng = np.random.default_rng(1)
         left = 0
-        for fraction in (0.3, 0.6, 0.8, 0.9, 0.95):
+        # Three kills at random moments, two while a SavedModel folder exists
+        # (the conversion's largest temporary; random moments rarely hit it).
+        for fraction in (0.3, 0.6, 0.9, "savedmodel", "savedmodel"):
             proc = subprocess.Popen(args, env=_env(sys_tmp), stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
-            time.sleep(duration * float(fraction + rng.uniform(-0.05, 0.05)))
+            if fraction == "savedmodel":
+                deadline = time.monotonic() + 3 * duration
+                while time.monotonic() < deadline and not any(
+                        f.startswith(smtm_converter.SAVED_MODEL_PREFIX)
+                        for f in os.listdir(sys_tmp)):
+                    time.sleep(0.01)
+            else:
+                time.sleep(duration * float(fraction + rng.uniform(-0.05, 0.05)))
             proc.send_signal(signal.SIGKILL)
             proc.wait()
             check_outputs()
@@ -152,6 +161,7 @@ class KillTest(absltest.TestCase):
         self.assertEqual(_own_temporaries(sys_tmp), [])
         print(f"\n5 killed conversions ({duration:.0f} s each in full) left {left} "
               "temporaries in all, none after the next start")
+        self.assertGreater(left, 0)  # The clean-up was exercised.
 
 
 if __name__ == "__main__":
