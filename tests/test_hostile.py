@@ -598,10 +598,14 @@ class StateLoaderPropertyTest(absltest.TestCase):
                 flat = a.reshape(-1)
                 if a.dtype.kind == "U" or not flat.size:
                     return op
-                if op == "fill":
-                    flat[:] = value
-                else:
-                    flat[data.draw(st.integers(0, flat.size - 1))] = value
+                where = (slice(None) if op == "fill"
+                         else data.draw(st.integers(0, flat.size - 1)))
+                try:
+                    flat[where] = value
+                except (OverflowError, ValueError):  # 2**31 into int8, -1 into uint64.
+                    a = a.astype(np.float64 if isinstance(value, float) else np.int64)
+                    flat = a.reshape(-1)
+                    flat[where] = value
                 arrays[name] = a
             elif op == "dtype" and name in arrays:
                 try:
