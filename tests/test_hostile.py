@@ -719,6 +719,19 @@ class StateFileTest(absltest.TestCase):
         fresh.save_state(path)  # Overflowed before.
         self.assertTrue(host.SmtmRuntime(self.flat).load_state(path))
 
+    def test_counters_at_the_bound_restore_run_and_restore_again(self):
+        # Found by the property test above: restored at 2**40, counted on,
+        # saved past the bound and refused at the next start.
+        rt, path, arrays = self._saved()
+        counters = np.full_like(arrays["state_counters"], 1 << 40)
+        self._rewrite(path, dict(arrays, state_counters=counters))
+        fresh = host.SmtmRuntime(self.flat)
+        self.assertTrue(fresh.load_state(path))
+        for f in self.frames:
+            fresh.classify_fast(f)
+        fresh.save_state(path)
+        self.assertTrue(host.SmtmRuntime(self.flat).load_state(path))
+
     def test_a_short_term_tier_out_of_range_is_not_restored(self):
         # Found by the property test above: 1e300 is finite in the file's
         # float64 and infinite in the tier's float32; a vector longer than 1

@@ -515,8 +515,11 @@ class MemoryState:
             "answers": self.answers, "inst": self.inst, "inst_class": self.inst_class,
             "inst_pos": np.array([self.inst_count, self.inst_next], np.int64).T,
             "offsets": self.offsets, "adapted": self.adapted,
-            "counters": np.array([self.exits, self.checks, self.disagreements,
-                                  self.reverts, self.exit_run], np.int64),
+            # Saturated at the bound `from_arrays` accepts, so a saved state
+            # always restores (reached only from a restored state at the bound).
+            "counters": np.minimum(np.array([self.exits, self.checks, self.disagreements,
+                                             self.reverts, self.exit_run], np.int64),
+                                   _MAX_COUNT),
         }
 
     def from_arrays(self, arrays: dict[str, np.ndarray]) -> None:
@@ -561,7 +564,7 @@ class MemoryState:
             raise ValueError(f"class scores must be in [0, {top:.6g}].")
         if any((np.asarray(arrays[name]) > p.window).any() for name in ("answers", "left_out")):
             raise ValueError(f"answer and left-out counts exceed the window ({p.window}).")
-        if (np.asarray(arrays["counters"]) > _MAX_COUNT).any():
+        if (np.asarray(arrays["counters"], np.float64) > _MAX_COUNT).any():
             # Counting on from int64's top would overflow when the state is saved.
             raise ValueError(f"exit counters must be <= {_MAX_COUNT}.")
         frame_in_window = int(arrays["frame_in_window"])
