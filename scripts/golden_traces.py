@@ -13,7 +13,9 @@ follows the descriptor's contract must reproduce them (`tests/test_golden.py`).
 `--export_dir` writes what another runtime needs to replay the committed
 traces (`--traces`) without Python: per model `<model>.tflite`, per stream
 kind `<model>/<kind>.frames.npy` (float32 pixels `[N, H, W, C]`) and
-`<model>/<kind>.decisions.npy` (int32 `[N, 2]` class, exit stage). The
+`<model>/<kind>.decisions.npy` (int32 `[N, 2]` class, exit stage), and
+`<model>/full_probabilities.npy`: the `full` signature's probabilities on the
+first video frames as this Python runtime computes them. The
 script refuses to export if the Python runtime no longer makes the committed
 decisions (they would not be golden).
 """
@@ -44,7 +46,11 @@ _FRAMES = flags.DEFINE_integer("frames", 300, "Frames per stream.")
 _SEED = flags.DEFINE_integer("seed", 7, "Stream seed.")
 
 
-def _export(name: str, model: bytes, got: dict, data, committed: dict) -> None:
+_PROBABILITY_FRAMES = 16
+
+
+def _export(name: str, model: bytes, runtime: SmtmRuntime, got: dict, data,
+            committed: dict) -> None:
     """Writes `name`'s model, frames and committed decisions under --export_dir."""
     frames, seed = int(committed["frames"]), int(committed["seed"])
     directory = os.path.join(_EXPORT_DIR.value, name)
@@ -59,6 +65,15 @@ def _export(name: str, model: bytes, got: dict, data, committed: dict) -> None:
         np.save(os.path.join(directory, f"{kind}.frames.npy"),
                 np.ascontiguousarray(stream.render(data.x_test), np.float32))
         np.save(os.path.join(directory, f"{kind}.decisions.npy"), want.astype(np.int32))
+        if kind == streams_lib.StreamKind.VIDEO.value:
+            full = runtime.session.signature(runtime.descriptor.full.key)
+            shape = runtime.descriptor.full.inputs[0].shape
+            frames_in = stream.render(data.x_test)[:_PROBABILITY_FRAMES]
+            probabilities = [full(image=runtime.preprocessing.apply(
+                frame.reshape(shape).astype(np.float32)))["probabilities"][0]
+                for frame in frames_in]
+            np.save(os.path.join(directory, "full_probabilities.npy"),
+                    np.asarray(probabilities, np.float32))
     with open(os.path.join(_EXPORT_DIR.value, name + ".tflite"), "wb") as f:
         f.write(model)
 
@@ -86,7 +101,7 @@ def main(argv):
                   f"{np.bincount(decisions[:, 1], minlength=runtime.num_stages + 1)}",
                   flush=True)
         if committed is not None:
-            _export(name, model, got, data, committed)
+            _export(name, model, runtime, got, data, committed)
     if _OUTPUT.value:
         io_utils.write_npz_atomic(_OUTPUT.value, arrays, compressed=True)
         print(f"wrote {_OUTPUT.value}")
