@@ -70,7 +70,7 @@ def _export(name: str, model: bytes, runtime: SmtmRuntime, got: dict, data,
             shape = runtime.descriptor.full.inputs[0].shape
             frames_in = stream.render(data.x_test)[:_PROBABILITY_FRAMES]
             probabilities = [full(image=runtime.preprocessing.apply(
-                frame.reshape(shape).astype(np.float32)))["probabilities"][0]
+                frame.reshape(shape).astype(np.float32)))["probabilities"].reshape(-1)
                 for frame in frames_in]
             np.save(os.path.join(directory, "full_probabilities.npy"),
                     np.asarray(probabilities, np.float32))

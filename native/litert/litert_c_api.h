@@ -90,10 +90,6 @@ typedef struct {
   LiteRtLayout layout;
 } LiteRtRankedTensorType;
 
-#if defined(__cplusplus) && defined(__SIZEOF_POINTER__) && __SIZEOF_POINTER__ == 8
-static_assert(sizeof(LiteRtLayout) == 68, "LiteRtLayout ABI");
-static_assert(sizeof(LiteRtRankedTensorType) == 72, "LiteRtRankedTensorType ABI");
-#endif
 
 typedef struct {
   int major;
@@ -101,8 +97,43 @@ typedef struct {
   int patch;
 } LiteRtApiVersion;
 
-// Environment option tags are not used: the environment is created empty.
-typedef struct LiteRtEnvOptionT LiteRtEnvOption;
+// litert_any.h / litert_environment_options.h.
+typedef enum {
+  kLiteRtAnyTypeNone = 0,
+  kLiteRtAnyTypeBool = 1,
+  kLiteRtAnyTypeInt = 2,
+  kLiteRtAnyTypeReal = 3,
+  kLiteRtAnyTypeString = 8,
+  kLiteRtAnyTypeVoidPtr = 9,
+} LiteRtAnyType;
+
+typedef struct {
+  LiteRtAnyType type;
+  union {
+    bool bool_value;
+    int64_t int_value;
+    double real_value;
+    const char* str_value;
+    const void* ptr_value;
+  };
+} LiteRtAny;
+
+typedef enum {
+  // Folder of the accelerator libraries (libLiteRtWebGpuAccelerator.so, ...).
+  kLiteRtEnvOptionTagRuntimeLibraryDir = 22,
+} LiteRtEnvOptionTag;
+
+typedef struct {
+  LiteRtEnvOptionTag tag;
+  LiteRtAny value;
+} LiteRtEnvOption;
+
+#if defined(__cplusplus) && defined(__SIZEOF_POINTER__) && __SIZEOF_POINTER__ == 8
+static_assert(sizeof(LiteRtLayout) == 68, "LiteRtLayout ABI");
+static_assert(sizeof(LiteRtRankedTensorType) == 72, "LiteRtRankedTensorType ABI");
+static_assert(sizeof(LiteRtAny) == 16, "LiteRtAny ABI");
+static_assert(sizeof(LiteRtEnvOption) == 24, "LiteRtEnvOption ABI");
+#endif
 
 // Environment (litert_environment.h).
 LiteRtStatus LiteRtCreateEnvironment(int num_options, const LiteRtEnvOption* options,

@@ -1,5 +1,7 @@
 #include "session.h"
 
+#include <dlfcn.h>
+
 #include <cstring>
 #include <sstream>
 #include <utility>
@@ -86,12 +88,34 @@ TensorInfo Describe(LiteRtTensor tensor, const char* name, LiteRtRankedTensorTyp
   return info;
 }
 
+// The folder of the loaded libLiteRt.so: LiteRT looks for its GPU
+// accelerator library there only when told.
+std::string LibraryDir() {
+  Dl_info info{};
+  if (dladdr(reinterpret_cast<void*>(&LiteRtCreateEnvironment), &info) && info.dli_fname) {
+    std::string path = info.dli_fname;
+    size_t slash = path.rfind('/');
+    if (slash != std::string::npos) return path.substr(0, slash);
+  }
+  return ".";
+}
+
+LiteRtEnvironment CreateEnvironment() {
+  static const std::string dir = LibraryDir();
+  LiteRtEnvOption option{};
+  option.tag = kLiteRtEnvOptionTagRuntimeLibraryDir;
+  option.value.type = kLiteRtAnyTypeString;
+  option.value.str_value = dir.c_str();
+  LiteRtEnvironment env = nullptr;
+  Check(LiteRtCreateEnvironment(1, &option, &env), Error::Code::kBackend,
+        "creating an environment");
+  return env;
+}
+
 }  // namespace
 
 std::string CheckLibrary() {
-  LiteRtEnvironment env = nullptr;
-  Check(LiteRtCreateEnvironment(0, nullptr, &env), Error::Code::kBackend,
-        "creating an environment");
+  LiteRtEnvironment env = CreateEnvironment();
   std::ostringstream line;
   line << "LiteRT " << kLiteRtVersion << " C API; accelerators:";
   bool cpu = false;
@@ -136,8 +160,7 @@ Session::Session(const uint8_t* model, size_t size, const SessionOptions& option
          "Not a .tflite model: the bytes lack the TFL3 flatbuffer identifier or root table.");
   }
   try {
-    Check(LiteRtCreateEnvironment(0, nullptr, &env_), Error::Code::kBackend,
-          "creating an environment");
+    env_ = CreateEnvironment();
     if (LiteRtCreateModelFromBuffer(env_, bytes_.data(), bytes_.size(), &model_) !=
         kLiteRtStatusOk) {
       Fail(Error::Code::kModelFile,

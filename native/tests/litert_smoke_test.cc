@@ -1,6 +1,7 @@
 // LiteRT glue: the library loads, a converted demo model compiles on the CPU,
 // its signatures are listed with the descriptor's tensors, and its `full`
 // signature returns the probabilities the Python runtime computed.
+#include <algorithm>
 #include <cmath>
 #include <cstdlib>
 #include <fstream>
@@ -59,7 +60,11 @@ TEST(LiteRtTest, FullSignatureMatchesPython) {
     NpyArray frames = LoadNpy(GoldenDir() + "/" + name + "/video.frames.npy");
     NpyArray want = LoadNpy(GoldenDir() + "/" + name + "/full_probabilities.npy");
     size_t pixels = info.inputs[0].bytes / sizeof(float);
-    size_t classes = want.shape[1];
+    ASSERT_EQ(info.outputs.size(), 1u);
+    size_t classes = info.outputs[0].bytes / sizeof(float);
+    ASSERT_EQ(want.shape.size(), 2u);
+    ASSERT_EQ(static_cast<size_t>(want.shape[1]), classes);
+    ASSERT_GT(want.shape[0], 0);
     ASSERT_EQ(pixels, frames.size() / frames.shape[0]);
     // Demo models take pixels as they are (identity preprocessing), so the
     // frames go in unchanged.
