@@ -39,7 +39,8 @@ ctest --test-dir "$build" --output-on-failure
 # Fuzzers (libFuzzer needs clang): the core's parsers, bounded time per target.
 fuzz_build=native/build-fuzz
 if ls native/core/fuzz/*.cc >/dev/null 2>&1; then
-  CC=clang CXX=clang++ cmake -S native/core -B "$fuzz_build" -DCMAKE_BUILD_TYPE=RelWithDebInfo
+  CC=clang CXX=clang++ cmake -S native/core -B "$fuzz_build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DSMTM_CORE_FUZZ=ON -DSMTM_CORE_TESTS=OFF
   cmake --build "$fuzz_build" -j"$(nproc)"
   found=0
   for f in "$fuzz_build"/*fuzz*; do

@@ -2,10 +2,15 @@
 
 #include <dlfcn.h>
 
+#include <fstream>
+#include <iterator>
+#include <mutex>
+
 #include <cstring>
 #include <sstream>
 #include <utility>
 
+#include "smtm/digest.h"
 #include "smtm/error.h"
 
 namespace smtm {
@@ -117,7 +122,7 @@ LiteRtEnvironment CreateEnvironment() {
 std::string CheckLibrary() {
   LiteRtEnvironment env = CreateEnvironment();
   std::ostringstream line;
-  line << "LiteRT " << kLiteRtVersion << " C API; accelerators:";
+  line << "LiteRT " << kLiteRtVersion << " (" << LibraryDir() << "/libLiteRt.so); accelerators:";
   bool cpu = false;
   LiteRtParamIndex n = 0;
   if (LiteRtGetNumAccelerators(env, &n) == kLiteRtStatusOk) {
@@ -130,22 +135,51 @@ std::string CheckLibrary() {
       LiteRtGetAcceleratorName(acc, &name);
       LiteRtGetAcceleratorVersion(acc, &v);
       LiteRtGetAcceleratorHardwareSupport(acc, &hw);
-      cpu = cpu || (hw & kLiteRtHwAcceleratorCpu);
+      // LiteRT 2.3's accelerators implement accelerator API 1.x.
+      cpu = cpu || ((hw & kLiteRtHwAcceleratorCpu) && v.major == 1);
       line << " " << name << " " << v.major << "." << v.minor << "." << v.patch;
     }
   }
   LiteRtDestroyEnvironment(env);
   if (!cpu) {
     Fail(Error::Code::kBackend,
-         "The loaded libLiteRt has no CPU accelerator: it is not the LiteRT " +
+         "The loaded libLiteRt has no CPU accelerator of API 1.x: it is not the LiteRT " +
              std::string(kLiteRtVersion) + " library this runtime was built for (" +
              line.str() + ").");
   }
+#ifdef SMTM_LITERT_SHA256
+  // libLiteRt.so exports no release number: the build pins the exact file.
+  std::string path = LibraryDir() + "/libLiteRt.so";
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::string sha = Sha256Hex(bytes.data(), bytes.size());
+  if (sha != SMTM_LITERT_SHA256) {
+    Fail(Error::Code::kBackend,
+         path + " is not the LiteRT " + kLiteRtVersion + " library this runtime was built "
+         "against (SHA-256 " + sha + ", built against " + SMTM_LITERT_SHA256 +
+         "): install ai-edge-litert==" + kLiteRtVersion + " or rebuild the runtime.");
+  }
+  line << "; library SHA-256 as built";
+#endif
   return line.str();
+}
+
+void CheckLibraryOnce() {
+  static std::once_flag once;
+  static std::string failure;
+  std::call_once(once, [] {
+    try {
+      CheckLibrary();
+    } catch (const Error& e) {
+      failure = e.what();
+    }
+  });
+  if (!failure.empty()) Fail(Error::Code::kBackend, failure);
 }
 
 Session::Session(const uint8_t* model, size_t size, const SessionOptions& options)
     : options_(options), bytes_(model, model + size) {
+  CheckLibraryOnce();
   if (options.cpu_threads < 1) {
     Fail(Error::Code::kArgument,
          "cpu_threads must be >= 1, got " + std::to_string(options.cpu_threads) + ".");

@@ -41,10 +41,13 @@ struct SignatureInfo {
   std::vector<TensorInfo> inputs, outputs;
 };
 
-// Checks at start-up that the loaded libLiteRt is usable (an environment can
-// be created and the CPU accelerator is registered) and returns a line naming
-// the accelerators and their API versions. Throws smtm::Error kBackend.
+// Checks that the loaded libLiteRt is the one this runtime was built for: an
+// environment can be created, the CPU accelerator of API 1.x is registered,
+// and (builds against the Python wheel, SMTM_LITERT_SHA256) the file's SHA-256
+// is the one seen at build time. Returns a line naming the accelerators.
+// Throws smtm::Error kBackend. Sessions run it once per process.
 std::string CheckLibrary();
+void CheckLibraryOnce();
 
 class Session {
  public:

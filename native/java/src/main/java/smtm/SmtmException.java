@@ -10,6 +10,8 @@ public final class SmtmException extends RuntimeException {
   public static final int IO = 6;
   public static final int INTERNAL = 99;
 
+  private static final long serialVersionUID = 1L;
+
   private final int code;
 
   public SmtmException(int code, String message) {
