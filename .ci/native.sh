@@ -33,6 +33,9 @@ python3 scripts/golden_traces.py --export_dir="$SMTM_GOLDEN_DIR"
 # reports as leaks at exit, so leak checking is off; every other ASan/UBSan
 # check stays on and aborts the test.
 export ASAN_OPTIONS=detect_leaks=0
+# The GPU test runs where LiteRT's WebGPU accelerator finds a Vulkan driver
+# (Mesa >= 25's lavapipe works); Dawn wants a runtime directory.
+export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir "$build" --output-on-failure
 

@@ -14,8 +14,11 @@
 #include <fstream>
 #include <iterator>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "npy.h"
 #include "runtime.h"
@@ -24,6 +27,26 @@ namespace {
 
 using smtm::Error;
 using Clock = std::chrono::steady_clock;
+
+// LiteRT's GPU set-up prints notes on stdout; while the runtime is created
+// stdout goes to stderr so that stdout holds only the decisions.
+class StdoutToStderr {
+ public:
+  StdoutToStderr() : saved_(dup(1)) {
+    std::fflush(stdout);
+    if (saved_ >= 0) dup2(2, 1);
+  }
+  ~StdoutToStderr() {
+    std::fflush(stdout);
+    if (saved_ >= 0) {
+      dup2(saved_, 1);
+      close(saved_);
+    }
+  }
+
+ private:
+  int saved_;
+};
 
 int Usage() {
   std::fprintf(stderr,
@@ -181,7 +204,12 @@ int main(int argc, char** argv) {
     }
     if (flags.count("threads")) options.cpu_threads = std::stoi(flags["threads"]);
     std::vector<uint8_t> model = ReadFile(flags["model"]);
-    smtm::Runtime rt(model.data(), model.size(), options);
+    std::unique_ptr<smtm::Runtime> owned;
+    {
+      StdoutToStderr quiet;
+      owned = std::make_unique<smtm::Runtime>(model.data(), model.size(), options);
+    }
+    smtm::Runtime& rt = *owned;
     smtm::NpyArray frames = smtm::LoadNpy(flags["frames"]);
     size_t size = rt.frame_size();
     if (frames.shape.empty() || frames.size() % size != 0 ||

@@ -6,6 +6,7 @@
 #include <cstdlib>
 #include <fstream>
 #include <iterator>
+#include <memory>
 #include <string>
 #include <vector>
 
@@ -184,6 +185,38 @@ TEST_F(ModelTest, DescriptorMustMatchTheGraph) {
     if (s.key == d.stages[0].signature.key) s.inputs[0].dtype = "int8";
   }
   expect_refused(retyped, "stages[0].signature.inputs");
+}
+
+}  // namespace
+}  // namespace smtm
+
+namespace smtm {
+namespace {
+
+// The GPU (float32 precision) must decide as the CPU does. Skipped where no
+// GPU or software Vulkan driver can run LiteRT's WebGPU accelerator.
+TEST(GpuTest, Fp32DecidesAsTheCpu) {
+  if (Dir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
+  std::vector<uint8_t> model = ReadFile(Dir() + "/demo_vgg.tflite");
+  ASSERT_FALSE(model.empty());
+  RuntimeOptions gpu;
+  gpu.accelerator = litert::Accelerator::kGpuFp32;
+  std::unique_ptr<Runtime> rt;
+  try {
+    rt = std::make_unique<Runtime>(model.data(), model.size(), gpu);
+  } catch (const Error& e) {
+    ASSERT_EQ(e.code(), Error::Code::kBackend) << e.what();
+    GTEST_SKIP() << "no GPU here: " << e.what();
+  }
+  EXPECT_TRUE(rt->fully_accelerated());
+  NpyArray frames = LoadNpy(Dir() + "/demo_vgg/video.frames.npy");
+  NpyArray want = LoadNpy(Dir() + "/demo_vgg/video.decisions.npy");
+  size_t n = 100, size = rt->frame_size();
+  for (size_t i = 0; i < n; ++i) {
+    FrameResult r = rt->Classify(frames.f32() + i * size, size);
+    ASSERT_EQ(r.class_id, want.i32()[2 * i]) << "frame " << i;
+    ASSERT_EQ(r.exit_stage, want.i32()[2 * i + 1]) << "frame " << i;
+  }
 }
 
 }  // namespace
