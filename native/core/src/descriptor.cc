@@ -156,9 +156,11 @@ double PyFloat(const Json& v, const std::string& what) {
       double d = std::strtod(t.c_str(), &end);
       if (end == t.c_str() + t.size() && t.find_first_of("xX") == std::string::npos) return d;
     }
-    Fail("could not convert string to float: " + Repr(v), what);
+    Fail("could not convert string to float: " + Repr(v));
   }
-  Fail("TypeError: float() argument must be a string or a real number, not " + Repr(v), what);
+  (void)what;
+  Fail(std::string("TypeError: float() argument must be a string or a real number, not '") +
+       (v.is_null() ? "NoneType" : v.is_array() ? "list" : "dict") + "'");
 }
 
 TensorSpec ParseTensor(const Json& d) {

@@ -179,3 +179,48 @@ TEST(DescriptorTest, ReadsVersionOne) {
 
 }  // namespace
 }  // namespace smtm
+
+namespace smtm {
+namespace {
+
+// Mutations of the replay descriptors and Python's verdict on each
+// (make_memory_trace.py descriptor_cases): the native parser must accept
+// exactly what Python accepts.
+class ParityTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(ParityTest, AcceptsExactlyWhatPythonAccepts) {
+  const std::string base_name = std::string("memory_trace_") + GetParam();
+  const Json base = Json::parse(ReadFile(DataPath(base_name + ".json")));
+  const Json cases = Json::parse(ReadFile(DataPath(base_name + "_cases.json")));
+  int same_message = 0, refused = 0;
+  for (const auto& c : cases) {
+    const std::string text = base.patch(c["patch"]).dump();
+    const std::string python = c["python"].get<std::string>();
+    std::string native = "ok";
+    try {
+      Descriptor::Parse(text);
+    } catch (const Error& e) {
+      native = e.what();
+    }
+    ASSERT_EQ(native == "ok", python == "ok")
+        << c["patch"].dump() << "\n python: " << python << "\n native: " << native;
+    if (python == "ok") continue;
+    ++refused;
+    same_message += native == python;
+    // Where Python names a field, the native message names the same one.
+    const size_t colon = python.find(": ");
+    const std::string field = python.substr(0, colon);
+    if (colon != std::string::npos && field.find(' ') == std::string::npos) {
+      EXPECT_EQ(native.substr(0, colon + 2), python.substr(0, colon + 2))
+          << c["patch"].dump() << "\n python: " << python << "\n native: " << native;
+    }
+  }
+  std::printf("[ parity   ] %s: %d refusals, %d with Python's exact message\n", GetParam(),
+              refused, same_message);
+}
+
+INSTANTIATE_TEST_SUITE_P(Descriptors, ParityTest,
+                         ::testing::Values("margin_share", "layer_aware_contrast", "top1_nocache"));
+
+}  // namespace
+}  // namespace smtm

@@ -198,6 +198,70 @@ def write_model_fixture(out: str, descriptor_text: str) -> None:
                                 json.dumps(expected, indent=1).encode())
 
 
+_ODD_VALUES = (None, True, False, "x", "", 0, -1, 1.5, 1e30, -1e30, 2**40 + 1, 3.0, [], {},
+               [1], [[1.0, 0.0]], "top1", "share", 0.5, 2, 17, -0.5)
+
+
+def _paths(value, path=""):
+    yield path, value
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _paths(v, f"{path}/{k}")
+    elif isinstance(value, list):
+        for i, v in enumerate(value[:3]):  # The first rows of long lists suffice.
+            yield from _paths(v, f"{path}/{i}")
+
+
+def apply_patch(doc, patch):
+    """RFC 6902 add / remove / replace on parsed JSON (what nlohmann's patch does)."""
+    doc = json.loads(json.dumps(doc))
+    for op in patch:
+        *parents, last = op["path"].split("/")[1:]
+        target = doc
+        for p in parents:
+            target = target[int(p)] if isinstance(target, list) else target[p]
+        key = int(last) if isinstance(target, list) else last
+        if op["op"] == "remove":
+            del target[key]
+        elif op["op"] == "add" and isinstance(target, list):
+            target.insert(key, op["value"])
+        else:
+            target[key] = op["value"]
+    return doc
+
+
+def descriptor_cases(rng, text: str, count: int) -> list:
+    """Mutations of a descriptor and what Python's parser says of each."""
+    base = json.loads(text)
+    paths = [p for p, _ in _paths(base) if p]
+    cases = []
+    for _ in range(count):
+        path = paths[int(rng.integers(len(paths)))]
+        value = apply_patch(base, [])
+        for part in path.split("/")[1:]:
+            value = value[int(part)] if isinstance(value, list) else value[part]
+        kind = rng.random()
+        if kind < 0.15:
+            patch = [{"op": "remove", "path": path}]
+        elif kind < 0.25 and isinstance(value, dict):
+            patch = [{"op": "add", "path": f"{path}/bogus", "value": 1}]
+        elif kind < 0.45 and isinstance(value, (int, float)) and not isinstance(value, bool):
+            factor = float(rng.choice([2.0, -1.0, 1.0005, 0.5, 1e6]))
+            patch = [{"op": "replace", "path": path, "value": value * factor}]
+        else:
+            odd = _ODD_VALUES[int(rng.integers(len(_ODD_VALUES)))]
+            patch = [{"op": "replace", "path": path, "value": odd}]
+        try:
+            desc.Descriptor.from_json(json.dumps(apply_patch(base, patch)))
+            verdict = "ok"
+        except desc.DescriptorError as e:
+            verdict = str(e)
+        except Exception as e:  # pylint: disable=broad-except
+            verdict = f"unexpected {type(e).__name__}: {e}"
+        cases.append({"patch": patch, "python": verdict})
+    return cases
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "data"))
@@ -230,6 +294,8 @@ def main() -> None:
         io_utils.write_npz_atomic(base + "_state.npz", arrays)
         if i == 0:
             write_model_fixture(args.out, text)
+        cases = descriptor_cases(rng, text, 300)
+        io_utils.write_bytes_atomic(f"{base}_cases.json", json.dumps(cases, indent=0).encode())
         exits = np.bincount(rec["exit_stage"], minlength=NUM_STAGES + 1)
         print(f"{name}: {args.frames} frames, exits per stage {exits.tolist()}, checks "
               f"{memory.checks}, disagreements {memory.disagreements}, reverts {memory.reverts}, "
