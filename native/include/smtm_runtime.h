@@ -34,7 +34,7 @@ typedef enum {
 } smtm_backend;
 
 typedef struct {
-  smtm_backend backend;
+  int backend;     /* an smtm_backend value */
   int cpu_threads; /* CPU backend; >= 1 */
   int strict;      /* GPU: nonzero = every op must run on the GPU */
 } smtm_options;

@@ -27,17 +27,23 @@ typedef struct LiteRtAcceleratorT* LiteRtAccelerator;  // Const in the headers.
 typedef size_t LiteRtParamIndex;
 typedef int LiteRtHwAcceleratorSet;
 
+// Enums LiteRT fills in get a last enumerator of INT32_MAX: LiteRT uses values
+// this file does not name, and a value outside an enum's range is undefined
+// behaviour in C++ (UBSan reports it).
+
 // Status codes (litert_common.h); only those this runtime names.
 typedef enum {
   kLiteRtStatusOk = 0,
   kLiteRtStatusErrorInvalidArgument = 1,
   kLiteRtStatusErrorNotFound = 6,
+  kSmtmLiteRtStatusFullRange = 0x7fffffff,
 } LiteRtStatus;
 
 typedef enum {
   kLiteRtHwAcceleratorNone = 0,
   kLiteRtHwAcceleratorCpu = 1 << 0,
   kLiteRtHwAcceleratorGpu = 1 << 1,
+  kSmtmLiteRtHwAcceleratorsFullRange = 0x7fffffff,
 } LiteRtHwAccelerators;
 
 typedef enum {
@@ -55,6 +61,7 @@ typedef enum {
 typedef enum {
   kLiteRtTensorBufferTypeUnknown = 0,
   kLiteRtTensorBufferTypeHostMemory = 1,
+  kSmtmLiteRtTensorBufferTypeFullRange = 0x7fffffff,
 } LiteRtTensorBufferType;
 
 // Element types share TfLiteType's values (litert_model_types.h).
@@ -68,11 +75,13 @@ typedef enum {
   kLiteRtElementTypeInt16 = 7,
   kLiteRtElementTypeInt8 = 9,
   kLiteRtElementTypeFloat16 = 10,
+  kSmtmLiteRtElementTypeFullRange = 0x7fffffff,
 } LiteRtElementType;
 
 typedef enum {
   kLiteRtRankedTensorType = 0,
   kLiteRtUnrankedTensorType = 1,
+  kSmtmLiteRtTensorTypeIdFullRange = 0x7fffffff,
 } LiteRtTensorTypeId;
 
 #define SMTM_LITERT_MAX_RANK 8

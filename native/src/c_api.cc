@@ -55,13 +55,14 @@ smtm_status smtm_create(const void* model, size_t size, const smtm_options* opti
   if (!model) return Null("model");
   smtm_options o = options ? *options : smtm_default_options();
   smtm::RuntimeOptions ro;
-  switch (o.backend) {
+  switch (o.backend) {  // An int: C callers may pass any value.
     case SMTM_BACKEND_CPU: ro.accelerator = smtm::litert::Accelerator::kCpu; break;
     case SMTM_BACKEND_GPU_FP32: ro.accelerator = smtm::litert::Accelerator::kGpuFp32; break;
     case SMTM_BACKEND_GPU_FP16: ro.accelerator = smtm::litert::Accelerator::kGpuFp16; break;
     default:
       return Report(SMTM_ERROR_ARGUMENT,
-                    "Unknown backend " + std::to_string(static_cast<int>(o.backend)) + ".");
+                    "Unknown backend " + std::to_string(o.backend) +
+                        " (SMTM_BACKEND_CPU, _GPU_FP32 or _GPU_FP16).");
   }
   ro.cpu_threads = o.cpu_threads;
   ro.strict = o.strict != 0;

@@ -49,7 +49,7 @@ TEST(CApiTest, NullsAndGarbageAreErrorsNotCrashes) {
   float pixel = 0;
   EXPECT_EQ(smtm_classify(nullptr, &pixel, 1, &c, &e), SMTM_ERROR_ARGUMENT);
   smtm_options bad = smtm_default_options();
-  bad.backend = static_cast<smtm_backend>(7);
+  bad.backend = 7;
   EXPECT_EQ(smtm_create(junk.data(), junk.size(), &bad, &rt), SMTM_ERROR_ARGUMENT);
 }
 

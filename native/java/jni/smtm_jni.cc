@@ -46,7 +46,7 @@ JNIEXPORT jlong JNICALL Java_smtm_SmtmRuntime_nativeCreate(JNIEnv* env, jclass, 
   jbyte* bytes = env->GetByteArrayElements(model, nullptr);
   if (bytes == nullptr) return 0;
   smtm_options options = smtm_default_options();
-  options.backend = static_cast<smtm_backend>(backend);
+  options.backend = backend;
   options.cpu_threads = threads;
   options.strict = strict ? 1 : 0;
   smtm_runtime* rt = nullptr;
