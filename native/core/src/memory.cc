@@ -274,6 +274,9 @@ void Memory::Record(int cls, bool confirmed, const float* const* semantics, int 
   if (ran < 0 || ran > num_stages_) {
     throw Error(Error::Code::kArgument, "ran " + std::to_string(ran) + " is out of range.");
   }
+  if (ran > 0 && semantics == nullptr && (slots_ || adapting_)) {
+    throw Error(Error::Code::kArgument, "Record needs the semantic vectors of the stages that ran.");
+  }
   const CachePolicy& p = policy_;
   if (slots_ && ran && confirmed && confidence >= p.instance_min_confidence) {
     Remember(cls, semantics, ran);
