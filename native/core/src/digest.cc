@@ -173,9 +173,10 @@ struct Model {
     metadata = r.Vector(r.Field(root, 6), 4);
   }
 
-  // The bytes of buffer `index` (metadata.py _buffer): after the flatbuffer
-  // when it has an offset (sliced as Python slices: clipped to the file).
-  std::pair<const uint8_t*, size_t> Buffer(size_t index) const {
+  // Where buffer `index`'s bytes lie in the file, [start, end) (metadata.py
+  // _buffer_region): after the flatbuffer when it has an offset (not clipped
+  // to the file), else its data vector's elements; an empty one is (0, 0).
+  std::pair<uint64_t, uint64_t> Region(size_t index) const {
     if (index >= buffers.second) Bad("a metadata entry names buffer " + std::to_string(index) +
                                      " of " + std::to_string(buffers.second));
     size_t table = r.TableAt(buffers.first + 4 * index);
@@ -184,13 +185,22 @@ struct Model {
     if (offset != 0) {
       size_t size_field = r.Field(table, 2);
       uint64_t size = size_field ? r.U64(size_field) : 0;
-      uint64_t n = r.size();
-      uint64_t start = offset < n ? offset : n;
-      uint64_t end = size > n - start ? n : start + size;
-      return {r.Bytes(size_t(start)), size_t(end - start)};
+      if (size > ~uint64_t(0) - offset) Bad("a buffer's offset and size overflow");
+      return {offset, offset + size};
     }
     auto data = r.Vector(r.Field(table, 0), 1);
-    return {data.second ? r.Bytes(data.first) : nullptr, data.second};
+    if (data.second == 0) return {0, 0};
+    return {data.first, data.first + data.second};
+  }
+
+  // The bytes of buffer `index` (metadata.py _buffer): its region, clipped
+  // to the file as a Python slice is.
+  std::pair<const uint8_t*, size_t> Buffer(size_t index) const {
+    auto [start, end] = Region(index);
+    uint64_t n = r.size();
+    start = std::min(start, n);
+    end = std::max(start, std::min(end, n));
+    return {r.Bytes(size_t(start)), size_t(end - start)};
   }
 
   // Metadata entry i: (name, buffer index).
@@ -238,6 +248,55 @@ std::string ContentDigest(const uint8_t* model, size_t n) {
     if (data.second) h.Update(data.first, data.second);
   }
   return h.HexDigest();
+}
+
+std::string FileDigest(const uint8_t* model, size_t n, uint64_t start, uint64_t end) {
+  if (model == nullptr && n != 0) throw Error(Error::Code::kArgument, "no model bytes");
+  if (end < start) throw Error(Error::Code::kModelFile, "Not a .tflite flatbuffer (a buffer "
+                                                        "region ends before it starts).");
+  Sha256 h;
+  uint8_t head[16];
+  for (int k = 0; k < 8; ++k) {
+    head[k] = uint8_t(start >> (8 * k));
+    head[8 + k] = uint8_t((end - start) >> (8 * k));
+  }
+  h.Update(head, 16);
+  const size_t a = size_t(std::min<uint64_t>(start, n)), b = size_t(std::min<uint64_t>(end, n));
+  if (a) h.Update(model, a);
+  if (b < n) h.Update(model + b, n - b);
+  return h.HexDigest();
+}
+
+DigestStatus CheckDigest(const uint8_t* model, size_t n) {
+  Model m(model, n);
+  // Entries named smtm_digest, or holding a whole-file record (a damaged
+  // name does not hide one).
+  struct Record {
+    std::string content;
+    std::pair<uint64_t, uint64_t> region;
+  };
+  std::vector<Record> records;
+  const std::string prefix = kDigestFilePrefix;
+  for (size_t i = 0; i < m.metadata.second; ++i) {
+    auto entry = m.Entry(i);
+    auto region = m.Region(entry.second);
+    auto data = m.Buffer(entry.second);
+    std::string content(reinterpret_cast<const char*>(data.first), data.second);
+    if (entry.first == kDigestName || content.compare(0, prefix.size(), prefix) == 0) {
+      records.push_back({std::move(content), region});
+    }
+  }
+  if (records.empty()) return DigestStatus::kAbsent;
+  if (records.size() > 1) return DigestStatus::kMismatch;
+  const Record& rec = records[0];
+  bool ok;
+  if (rec.content.compare(0, prefix.size(), prefix) == 0) {
+    ok = rec.content.substr(prefix.size()) ==
+         FileDigest(model, n, rec.region.first, rec.region.second);
+  } else {  // A record of a file converted earlier: its buffers only.
+    ok = rec.content == ContentDigest(model, n);
+  }
+  return ok ? DigestStatus::kOk : DigestStatus::kMismatch;
 }
 
 std::optional<std::string> ReadMetadata(const uint8_t* model, size_t n, const std::string& name) {

@@ -33,25 +33,55 @@ TEST(Sha256Test, StandardVectors) {
             "ffe054fe7ae0cb6dc65c3af9b61d5209f439851db43d0ba5997337df154668eb");
 }
 
-class ModelDigestTest : public ::testing::Test {
+// Models with each kind of integrity record: "buffers" (content_digest) and
+// "file" (the whole-file record), written by make_memory_trace.py.
+class ModelDigestTest : public ::testing::TestWithParam<const char*> {
  protected:
   void SetUp() override {
-    model_ = ReadFile(DataPath("model_with_digest.bin"));
-    expected_ = nlohmann::json::parse(ReadFile(DataPath("model_with_digest.json")));
+    const std::string base = std::string("model_with_") + GetParam() + "_digest";
+    model_ = ReadFile(DataPath(base + ".bin"));
+    expected_ = nlohmann::json::parse(ReadFile(DataPath(base + ".json")));
   }
+  bool file_kind() const { return std::string(GetParam()) == "file"; }
   const uint8_t* bytes() const { return reinterpret_cast<const uint8_t*>(model_.data()); }
   std::string model_;
   nlohmann::json expected_;
 };
 
-TEST_F(ModelDigestTest, MatchesPythonsContentDigest) {
+TEST_P(ModelDigestTest, MatchesPythonsDigests) {
   EXPECT_EQ(ContentDigest(bytes(), model_.size()), expected_["content_digest"].get<std::string>());
   auto stored = ReadMetadata(bytes(), model_.size(), kDigestName);
   ASSERT_TRUE(stored.has_value());
   EXPECT_EQ(*stored, expected_["stored_digest"].get<std::string>());
+  EXPECT_EQ(stored->rfind(kDigestFilePrefix, 0) == 0, file_kind());
+  EXPECT_EQ(CheckDigest(bytes(), model_.size()), DigestStatus::kOk);
 }
 
-TEST_F(ModelDigestTest, ReadsTheDescriptorEntry) {
+TEST_P(ModelDigestTest, AnyDamagedByteOutsideTheRecordIsAMismatch) {
+  // The whole-file record covers every byte; the buffers record the buffers.
+  std::string damaged = model_;
+  // The file's last byte (graph structure, not a buffer) / a weight.
+  const size_t at = file_kind() ? damaged.size() - 1 : damaged.find("weights");
+  damaged[at] = char(damaged[at] ^ 1);
+  DigestStatus status = DigestStatus::kOk;
+  try {
+    status = CheckDigest(reinterpret_cast<const uint8_t*>(damaged.data()), damaged.size());
+  } catch (const Error& e) {
+    EXPECT_EQ(e.code(), Error::Code::kModelFile);
+    status = DigestStatus::kMismatch;
+  }
+  EXPECT_EQ(status, DigestStatus::kMismatch);
+  // A damaged record is a mismatch too.
+  std::string record = ReadMetadata(bytes(), model_.size(), kDigestName).value();
+  std::string bad = model_;
+  size_t pos = bad.find(record);
+  ASSERT_NE(pos, std::string::npos);
+  bad[pos + record.size() - 1] = bad[pos + record.size() - 1] == '0' ? '1' : '0';
+  EXPECT_EQ(CheckDigest(reinterpret_cast<const uint8_t*>(bad.data()), bad.size()),
+            DigestStatus::kMismatch);
+}
+
+TEST_P(ModelDigestTest, ReadsTheDescriptorEntry) {
   auto text = ReadMetadata(bytes(), model_.size(), kDescriptorName);
   ASSERT_TRUE(text.has_value());
   EXPECT_EQ(Sha256Hex(text->data(), text->size()),
@@ -60,7 +90,7 @@ TEST_F(ModelDigestTest, ReadsTheDescriptorEntry) {
   EXPECT_FALSE(ReadMetadata(bytes(), model_.size(), "absent").has_value());
 }
 
-TEST_F(ModelDigestTest, ADamagedWeightChangesTheDigest) {
+TEST_P(ModelDigestTest, ADamagedWeightChangesTheContentDigest) {
   std::string damaged = model_;
   size_t at = damaged.find("weights");
   ASSERT_NE(at, std::string::npos);
@@ -69,7 +99,7 @@ TEST_F(ModelDigestTest, ADamagedWeightChangesTheDigest) {
             expected_["content_digest"].get<std::string>());
 }
 
-TEST_F(ModelDigestTest, CorruptedBytesAreAModelFileErrorNeverACrash) {
+TEST_P(ModelDigestTest, CorruptedBytesAreAModelFileErrorNeverACrash) {
   // Truncations and byte flips: every outcome is a digest or an Error kModelFile.
   for (size_t n : {size_t(0), size_t(3), size_t(7), size_t(40), model_.size() / 2}) {
     try {
@@ -84,6 +114,7 @@ TEST_F(ModelDigestTest, CorruptedBytesAreAModelFileErrorNeverACrash) {
     flipped[i] = char(flipped[i] ^ 0xff);
     try {
       ContentDigest(reinterpret_cast<const uint8_t*>(flipped.data()), flipped.size());
+      CheckDigest(reinterpret_cast<const uint8_t*>(flipped.data()), flipped.size());
       ReadMetadata(reinterpret_cast<const uint8_t*>(flipped.data()), flipped.size(), "x");
     } catch (const Error& e) {
       EXPECT_EQ(e.code(), Error::Code::kModelFile);
@@ -92,6 +123,18 @@ TEST_F(ModelDigestTest, CorruptedBytesAreAModelFileErrorNeverACrash) {
   }
   EXPECT_GT(errors, 0);
   EXPECT_THROW(ContentDigest(nullptr, 0), Error);
+}
+
+INSTANTIATE_TEST_SUITE_P(Records, ModelDigestTest, ::testing::Values("buffers", "file"));
+
+TEST(CheckDigestTest, AModelWithoutARecordIsAbsent) {
+  const std::string model = ReadFile(DataPath("model_with_buffers_digest.bin"));
+  std::string renamed = model;
+  size_t at = renamed.find(kDigestName);
+  ASSERT_NE(at, std::string::npos);
+  renamed[at] = 'S';  // "Smtm_digest": no longer the record's name, and no file prefix.
+  EXPECT_EQ(CheckDigest(reinterpret_cast<const uint8_t*>(renamed.data()), renamed.size()),
+            DigestStatus::kAbsent);
 }
 
 }  // namespace

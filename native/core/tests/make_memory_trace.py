@@ -168,10 +168,12 @@ CASES = {
 
 
 def write_model_fixture(out: str, descriptor_text: str) -> None:
-    """A small .tflite flatbuffer with a descriptor, an offset buffer and a digest.
+    """A small .tflite flatbuffer with a descriptor and an integrity record.
 
     It carries no graph: the core reads only Model.buffers and Model.metadata.
-    Its metadata.content_digest and the descriptor go beside it (.json).
+    Written as model_with_<kind>_digest.bin, <kind> the record this smtm_tf
+    writes ("buffers": content_digest; "file": the whole-file record), with
+    the expected digests beside it (.json).
     """
     from ai_edge_litert import schema_py_generated as schema
     from ai_edge_litert.tools import flatbuffer_utils
@@ -190,12 +192,14 @@ def write_model_fixture(out: str, descriptor_text: str) -> None:
     content = metadata.add_metadata(content, "other_entry", b"not the descriptor")
     content = metadata.add_metadata(content, desc.METADATA_NAME, descriptor_text.encode())
     content = metadata.add_digest(content)
-    io_utils.write_bytes_atomic(os.path.join(out, "model_with_digest.bin"), content)
+    record = metadata.read_metadata(content, metadata.DIGEST_NAME)
+    kind = "file" if record.startswith(b"sha256-file:") else "buffers"
+    base = os.path.join(out, f"model_with_{kind}_digest")
+    io_utils.write_bytes_atomic(base + ".bin", content)
     expected = {"content_digest": metadata.content_digest(content),
-                "stored_digest": metadata.read_metadata(content, metadata.DIGEST_NAME).decode(),
+                "stored_digest": record.decode(),
                 "descriptor_sha256": hashlib.sha256(descriptor_text.encode()).hexdigest()}
-    io_utils.write_bytes_atomic(os.path.join(out, "model_with_digest.json"),
-                                json.dumps(expected, indent=1).encode())
+    io_utils.write_bytes_atomic(base + ".json", json.dumps(expected, indent=1).encode())
 
 
 _ODD_VALUES = (None, True, False, "x", "", 0, -1, 1.5, 1e30, -1e30, 2**40 + 1, 3.0, [], {},

@@ -24,6 +24,28 @@ inline constexpr const char* kDescriptorName = "smtm_descriptor";
 // flatbuffer (every offset is bounds-checked; never reads outside [model, model + n)).
 std::string ContentDigest(const uint8_t* model, size_t n);
 
+// The whole-file integrity record ("sha256-file:" + 64 hex digits) that
+// newer converters store under "smtm_digest" instead of a ContentDigest.
+inline constexpr const char* kDigestFilePrefix = "sha256-file:";
+
+// SHA-256 (hex) of the file's bytes outside [start, end) (the record's own
+// bytes), preceded by start and end - start as 8-byte little-endian numbers
+// (metadata.py file_digest). Offsets past the file are clipped as Python slices are.
+std::string FileDigest(const uint8_t* model, size_t n, uint64_t start, uint64_t end);
+
+enum class DigestStatus {
+  kOk,        // The record matches.
+  kAbsent,    // No record: a file converted before records existed.
+  kMismatch,  // The file is damaged (or holds more than one record).
+};
+
+// The integrity check a runtime runs before loading (metadata.py
+// check_digest): records are the entries named "smtm_digest" or whose content
+// starts with "sha256-file:"; none: kAbsent; several: kMismatch; one: a
+// "sha256-file:" record must equal FileDigest over its own region, any other
+// must equal ContentDigest. Throws Error kModelFile as ContentDigest.
+DigestStatus CheckDigest(const uint8_t* model, size_t n);
+
 // The bytes stored under metadata entry `name` (the first entry of that
 // name), or nullopt when there is none. Throws Error kModelFile as ContentDigest.
 std::optional<std::string> ReadMetadata(const uint8_t* model, size_t n, const std::string& name);
