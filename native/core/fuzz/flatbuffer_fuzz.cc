@@ -1,5 +1,6 @@
 // libFuzzer target: the .tflite flatbuffer reader (ContentDigest and
-// ReadMetadata) on arbitrary bytes: a digest, the entry, or Error kModelFile.
+// ReadMetadata, CheckDigest) on arbitrary bytes: a digest, the entry, a
+// status, or Error kModelFile.
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -10,6 +11,11 @@
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   try {
     if (smtm::ContentDigest(data, size).size() != 64) std::abort();
+  } catch (const smtm::Error& e) {
+    if (e.code() != smtm::Error::Code::kModelFile) std::abort();
+  }
+  try {
+    smtm::CheckDigest(data, size);
   } catch (const smtm::Error& e) {
     if (e.code() != smtm::Error::Code::kModelFile) std::abort();
   }

@@ -8,6 +8,10 @@ SmtmRuntime.classify_fast does. It records the inputs and, after every frame,
 every decision and the memory's state, so the native Memory must make
 identical decisions on identical inputs.
 
+It also writes mutations of each descriptor with Python's verdict
+(memory_trace_*_cases.json) and a small model with the integrity record this
+smtm_tf writes (model_with_buffers_digest or model_with_file_digest).
+
 Usage (from the repository root):
   PYTHONPATH=. python3 native/core/tests/make_memory_trace.py [--out native/core/tests/data]
 """
