@@ -131,19 +131,21 @@ Runtime::Runtime(const uint8_t* model, size_t size, const RuntimeOptions& option
     : options_(options) {
   // The descriptor and digest are read with bounds checks before LiteRT sees
   // the bytes (LiteRT does not verify a flatbuffer).
-  std::optional<std::string> raw, digest;
+  // The integrity record (smtm_digest) as host.py checks it: a file without
+  // one (converted before records existed) loads unchecked.
+  std::optional<std::string> raw;
+  DigestStatus digest = DigestStatus::kAbsent;
   try {
     raw = ReadMetadata(model, size, kDescriptorName);
-    digest = ReadMetadata(model, size, kDigestName);
-    if (digest && *digest != ContentDigest(model, size)) {
-      Fail(Error::Code::kModelFile,
-           "The model file is damaged: the SHA-256 of its weights and descriptor is not the "
-           "one stored at conversion (smtm_digest). Download or convert it again.");
-    }
+    digest = CheckDigest(model, size);
   } catch (const Error& e) {
     if (e.code() != Error::Code::kModelFile) throw;
-    if (std::string(e.what()).rfind("The model file is damaged", 0) == 0) throw;
     Fail(Error::Code::kModelFile, std::string("Not a .tflite flatbuffer (") + e.what() + ").");
+  }
+  if (digest == DigestStatus::kMismatch) {
+    Fail(Error::Code::kModelFile,
+         "The model file is damaged: its SHA-256 is not the one stored at conversion "
+         "(smtm_digest). Download or convert it again.");
   }
   if (!raw) {
     Fail(Error::Code::kModelFile,
