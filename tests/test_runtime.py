@@ -1,6 +1,8 @@
 """Tests for smtm_tf.runtime, delegates and smtm_tf.evaluation.validation."""
 
+import hashlib
 import json
+import os
 
 from absl.testing import absltest
 from absl.testing import parameterized
@@ -140,6 +142,31 @@ class RuntimeTest(parameterized.TestCase):
             self.flat, desc.METADATA_NAME, json.dumps(d).encode()))
         with self.assertRaisesRegex(runtime.ModelFileError, r"descriptor names .*'tail'"):
             runtime.SmtmRuntime(flat)
+
+    def test_state_fingerprint_is_the_sha256_of_the_stored_descriptor(self):
+        # Native runtimes compute it from the file alone, so states move between them.
+        text = metadata.read_metadata(self.flat, desc.METADATA_NAME)
+        path = os.path.join(self.create_tempdir().full_path, "state.npz")
+        self.rt.save_state(path)
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"]))
+        self.assertEqual(meta, {"format_version": 3, "model": hashlib.sha256(text).hexdigest()})
+        self.assertEqual(runtime.STATE_FORMAT_VERSION, 3)
+        # Another rule: the text, a newline and the rule and policy's canonical JSON.
+        rule = exit_policy.ExitRule(exit_policy.Metric.MARGIN,
+                                    (None,) * self.rt.num_stages, 0.99)
+        self.rt.set_exit_rule(rule)
+        canonical = json.dumps([rule.to_dict(), None], sort_keys=True, separators=(",", ":"))
+        self.rt.save_state(path)
+        with np.load(path) as f:
+            meta = json.loads(str(f["meta"]))
+        self.assertEqual(meta["model"],
+                         hashlib.sha256(text + b"\n" + canonical.encode()).hexdigest())
+        self.assertTrue(self.rt.load_state(path))
+        # Back to the descriptor's own rule: the state of the other rule does not fit.
+        self.rt.set_exit_rule(self.rt.descriptor.exit_rule, self.rt.descriptor.cache)
+        with self.assertLogs(level="WARNING"):
+            self.assertFalse(self.rt.load_state(path))
 
     def test_corrupted_descriptor(self):
         flat = metadata.add_digest(

@@ -32,7 +32,9 @@ from smtm_tf.runtime import exit_policy
 from smtm_tf.runtime import io_utils
 from delegates import cpu
 
-STATE_FORMAT_VERSION = 2
+# 3: the state's fingerprint is the SHA-256 of the descriptor's JSON text as
+# stored in the model (native runtimes compute it the same way).
+STATE_FORMAT_VERSION = 3
 
 # Every way a model file can be wrong raises this from `SmtmRuntime(...)`.
 ModelFileError = desc.ModelFileError
@@ -65,6 +67,11 @@ def read_descriptor(model_content: bytes) -> desc.Descriptor:
       ModelFileError: the bytes are not an SMTM .tflite or its descriptor is
         malformed (a `DescriptorError` naming the field).
     """
+    return _read_descriptor_text(model_content)[0]
+
+
+def _read_descriptor_text(model_content: bytes) -> tuple[desc.Descriptor, bytes]:
+    """`read_descriptor`, and the descriptor's JSON text as the model stores it."""
     try:
         raw = metadata.read_metadata(model_content, desc.METADATA_NAME)
         digest = metadata.check_digest(model_content)
@@ -79,7 +86,7 @@ def read_descriptor(model_content: bytes) -> desc.Descriptor:
         raise ModelFileError(
             f"The model has no '{desc.METADATA_NAME}' metadata: it is a plain .tflite, "
             "not one made by smtm_tf's converter. Convert it with scripts/convert.py.")
-    return desc.Descriptor.from_json(raw)
+    return desc.Descriptor.from_json(raw), bytes(raw)
 
 
 _STAGE_KEY = re.compile(r"stage_[0-9]+")
@@ -154,7 +161,7 @@ class SmtmRuntime:
     def __init__(self, model_content: bytes, backend=None):
         if backend is None:
             backend = cpu.CpuBackend(num_threads=1)
-        self.descriptor = read_descriptor(model_content)
+        self.descriptor, self._descriptor_text = _read_descriptor_text(model_content)
         try:
             self.session = backend.load(model_content)
         except Exception as e:  # pylint: disable=broad-except
@@ -297,11 +304,22 @@ class SmtmRuntime:
         check_state_path(path)
 
     def _fingerprint(self) -> str:
-        """Identifies what a saved state is valid for: the descriptor, rule and policy."""
-        text = json.dumps([self.descriptor.to_dict(), self.rule.to_dict(),
-                           None if self.cache_policy is None else self.cache_policy.to_dict()],
-                          sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()
+        """Identifies what a saved state is valid for: the descriptor, rule and policy.
+
+        With the descriptor's own rule and policy: the SHA-256 (hex) of the
+        descriptor's JSON text exactly as the model stores it, which any
+        runtime can compute from the file. With another rule or policy
+        (`set_exit_rule`): the SHA-256 of that text, a newline, and the
+        canonical JSON (sorted keys, no spaces) of `[rule, policy]`.
+        """
+        digest = hashlib.sha256(self._descriptor_text)
+        d = self.descriptor
+        own_policy = d.cache if d.exit_rule.uses_cache else None
+        if not (self.rule == d.exit_rule and self.cache_policy == own_policy):
+            rule = [self.rule.to_dict(),
+                    None if self.cache_policy is None else self.cache_policy.to_dict()]
+            digest.update(b"\n" + json.dumps(rule, sort_keys=True, separators=(",", ":")).encode())
+        return digest.hexdigest()
 
     @property
     def cache(self) -> cache_lib.MemoryState:

@@ -1,0 +1,46 @@
+#include <cmath>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "smtm/error.h"
+#include "smtm/preprocessing.h"
+
+namespace smtm {
+namespace {
+
+TEST(PreprocessingTest, RoundsAfterTheMultiplyAndAfterTheAdd) {
+  Preprocessing p;
+  p.scale = {1.0 / 58.395, 1.0 / 57.12, 1.0 / 57.375};
+  p.offset = {-123.675 / 58.395, -116.28 / 57.12, -103.53 / 57.375};
+  std::vector<float> scale, offset;
+  p.Arrays(3, &scale, &offset);
+  std::vector<float> pixels;
+  for (int i = 0; i < 256 * 3; ++i) pixels.push_back(float(i % 256) + 0.25f * float(i % 3));
+  std::vector<float> out(pixels.size());
+  Preprocess(pixels.data(), out.data(), pixels.size(), scale.data(), offset.data(), 3);
+  for (size_t i = 0; i < pixels.size(); ++i) {
+    // numpy: multiply(frame, scale) then add(dst, offset), each rounded to float32.
+    volatile float product = pixels[i] * scale[i % 3];
+    float want = product + offset[i % 3];
+    ASSERT_EQ(out[i], want) << i;
+  }
+}
+
+TEST(PreprocessingTest, OneValueForAllChannelsAndIdentity) {
+  Preprocessing p;
+  EXPECT_TRUE(p.IsIdentity());
+  std::vector<float> scale, offset;
+  p.Arrays(4, &scale, &offset);
+  EXPECT_EQ(scale, std::vector<float>(4, 1.0f));
+  std::vector<float> px = {-0.0f, 1.5f, 255.0f, 3.0f};
+  std::vector<float> out(4);
+  Preprocess(px.data(), out.data(), 4, scale.data(), offset.data(), 4);
+  EXPECT_TRUE(std::signbit(out[0]));  // Copied as it is, like np.copyto.
+  EXPECT_EQ(out[2], 255.0f);
+  p.scale = {1.0, 2.0};
+  EXPECT_THROW(p.Arrays(3, &scale, &offset), Error);
+}
+
+}  // namespace
+}  // namespace smtm

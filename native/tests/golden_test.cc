@@ -1,0 +1,74 @@
+// Golden replay: on the three demo models and every stream kind, the native
+// runtime must make exactly the committed decisions of the Python runtime
+// (class and exit stage of every frame). The folder comes from
+// SMTM_GOLDEN_DIR (python scripts/golden_traces.py --export_dir=DIR); without
+// it the tests are skipped. No tolerance: one differing frame fails.
+#include <cstdlib>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "npy.h"
+#include "runtime.h"
+
+namespace smtm {
+namespace {
+
+const char* kModels[] = {"demo_resnet", "demo_mobilenet_v2", "demo_vgg"};
+const char* kKinds[] = {"uniform", "zipf", "video", "open_set", "scene_change", "drift",
+                        "object"};
+
+std::string Dir() {
+  const char* d = std::getenv("SMTM_GOLDEN_DIR");
+  return d ? d : "";
+}
+
+std::vector<uint8_t> ReadFile(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)),
+                              std::istreambuf_iterator<char>());
+}
+
+class GoldenTest : public ::testing::TestWithParam<const char*> {};
+
+TEST_P(GoldenTest, SameClassAndExitStageOnEveryFrame) {
+  if (Dir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
+  std::string name = GetParam();
+  std::vector<uint8_t> model = ReadFile(Dir() + "/" + name + ".tflite");
+  ASSERT_FALSE(model.empty()) << "no " << name << ".tflite in " << Dir();
+  Runtime rt(model.data(), model.size());
+  for (const char* kind : kKinds) {
+    NpyArray frames = LoadNpy(Dir() + "/" + name + "/" + kind + ".frames.npy");
+    NpyArray want = LoadNpy(Dir() + "/" + name + "/" + kind + ".decisions.npy");
+    ASSERT_EQ(frames.shape[0], want.shape[0]);
+    size_t n = frames.shape[0], size = rt.frame_size();
+    rt.Reset();  // Each stream starts with a fresh memory, as in Python.
+    size_t differ = 0, exits = 0;
+    long first = -1;
+    for (size_t i = 0; i < n; ++i) {
+      FrameResult r = rt.Classify(frames.f32() + i * size, size);
+      const int32_t* w = want.i32() + 2 * i;
+      if (r.class_id != w[0] || r.exit_stage != w[1]) {
+        if (first < 0) {
+          first = static_cast<long>(i);
+          ADD_FAILURE() << name << " " << kind << ": frame " << i << " native (" << r.class_id
+                        << ", " << r.exit_stage << ") vs Python (" << w[0] << ", " << w[1]
+                        << ")";
+        }
+        ++differ;
+      }
+      exits += r.exit_stage < rt.num_stages();
+    }
+    EXPECT_EQ(differ, 0u) << name << " " << kind << ": " << differ << " of " << n
+                          << " frames differ, first at " << first;
+    EXPECT_GT(exits, 0u) << name << " " << kind << ": no early exit at all";
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(DemoModels, GoldenTest, ::testing::ValuesIn(kModels));
+
+}  // namespace
+}  // namespace smtm
