@@ -14,8 +14,10 @@ for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
 done
 if [ ${#missing[@]} -gt 0 ]; then
-  apt-get update -q
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
+  $SUDO apt-get update -q
+  $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${missing[@]}"
 fi
 
 build=native/build-ci
@@ -39,11 +41,13 @@ export XDG_RUNTIME_DIR="${XDG_RUNTIME_DIR:-$(mktemp -d)}"
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 ctest --test-dir "$build" --output-on-failure
 
-# Fuzzers (libFuzzer needs clang): the core's parsers, bounded time per target.
+# Fuzzers (libFuzzer needs clang), with ASan+UBSan so an out-of-bounds read
+# that does not crash is still caught: the core's parsers, bounded time per
+# target, seeded with the committed fixtures (descriptors, state files, models).
 fuzz_build=native/build-fuzz
 if ls native/core/fuzz/*.cc >/dev/null 2>&1; then
   CC=clang CXX=clang++ cmake -S native/core -B "$fuzz_build" -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DSMTM_CORE_FUZZ=ON -DSMTM_CORE_TESTS=OFF
+    -DSMTM_CORE_FUZZ=ON -DSMTM_CORE_TESTS=OFF -DSMTM_SANITIZE=ON
   cmake --build "$fuzz_build" -j"$(nproc)"
   found=0
   for f in "$fuzz_build"/*fuzz*; do
@@ -51,6 +55,7 @@ if ls native/core/fuzz/*.cc >/dev/null 2>&1; then
     found=1
     corpus="$fuzz_build/corpus/$(basename "$f")"
     mkdir -p "$corpus"
+    cp native/core/tests/data/* "$corpus"/
     echo "fuzzing $(basename "$f") for ${FUZZ_SECONDS:-30} s"
     "$f" -max_total_time="${FUZZ_SECONDS:-30}" -print_final_stats=1 "$corpus"
   done
