@@ -16,9 +16,10 @@ if [ "$(id -u)" != "0" ]; then SUDO="sudo"; fi
 
 # bazel-bootstrap: Bazel 4.2.3. bazel-bootstrap-source: its mock rules_cc
 # (Debian's bazel-rules-cc is too new for 4.2.3). bazel-rules-java: rules_java.
+# g++, nlohmann-json3-dev and libgtest-dev: native/core's cc targets.
 # The third repository Bazel would download, remote_coverage_tools, is a stub
 # in third_party/bazel/.
-packages=(bazel-bootstrap bazel-bootstrap-source bazel-rules-java)
+packages=(bazel-bootstrap bazel-bootstrap-source bazel-rules-java g++ nlohmann-json3-dev libgtest-dev)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' \
