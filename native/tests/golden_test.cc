@@ -12,37 +12,30 @@
 #include <gtest/gtest.h>
 
 #include "npy.h"
+#include "test_files.h"
 #include "runtime.h"
 
 namespace smtm {
 namespace {
 
+using testing_files::ReadFile;
+using testing_files::GoldenDir;
+
 const char* kModels[] = {"demo_resnet", "demo_mobilenet_v2", "demo_vgg"};
 const char* kKinds[] = {"uniform", "zipf", "video", "open_set", "scene_change", "drift",
                         "object"};
 
-std::string Dir() {
-  const char* d = std::getenv("SMTM_GOLDEN_DIR");
-  return d ? d : "";
-}
-
-std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)),
-                              std::istreambuf_iterator<char>());
-}
-
 class GoldenTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(GoldenTest, SameClassAndExitStageOnEveryFrame) {
-  if (Dir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
+  if (GoldenDir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
   std::string name = GetParam();
-  std::vector<uint8_t> model = ReadFile(Dir() + "/" + name + ".tflite");
-  ASSERT_FALSE(model.empty()) << "no " << name << ".tflite in " << Dir();
+  std::vector<uint8_t> model = ReadFile(GoldenDir() + "/" + name + ".tflite");
+  ASSERT_FALSE(model.empty()) << "no " << name << ".tflite in " << GoldenDir();
   Runtime rt(model.data(), model.size());
   for (const char* kind : kKinds) {
-    NpyArray frames = LoadNpy(Dir() + "/" + name + "/" + kind + ".frames.npy");
-    NpyArray want = LoadNpy(Dir() + "/" + name + "/" + kind + ".decisions.npy");
+    NpyArray frames = LoadNpy(GoldenDir() + "/" + name + "/" + kind + ".frames.npy");
+    NpyArray want = LoadNpy(GoldenDir() + "/" + name + "/" + kind + ".decisions.npy");
     ASSERT_EQ(frames.shape[0], want.shape[0]);
     size_t n = frames.shape[0], size = rt.frame_size();
     rt.Reset();  // Each stream starts with a fresh memory, as in Python.

@@ -11,21 +11,15 @@
 #include <gtest/gtest.h>
 
 #include "npy.h"
+#include "test_files.h"
 #include "session.h"
 #include "smtm/error.h"
 
 namespace smtm {
 namespace {
 
-std::string GoldenDir() {
-  const char* dir = std::getenv("SMTM_GOLDEN_DIR");
-  return dir ? dir : "";
-}
-
-std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
-}
+using testing_files::ReadFile;
+using testing_files::GoldenDir;
 
 TEST(LiteRtTest, LibraryHasCpuAccelerator) {
   std::string line = litert::CheckLibrary();

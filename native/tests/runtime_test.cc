@@ -14,6 +14,7 @@
 #include <unistd.h>
 
 #include "npy.h"
+#include "test_files.h"
 #include "runtime.h"
 #include "smtm/digest.h"
 #include "smtm_runtime.h"
@@ -21,16 +22,8 @@
 namespace smtm {
 namespace {
 
-std::string Dir() {
-  const char* d = std::getenv("SMTM_GOLDEN_DIR");
-  return d ? d : "";
-}
-
-std::vector<uint8_t> ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::vector<uint8_t>((std::istreambuf_iterator<char>(in)),
-                              std::istreambuf_iterator<char>());
-}
+using testing_files::ReadFile;
+using testing_files::GoldenDir;
 
 std::string TempPath(const std::string& name) {
   const char* t = std::getenv("TMPDIR");
@@ -56,10 +49,10 @@ TEST(CApiTest, NullsAndGarbageAreErrorsNotCrashes) {
 class ModelTest : public ::testing::Test {
  protected:
   void SetUp() override {
-    if (Dir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
-    model_ = ReadFile(Dir() + "/demo_resnet.tflite");
+    if (GoldenDir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
+    model_ = ReadFile(GoldenDir() + "/demo_resnet.tflite");
     ASSERT_FALSE(model_.empty());
-    frames_ = LoadNpy(Dir() + "/demo_resnet/video.frames.npy");
+    frames_ = LoadNpy(GoldenDir() + "/demo_resnet/video.frames.npy");
   }
   const float* Frame(size_t i) const { return frames_.f32() + i * Size(); }
   size_t Size() const { return frames_.size() / frames_.shape[0]; }
@@ -201,9 +194,9 @@ namespace {
 class GpuTest : public ::testing::TestWithParam<const char*> {};
 
 TEST_P(GpuTest, Fp32DecidesAsTheCpu) {
-  if (Dir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
+  if (GoldenDir().empty()) GTEST_SKIP() << "SMTM_GOLDEN_DIR not set";
   const std::string name = GetParam();
-  std::vector<uint8_t> model = ReadFile(Dir() + "/" + name + ".tflite");
+  std::vector<uint8_t> model = ReadFile(GoldenDir() + "/" + name + ".tflite");
   ASSERT_FALSE(model.empty()) << name;
   RuntimeOptions gpu;
   gpu.accelerator = litert::Accelerator::kGpuFp32;
@@ -215,8 +208,8 @@ TEST_P(GpuTest, Fp32DecidesAsTheCpu) {
     GTEST_SKIP() << "no GPU here: " << e.what();
   }
   EXPECT_TRUE(rt->fully_accelerated());
-  NpyArray frames = LoadNpy(Dir() + "/" + name + "/video.frames.npy");
-  NpyArray want = LoadNpy(Dir() + "/" + name + "/video.decisions.npy");
+  NpyArray frames = LoadNpy(GoldenDir() + "/" + name + "/video.frames.npy");
+  NpyArray want = LoadNpy(GoldenDir() + "/" + name + "/video.decisions.npy");
   size_t size = rt->frame_size(), n = frames.size() / size;
   ASSERT_EQ(want.size(), 2 * n);
   for (size_t i = 0; i < n; ++i) {
