@@ -20,6 +20,7 @@ import numpy as np
 from smtm_tf.runtime import metadata
 from converters import quantization as quant
 from delegates.compiled import run_compiled
+from delegates import temp_files
 from smtm_tf.runtime import cache as cache_lib
 from smtm_tf.runtime import descriptor as desc
 from smtm_tf.fitting import encoders as enc
@@ -217,7 +218,7 @@ def remove_leftovers(*outputs: str | None) -> None:
     for path in outputs:
         if path:
             io_utils.remove_stale_temporaries(path)
-    io_utils.remove_orphan_temp_dirs(SAVED_MODEL_PREFIX)
+    temp_files.remove_orphans(SAVED_MODEL_PREFIX)
 
 
 def convert_module(module, signatures: dict,
@@ -225,7 +226,7 @@ def convert_module(module, signatures: dict,
                     representative_dataset=None) -> bytes:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    with io_utils.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
+    with temp_files.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
         concrete = {k: f.get_concrete_function() for k, f in signatures.items()}
         tf.saved_model.save(module, tmp, signatures=concrete)
         converter = tf.lite.TFLiteConverter.from_saved_model(

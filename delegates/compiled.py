@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import os
-import tempfile
 
 import numpy as np
+
+from delegates import temp_files
 
 
 def run_compiled(model_content: bytes, signature: str,
@@ -22,12 +23,8 @@ def run_compiled(model_content: bytes, signature: str,
     """
     from ai_edge_litert import compiled_model  # pylint: disable=import-outside-toplevel
 
-    # CompiledModel.from_buffer keeps a pointer to the bytes it is given; a
-    # file keeps them alive for the model's whole life without that concern.
-    fd, path = tempfile.mkstemp(suffix=".tflite")
+    path = temp_files.model_file(model_content)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(model_content)
         model = compiled_model.CompiledModel.from_file(path)
         out_details = model.get_output_tensor_details(signature)
         in_buffers = {}

@@ -32,6 +32,7 @@ import weakref
 import numpy as np
 
 from delegates import model_utils
+from delegates import temp_files
 
 
 class Precision(str, enum.Enum):
@@ -154,10 +155,7 @@ def compile_model(model_content: bytes, strict: bool = True,
 
     precision = Precision(precision)
     _bind_software_vulkan()
-    # CompiledModel keeps a pointer to the bytes it loads: a file outlives that concern.
-    fd, path = tempfile.mkstemp(suffix=".tflite", prefix="smtm-gpu-")
-    with os.fdopen(fd, "wb") as f:
-        f.write(model_content)
+    path = temp_files.model_file(model_content)
     error = None
     with captured_native_stderr() as log:
         try:
@@ -299,9 +297,7 @@ class GpuBackend:
         from ai_edge_litert import compiled_model  # pylint: disable=import-outside-toplevel
         from ai_edge_litert.hardware_accelerator import HardwareAccelerator  # pylint: disable=import-outside-toplevel
 
-        fd, path = tempfile.mkstemp(suffix=".tflite", prefix="smtm-gpu-")
-        with os.fdopen(fd, "wb") as f:
-            f.write(model_content)
+        path = temp_files.model_file(model_content)
         model = compiled_model.CompiledModel.from_file(
             path, hardware_accel=HardwareAccelerator.CPU)
         return GpuSession(model, path, on_gpu=False, log="")

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from converters import smtm_converter
+from delegates import temp_files
 from smtm_tf.runtime import host
 from smtm_tf.runtime import metadata
 import testing_utils as tu
@@ -162,6 +163,32 @@ class KillTest(absltest.TestCase):
         print(f"\n5 killed conversions ({duration:.0f} s each in full) left {left} "
               "temporaries in all, none after the next start")
         self.assertGreater(left, 0)  # The clean-up was exercised.
+
+
+class ModelFileTest(absltest.TestCase):
+    """The .tflite files CompiledModel loads (GPU backend, agreement checks)."""
+
+    def test_a_killed_process_model_file_is_removed_by_the_next_one(self):
+        sys_tmp = self.create_tempdir().full_path
+        writer = ("import os, signal\n"
+                  "from delegates import temp_files\n"
+                  "print(temp_files.model_file(b'model'), flush=True)\n"
+                  "os.kill(os.getpid(), signal.SIGKILL)\n")
+        done = subprocess.run([sys.executable, "-c", writer], env=_env(sys_tmp),
+                              capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        orphan = done.stdout.strip()
+        self.assertTrue(os.path.isfile(orphan))
+        with absltest.mock.patch.dict(os.environ, {"TMPDIR": sys_tmp}):
+            temp_files.tempfile.tempdir = None  # Read TMPDIR again.
+            try:
+                mine = temp_files.model_file(b"model")
+                self.assertFalse(os.path.exists(orphan))
+                self.assertTrue(os.path.isfile(mine))  # This process's own stays.
+                self.assertEqual(temp_files.remove_orphans(temp_files.MODEL_FILE_PREFIX), [])
+                os.remove(mine)
+            finally:
+                temp_files.tempfile.tempdir = None
 
 
 if __name__ == "__main__":

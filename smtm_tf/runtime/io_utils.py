@@ -6,7 +6,6 @@ import contextlib
 import glob
 import io
 import os
-import shutil
 import tempfile
 
 import numpy as np
@@ -64,38 +63,6 @@ def remove_stale_temporaries(path: str) -> list[str]:
     for p in stale:
         os.remove(p)
     return stale
-
-
-@contextlib.contextmanager
-def process_temp_dir(prefix: str):
-    """A temporary directory named `<prefix><pid>-...` in the system's temp
-    folder, removed after the block; `remove_orphan_temp_dirs(prefix)` removes
-    those a killed process left."""
-    with tempfile.TemporaryDirectory(prefix=f"{prefix}{os.getpid()}-") as tmp:
-        yield tmp
-
-
-def remove_orphan_temp_dirs(prefix: str) -> list[str]:
-    """Removes `process_temp_dir(prefix)` folders whose process is gone; returns them."""
-    removed = []
-    pattern = os.path.join(glob.escape(tempfile.gettempdir()), glob.escape(prefix) + "*-*")
-    for path in glob.glob(pattern):
-        pid = os.path.basename(path)[len(prefix):].split("-", 1)[0]
-        if not pid.isdigit() or _alive(int(pid)) or not os.path.isdir(path):
-            continue
-        shutil.rmtree(path, ignore_errors=True)
-        removed.append(path)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # Another user's process.
-        return True
-    return True
 
 
 def write_npz_atomic(path: str, arrays: dict, compressed: bool = False) -> None:
