@@ -386,6 +386,25 @@ float* Session::Find(int s, std::string_view name, bool input) const {
 
 float* Session::Input(int s, std::string_view name) { return Find(s, name, true); }
 
+bool Session::Chain(int from, std::string_view output, int to, std::string_view input) {
+  Find(from, output, false);  // Throws for a missing or non-float32 tensor.
+  Find(to, input, true);
+  auto index = [](const std::vector<TensorInfo>& tensors, std::string_view name) {
+    size_t i = 0;
+    while (tensors[i].name != name) ++i;
+    return i;
+  };
+  size_t o = index(signatures_[from].outputs, output);
+  size_t i = index(signatures_[to].inputs, input);
+  Buffer& out = bound_[from].outputs[o];
+  Buffer& in = bound_[to].inputs[i];
+  if (!out.host_memory || !in.host_memory || out.bytes != in.bytes) return false;
+  // `in` keeps owning its own buffer (released with the session); runs use `out`.
+  in.host = out.host;
+  bound_[to].in_handles[i] = out.handle;
+  return true;
+}
+
 const float* Session::Output(int s, std::string_view name) const {
   return Find(s, name, false);
 }

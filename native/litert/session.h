@@ -70,6 +70,12 @@ class Session {
   // not float32.
   float* Input(int signature, std::string_view name);
   const float* Output(int signature, std::string_view name) const;
+  // Makes signature `to`'s input `input` the very buffer of signature
+  // `from`'s output `output`, so one run reads what the other wrote without a
+  // copy (Input(to, input) then returns Output(from, output)). Only host
+  // memory buffers of the same size are chained; returns false (changing
+  // nothing) otherwise.
+  bool Chain(int from, std::string_view output, int to, std::string_view input);
   // Runs a signature on its buffers. Throws kBackend.
   void Run(int signature);
   bool FullyAccelerated() const;

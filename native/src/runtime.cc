@@ -214,6 +214,18 @@ void Runtime::Bind() {
     Fail(Error::Code::kModelFile,
          "The stages do not chain from the full model's input to the head's activation.");
   }
+  // Each stage (and the head) reads the previous stage's next_activation in
+  // place where both are host memory: no copy between stages (the loop
+  // below copies only where a backend keeps them apart).
+  for (size_t i = 1; i < stages_.size(); ++i) {
+    if (s.Chain(stages_[i - 1].signature, "next_activation", stages_[i].signature,
+                "activation")) {
+      stages_[i].activation_in = s.Input(stages_[i].signature, "activation");
+    }
+  }
+  if (s.Chain(stages_.back().signature, "next_activation", head_, "activation")) {
+    head_in_ = s.Input(head_, "activation");
+  }
   memory_ = std::make_unique<Memory>(descriptor_);
   for (size_t i = 0; i < stages_.size(); ++i) {
     stages_[i].never = memory_->Never(static_cast<int>(i));
@@ -279,7 +291,7 @@ FrameResult Runtime::Classify(const float* frame, size_t size) {
     Stage& st = stages_[s];
     if (activation == nullptr) {
       Feed(frame, st.activation_in);
-    } else {
+    } else if (st.activation_in != activation) {  // Not chained.
       std::memcpy(st.activation_in, activation, st.activation_floats * sizeof(float));
     }
     session_->Run(st.signature);
@@ -302,7 +314,7 @@ FrameResult Runtime::Classify(const float* frame, size_t size) {
                   confirmed ? static_cast<double>(MaxOf(full_out_, num_classes_)) : 1.0);
     return {answer, static_cast<int>(s)};
   }
-  std::memcpy(head_in_, activation, head_in_floats_ * sizeof(float));
+  if (head_in_ != activation) std::memcpy(head_in_, activation, head_in_floats_ * sizeof(float));
   session_->Run(head_);
   float confidence = MaxOf(head_out_, num_classes_);
   if (!std::isfinite(confidence)) {
