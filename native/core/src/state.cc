@@ -154,6 +154,21 @@ void WriteAtomic(const std::string& path, const std::string& bytes) {
   }
 }
 
+// Refuses `rows` float32 rows of `dim` values whose float32 L2 norm (numpy's
+// pairwise sum of squares; an overflowing square is infinite) exceeds
+// `limit`, compared in float32 as numpy does.
+void RowNormsAtMost(const std::vector<float>& values, size_t rows, size_t dim, float limit,
+                    const char* why) {
+  std::vector<float> squares(dim);
+  for (size_t r = 0; r < rows; ++r) {
+    for (size_t i = 0; i < dim; ++i) {
+      const float x = values[r * dim + i];
+      squares[i] = x * x;
+    }
+    if (std::sqrt(internal::PairwiseSum(squares.data(), dim)) > limit) Bad(why);
+  }
+}
+
 }  // namespace
 
 void Memory::Save(const std::string& path, const std::string& fingerprint) const {
@@ -177,7 +192,10 @@ void Memory::Save(const std::string& path, const std::string& fingerprint) const
   members.emplace_back("state_inst_pos", inst_pos);
   members.emplace_back("state_offsets", Array("<f4", {S, K, D}, offsets_.data(), offsets_.size()));
   members.emplace_back("state_adapted", Bools(adapted_));
-  const int64_t counters[5] = {exits_, checks_, disagreements_, reverts_, exit_run_};
+  // Saturated at the bound Load accepts, so a saved state always restores
+  // (reached only from a restored state at the bound).
+  int64_t counters[5] = {exits_, checks_, disagreements_, reverts_, exit_run_};
+  for (int64_t& c : counters) c = std::min(c, kMaxCount);
   members.emplace_back("state_counters", Array("<i8", {5}, counters, 5));
   // json.dumps({"format_version": 3, "model": fingerprint}).
   nlohmann::json fp = fingerprint;
@@ -262,6 +280,8 @@ void Memory::Load(const std::string& path, const std::string& fingerprint) {
     Bad("state arrays [" + list + "] are missing.");
   }
   std::map<std::string, std::vector<double>> v;
+  // The arrays the memory holds in float32 (the others in float64 or as integers).
+  std::map<std::string, std::vector<float>> f32 = {{"inst", {}}, {"offsets", {}}};
   for (const auto& [name, shape] : expected) {
     const NpyArray& a = arrays[std::string("state_") + name];
     if (a.shape != shape) {
@@ -274,8 +294,23 @@ void Memory::Load(const std::string& path, const std::string& fingerprint) {
           ", this model needs " + text_of(shape) + ".");
     }
     v[name] = Doubles(name, a);
-    for (double x : v[name]) {
-      if (!std::isfinite(x)) Bad(std::string("state array '") + name + "' holds non-finite values.");
+    // Checked as the memory will hold it: 1e300 is finite in float64 and
+    // infinite once stored in a float32 array.
+    const bool as_float32 = f32.count(name) > 0;
+    if (as_float32) {
+      std::vector<float>& stored = f32[name];
+      stored.assign(v[name].begin(), v[name].end());  // astype(float32)
+      for (float x : stored) {
+        if (!std::isfinite(x)) {
+          Bad(std::string("state array '") + name + "' holds non-finite values (as float32).");
+        }
+      }
+    } else {
+      for (double x : v[name]) {
+        if (!std::isfinite(x)) {
+          Bad(std::string("state array '") + name + "' holds non-finite values (as float64).");
+        }
+      }
     }
   }
   const CachePolicy& p = policy_;
@@ -296,6 +331,11 @@ void Memory::Load(const std::string& path, const std::string& fingerprint) {
     }
     if (!fits) Bad("the short-term tier's slots do not fit this model.");
   }
+  // The tier holds unit-norm semantic vectors (or zero rows): a longer one
+  // would match any frame above the instance threshold.
+  const std::vector<float>& inst = f32["inst"];
+  RowNormsAtMost(inst, size_t(S * m_slots), size_t(D), static_cast<float>(1.0 + 1e-4),
+                 "the short-term tier holds vectors longer than 1.");
   const double top = 1.0 / (1.0 - p.decay) + 1e-6;
   for (double s : v["scores"]) {
     if (s < 0 || s > top) {
@@ -324,20 +364,9 @@ void Memory::Load(const std::string& path, const std::string& fingerprint) {
       if (x < 0) Bad("answer, left-out and exit counters must be >= 0.");
     }
   }
-  std::vector<float> offsets(v["offsets"].begin(), v["offsets"].end());  // astype(float32)
-  {
-    const float limit = static_cast<float>(p.max_drift + 1e-4);  // Compared in float32.
-    std::vector<float> tmp(static_cast<size_t>(D));
-    for (size_t r = 0; r < size_t(S * K); ++r) {
-      for (size_t i = 0; i < size_t(D); ++i) {
-        float x = offsets[r * size_t(D) + i];
-        tmp[i] = x * x;
-      }
-      if (std::sqrt(internal::PairwiseSum(tmp.data(), size_t(D))) > limit) {
-        Bad("an adapted centre lies further than max_drift from its original.");
-      }
-    }
-  }
+  const std::vector<float>& offsets = f32["offsets"];
+  RowNormsAtMost(offsets, size_t(S * K), size_t(D), static_cast<float>(p.max_drift + 1e-4),
+                 "an adapted centre lies further than max_drift from its original.");
   // Every check passed: restore.
   scores_.assign(v["scores"].begin(), v["scores"].end());
   for (size_t c = 0; c < size_t(K); ++c) hot_[c] = v["hot"][c] != 0.0;
@@ -347,7 +376,7 @@ void Memory::Load(const std::string& path, const std::string& fingerprint) {
     left_out_[c] = Int(v["left_out"][c]);
     answers_[c] = Int(v["answers"][c]);
   }
-  for (size_t i = 0; i < inst_.size(); ++i) inst_[i] = static_cast<float>(v["inst"][i]);
+  inst_ = inst;
   for (size_t i = 0; i < inst_class_.size(); ++i) inst_class_[i] = Int(classes[i]);
   inst_count_ = count;
   inst_next_ = next;

@@ -2,7 +2,9 @@
 // failure becomes a Java exception (smtm.SmtmException with the status).
 #include <jni.h>
 
+#include <new>
 #include <string>
+#include <vector>
 
 #include "smtm_SmtmRuntime.h"
 #include "smtm_runtime.h"
@@ -25,7 +27,35 @@ bool Ok(JNIEnv* env, smtm_status status) {
   return false;
 }
 
-smtm_runtime* Handle(jlong h) { return reinterpret_cast<smtm_runtime*>(h); }
+// What a Java handle points to: the runtime and the frame buffer its
+// classify calls copy the pixels into. The pixels are copied out of the Java
+// array (GetFloatArrayRegion) rather than pinned for the model run: critical
+// access over a whole run could stall the collector and every other thread
+// that allocates. One buffer per runtime, sized once: no allocation per frame
+// (SmtmRuntime is not thread-safe, so its calls never share the buffer).
+struct Binding {
+  smtm_runtime* runtime = nullptr;
+  std::vector<float> frame;
+};
+
+Binding* Bound(jlong h) { return reinterpret_cast<Binding*>(h); }
+smtm_runtime* Handle(jlong h) { return Bound(h)->runtime; }
+
+// The frame's pixels copied into the binding's buffer, `*n` its length;
+// nullptr with a Java exception pending when they cannot be read. A frame of
+// another size is not copied: the runtime refuses its size before reading
+// any pixel, and says what size it needs.
+const float* CopyFrame(JNIEnv* env, Binding* b, jfloatArray frame, size_t* n) {
+  if (frame == nullptr) {
+    Throw(env, SMTM_ERROR_ARGUMENT, "frame is null");
+    return nullptr;
+  }
+  *n = static_cast<size_t>(env->GetArrayLength(frame));
+  if (*n != b->frame.size()) return b->frame.data();
+  env->GetFloatArrayRegion(frame, 0, static_cast<jsize>(*n), b->frame.data());
+  if (env->ExceptionCheck()) return nullptr;
+  return b->frame.data();
+}
 
 std::string Utf(JNIEnv* env, jstring s) {
   if (s == nullptr) return std::string();
@@ -53,37 +83,48 @@ JNIEXPORT jlong JNICALL Java_smtm_SmtmRuntime_nativeCreate(JNIEnv* env, jclass, 
   smtm_status status = smtm_create(bytes, static_cast<size_t>(n), &options, &rt);
   env->ReleaseByteArrayElements(model, bytes, JNI_ABORT);
   if (!Ok(env, status)) return 0;
-  return reinterpret_cast<jlong>(rt);
+  auto* b = new (std::nothrow) Binding;
+  if (b != nullptr) {
+    b->runtime = rt;
+    try {
+      b->frame.resize(smtm_frame_size(rt));
+    } catch (const std::bad_alloc&) {
+      delete b;
+      b = nullptr;
+    }
+  }
+  if (b == nullptr) {
+    smtm_destroy(rt);
+    Throw(env, SMTM_ERROR_INTERNAL, "out of memory for the frame buffer");
+    return 0;
+  }
+  return reinterpret_cast<jlong>(b);
 }
 
 JNIEXPORT void JNICALL Java_smtm_SmtmRuntime_nativeDestroy(JNIEnv*, jclass, jlong h) {
-  smtm_destroy(Handle(h));
+  Binding* b = Bound(h);
+  if (b == nullptr) return;
+  smtm_destroy(b->runtime);
+  delete b;
 }
 
 JNIEXPORT void JNICALL Java_smtm_SmtmRuntime_nativeClassify(JNIEnv* env, jclass, jlong h,
                                                             jfloatArray frame, jintArray out) {
-  jsize n = env->GetArrayLength(frame);
-  // Critical access: no copy of the pixels, no JNI calls until released.
-  void* pixels = env->GetPrimitiveArrayCritical(frame, nullptr);
+  size_t n = 0;
+  const float* pixels = CopyFrame(env, Bound(h), frame, &n);
   if (pixels == nullptr) return;
   int result[2] = {0, 0};
-  smtm_status status = smtm_classify(Handle(h), static_cast<const float*>(pixels),
-                                     static_cast<size_t>(n), &result[0], &result[1]);
-  env->ReleasePrimitiveArrayCritical(frame, pixels, JNI_ABORT);
-  if (!Ok(env, status)) return;
+  if (!Ok(env, smtm_classify(Handle(h), pixels, n, &result[0], &result[1]))) return;
   env->SetIntArrayRegion(out, 0, 2, result);
 }
 
 JNIEXPORT jint JNICALL Java_smtm_SmtmRuntime_nativeClassifyFull(JNIEnv* env, jclass, jlong h,
                                                                 jfloatArray frame) {
-  jsize n = env->GetArrayLength(frame);
-  void* pixels = env->GetPrimitiveArrayCritical(frame, nullptr);
+  size_t n = 0;
+  const float* pixels = CopyFrame(env, Bound(h), frame, &n);
   if (pixels == nullptr) return -1;
   int cls = -1;
-  smtm_status status = smtm_classify_full(Handle(h), static_cast<const float*>(pixels),
-                                          static_cast<size_t>(n), &cls);
-  env->ReleasePrimitiveArrayCritical(frame, pixels, JNI_ABORT);
-  Ok(env, status);
+  Ok(env, smtm_classify_full(Handle(h), pixels, n, &cls));
   return cls;
 }
 

@@ -107,6 +107,14 @@ class SmtmRuntimeTest {
         .code());
     assertEquals(SmtmException.ARGUMENT,
         assertThrows(SmtmException.class, () -> rt.classify(new float[3])).code());
+    // Larger than the runtime's frame buffer: refused, not copied into it.
+    float[] large = new float[rt.frameSize() + 1];
+    assertEquals(SmtmException.ARGUMENT,
+        assertThrows(SmtmException.class, () -> rt.classifyFull(large)).code());
+    // The pixels are copied: the caller's array is left as it was.
+    float[] row = frames.floatRow(0);
+    rt.classifyFull(row);
+    assertArrayEquals(frames.floatRow(0), row);
     assertEquals(rt.classifyFull(frames.floatRow(0)), rt.classify(frames.floatRow(0)).classId);
     for (int i = 1; i < 100; ++i) {
       rt.classify(frames.floatRow(i));
