@@ -52,9 +52,19 @@ def _env(tmpdir):
 
 def _own_temporaries(directory):
     # TensorFlow's autograph leaves its generated modules in the temp folder
-    # on every run, killed or not: not this project's files.
-    return sorted(f for f in os.listdir(directory)
-                  if not f.startswith("__autograph_generated_file"))
+    # on every run, killed or not (and, where Python writes bytecode, as under
+    # Bazel, their __pycache__): not this project's files.
+    def autograph(name):
+        return name.startswith("__autograph_generated_file")
+
+    own = []
+    for f in os.listdir(directory):
+        path = os.path.join(directory, f)
+        if f == "__pycache__" and os.path.isdir(path):
+            own += [os.path.join(f, g) for g in os.listdir(path) if not autograph(g)]
+        elif not autograph(f):
+            own.append(f)
+    return sorted(own)
 
 
 def _temporaries(directory):
