@@ -264,9 +264,8 @@ void Runtime::CheckFrame(const float* frame, size_t size) const {
                                      " values; the model takes [" + shape.str() + "] (" +
                                      std::to_string(frame_size_) + " float32 pixels).");
   }
-  size_t bad = 0;
-  for (size_t i = 0; i < size; ++i) bad += !std::isfinite(frame[i]);
-  if (bad) {
+  if (!AllFinite(frame, size)) {
+    const size_t bad = CountNonFinite(frame, size);
     Fail(Error::Code::kFrame, "The frame has " + std::to_string(bad) +
                                   " non-finite pixels (NaN or infinity); it was not classified.");
   }

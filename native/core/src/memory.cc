@@ -142,6 +142,9 @@ void Memory::Init(const Descriptor& descriptor, const ExitRule& rule,
   left_out_.assign(K, 0);
   work_.assign(K, 0.0f);
   match_.assign(m, 0.0f);
+  cached_.reserve(K);
+  order_.reserve(K);
+  picked_.reserve(K);
   Reset();
 }
 
@@ -301,22 +304,28 @@ void Memory::Record(int cls, bool confirmed, const float* const* semantics, int 
 void Memory::Refresh() {
   const CachePolicy& p = policy_;
   const size_t K = size_t(num_classes_);
-  std::vector<size_t> cached;
+  std::vector<size_t>& cached = cached_;
+  cached.clear();
   for (size_t c = 0; c < K; ++c) {
     hot_[c] = scores_[c] >= p.hot_min;
     if (hot_[c]) cached.push_back(c);
   }
   if (int64_t(cached.size()) > capacity_) {
     // np.argsort(-scores, kind="stable")[:capacity], then sorted.
-    std::vector<size_t> order(K);
+    std::vector<size_t>& order = order_;
+    order.resize(K);
     std::iota(order.begin(), order.end(), size_t(0));
-    std::stable_sort(order.begin(), order.end(),
-                     [&](size_t a, size_t b) { return -scores_[a] < -scores_[b]; });
+    // The stable order by falling score is the total order (score down, index
+    // up): its first `capacity` entries, without stable_sort's buffer.
+    std::partial_sort(order.begin(), order.begin() + capacity_, order.end(),
+                      [&](size_t a, size_t b) {
+                        return scores_[a] > scores_[b] || (scores_[a] == scores_[b] && a < b);
+                      });
     order.resize(size_t(capacity_));
     std::fill(hot_.begin(), hot_.end(), 0);
     for (size_t c : order) hot_[c] = 1;
     std::sort(order.begin(), order.end());
-    cached = order;
+    cached.assign(order.begin(), order.end());
   }
   if (!shifting_) return;
   // Log-odds of recent answers, each score smoothed by 1/K.
@@ -326,7 +335,8 @@ void Memory::Refresh() {
     const size_t outside = K - cached.size();
     double rest = 0.0;
     if (outside) {
-      std::vector<double> picked;
+      std::vector<double>& picked = picked_;
+      picked.clear();
       for (size_t c : cached) picked.push_back(scores_[c]);
       rest = internal::PairwiseSum(scores_.data(), K) -
              internal::PairwiseSum(picked.data(), picked.size());

@@ -1,5 +1,7 @@
 #include "smtm/preprocessing.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include "smtm/error.h"
@@ -45,11 +47,44 @@ void Preprocess(const float* pixels, float* dst, size_t n, const float* scale,
     return;
   }
   const size_t ch = size_t(channels);
-  for (size_t i = 0; i < n; ++i) {
-    // Two float32 roundings, as numpy's multiply then add (never a fused multiply-add).
-    float product = pixels[i] * scale[i % ch];  // Built with -ffp-contract=off.
-    dst[i] = product + offset[i % ch];
+  for (size_t i = 0; i + ch <= n; i += ch) {  // One pixel's channels at a time: no modulo.
+    for (size_t c = 0; c < ch; ++c) {
+      // Two float32 roundings, as numpy's multiply then add (never a fused multiply-add).
+      float product = pixels[i + c] * scale[c];  // Built with -ffp-contract=off.
+      dst[i + c] = product + offset[c];
+    }
   }
+}
+
+namespace {
+
+constexpr uint32_t kExponent = 0x7f800000u;  // All ones: infinity or NaN.
+
+uint32_t ExponentBits(const float* v) {
+  uint32_t bits;
+  std::memcpy(&bits, v, sizeof bits);
+  return bits & kExponent;
+}
+
+}  // namespace
+
+bool AllFinite(const float* values, size_t n) {
+  constexpr size_t kLanes = 8;
+  uint32_t top[kLanes] = {};
+  size_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (size_t k = 0; k < kLanes; ++k) top[k] = std::max(top[k], ExponentBits(values + i + k));
+  }
+  uint32_t all = 0;
+  for (size_t k = 0; k < kLanes; ++k) all = std::max(all, top[k]);
+  for (; i < n; ++i) all = std::max(all, ExponentBits(values + i));
+  return all != kExponent;
+}
+
+size_t CountNonFinite(const float* values, size_t n) {
+  size_t bad = 0;
+  for (size_t i = 0; i < n; ++i) bad += ExponentBits(values + i) == kExponent;
+  return bad;
 }
 
 }  // namespace smtm

@@ -1,4 +1,5 @@
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -40,6 +41,31 @@ TEST(PreprocessingTest, OneValueForAllChannelsAndIdentity) {
   EXPECT_EQ(out[2], 255.0f);
   p.scale = {1.0, 2.0};
   EXPECT_THROW(p.Arrays(3, &scale, &offset), Error);
+}
+
+TEST(PreprocessingTest, AllFiniteFindsEveryNonFiniteValueAtEveryPosition) {
+  const float inf = std::numeric_limits<float>::infinity();
+  const float bad[] = {std::nanf(""), -std::nanf(""), inf, -inf};
+  // Sizes around the 8-value lanes, the bad value at every position.
+  for (size_t n : {1u, 7u, 8u, 9u, 17u, 784u}) {
+    std::vector<float> v(n);
+    for (size_t i = 0; i < n; ++i) v[i] = float(i) - 3.5f;
+    v[0] = std::numeric_limits<float>::max();  // Largest finite: still finite.
+    if (n > 1) v[1] = std::numeric_limits<float>::denorm_min();
+    ASSERT_TRUE(AllFinite(v.data(), n)) << n;
+    ASSERT_EQ(CountNonFinite(v.data(), n), 0u);
+    for (size_t at = 0; at < n; ++at) {
+      for (float b : bad) {
+        std::vector<float> w = v;
+        w[at] = b;
+        ASSERT_FALSE(AllFinite(w.data(), n)) << n << " " << at << " " << b;
+        ASSERT_EQ(CountNonFinite(w.data(), n), 1u);
+      }
+    }
+  }
+  std::vector<float> all_nan(10, std::nanf(""));
+  EXPECT_EQ(CountNonFinite(all_nan.data(), all_nan.size()), 10u);
+  EXPECT_TRUE(AllFinite(nullptr, 0));
 }
 
 }  // namespace

@@ -119,6 +119,9 @@ class Memory {
   std::vector<int64_t> answers_, left_out_;
   std::vector<float> work_;
   std::vector<float> match_;
+  // Refresh's scratch (K entries each), kept so a frame allocates nothing.
+  std::vector<size_t> cached_, order_;
+  std::vector<double> picked_;
   int64_t capacity_ = 0, frame_in_window_ = 0;
   bool last_hit_ = false;
   int64_t exits_ = 0, exit_run_ = 0, checks_ = 0, disagreements_ = 0, reverts_ = 0;
