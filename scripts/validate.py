@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from absl import app
 from absl import flags
 
 from converters import agreement
@@ -19,6 +20,7 @@ from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import io_utils
 from smtm_tf.runtime import metadata
 from smtm_tf.fitting import streams
+from smtm_tf.evaluation import native_bench
 from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime, check_state_path
 
@@ -36,10 +38,26 @@ _PLOT_DIR = flags.DEFINE_string(
 _STATE = flags.DEFINE_string(
     "state", None, "Memory state file: restored before the first stream if it exists "
     "(a corrupted or mismatched one is reported and ignored) and saved after the last.")
+_NATIVE_CLI = flags.DEFINE_string(
+    "native_cli", None, "Also measure the native runtime on the same frames: the path of "
+    "smtm_cli (built by cmake in native/, e.g. native/build/smtm_cli). Its figures print "
+    "beside the Python harness's.")
+
+
+def _native_backend() -> str:
+    """smtm_cli's --backend for the backend flags (LiteRT's CPU or GPU accelerator)."""
+    if backend_flags.DELEGATE_LIBRARY.value or backend_flags.BACKEND.value not in ("cpu", "gpu"):
+        raise app.UsageError(
+            "--native_cli runs LiteRT's CPU or GPU accelerator: use --backend=cpu or "
+            "--backend=gpu without --delegate_library.")
+    if backend_flags.BACKEND.value == "cpu":
+        return "cpu"
+    return "gpu" if backend_flags.GPU_PRECISION.value == "fp32" else "gpu16"
 
 
 def main(argv):
     del argv
+    native_backend = _native_backend() if _NATIVE_CLI.value else None
     if _STATE.value:
         # Fail now, not after the whole run, if the state cannot be saved.
         check_state_path(_STATE.value)
@@ -59,7 +77,7 @@ def main(argv):
         print(f"{backend_flags.describe()} vs CPU on 16 images "
               f"({check.precision} tolerances):\n{check.format()}")
         agreement.require_agreement(check)
-    rows, recoveries = [], {}
+    rows, recoveries, native_rows = [], {}, []
     if _STATE.value and os.path.exists(_STATE.value):
         runtime.load_state(_STATE.value)
     for kind in _STREAMS.value:
@@ -70,6 +88,12 @@ def main(argv):
         comparison = validation.compare(runtime, stream.render(data.x_test), stream.labels,
                                         keep_state=bool(_STATE.value))
         rows.append((kind, comparison))
+        if _NATIVE_CLI.value:
+            print(f"running {kind} on the native runtime ({_NATIVE_CLI.value} bench) ...",
+                  flush=True)
+            native_rows.append((kind, comparison, native_bench.bench(
+                _NATIVE_CLI.value, _MODEL.value, stream.render(data.x_test),
+                threads=backend_flags.THREADS.value, backend=native_backend)))
         if len(stream.scene_starts) > 1 and runtime.cache_policy is not None:
             recoveries[kind] = validation.recovery_frames(comparison.hits, stream.scene_starts)
         if _PLOT_DIR.value:
@@ -99,12 +123,17 @@ def main(argv):
     for kind, c in rows:
         print(f"{kind}: speed-up {c.speedup:.2f}x, top-1 accuracy {-c.accuracy_drop:+.2f} "
               "points vs full")
+    if native_rows:
+        print("\nThe native runtime on the same frames (smtm_cli bench):")
+        print(native_bench.format_table(native_rows))
     if _JSON.value:
         payload = [{"stream": k, "speedup": c.speedup, "accuracy_drop": c.accuracy_drop,
                     "full": c.full.to_dict(), "smtm": c.smtm.to_dict(),
                     "hit_rate": float(c.hits.mean()),
                     "checked_exits": int(c.checked.sum()),
                     "recovery_frames": recoveries.get(k, [])} for k, c in rows]
+        for entry, (_, _, n) in zip(payload, native_rows):
+            entry["native"] = n.to_dict()
         io_utils.write_bytes_atomic(_JSON.value, json.dumps(payload, indent=2).encode())
 
 

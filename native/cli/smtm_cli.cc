@@ -7,6 +7,8 @@
 //       runs the full model and SMTM interleaved in blocks (the method of
 //       smtm_tf/evaluation/validation.py run_interleaved) and measures host
 //       work per frame (validation.py host_work_us).
+//   --litert_logs=1 keeps LiteRT's own notes on stderr (hidden by default:
+//   the command prints its results and its own errors only).
 #include <algorithm>
 #include <chrono>
 #include <cstdio>
@@ -18,6 +20,7 @@
 #include <string>
 #include <vector>
 
+#include <fcntl.h>
 #include <unistd.h>
 
 #include "npy.h"
@@ -48,12 +51,32 @@ class StdoutToStderr {
   int saved_;
 };
 
+// LiteRT writes its notes (environment, accelerators, delegates) to stderr
+// with no way to turn them off through its C API. The command's own messages
+// go to a copy of stderr taken first; unless --litert_logs=1, file descriptor
+// 2 then points to /dev/null for the rest of the run.
+FILE* err = stderr;
+
+void HideLibraryLogs() {
+  std::fflush(stderr);
+  int saved = dup(2);
+  int null = open("/dev/null", O_WRONLY);
+  if (saved < 0 || null < 0) return;  // Nothing hidden: the logs stay visible.
+  FILE* own = fdopen(saved, "w");
+  if (own == nullptr) return;
+  setvbuf(own, nullptr, _IONBF, 0);  // As stderr: each message at once.
+  dup2(null, 2);
+  close(null);
+  err = own;
+}
+
 int Usage() {
-  std::fprintf(stderr,
+  std::fprintf(err,
                "usage: smtm_cli classify --model=M.tflite --frames=F.npy [--state=S.npz] "
                "[--backend=cpu|gpu|gpu16] [--threads=N]\n"
                "       smtm_cli bench --model=M.tflite --frames=F.npy [--warmup=50] "
-               "[--block=100] [--backend=...] [--threads=N]\n");
+               "[--block=100] [--backend=...] [--threads=N]\n"
+               "       --litert_logs=1 shows LiteRT's own notes on stderr\n");
   return 2;
 }
 
@@ -177,19 +200,24 @@ int main(int argc, char** argv) {
     std::string a = argv[i];
     size_t eq = a.find('=');
     if (a.rfind("--", 0) != 0 || eq == std::string::npos) {
-      std::fprintf(stderr, "Unknown argument %s (flags are --name=value).\n", a.c_str());
+      std::fprintf(err, "Unknown argument %s (flags are --name=value).\n", a.c_str());
       return Usage();
     }
     flags[a.substr(2, eq - 2)] = a.substr(eq + 1);
   }
   for (const auto& [k, v] : flags) {
     static const char* known[] = {"model", "frames", "state", "backend", "threads", "warmup",
-                                  "block"};
+                                  "block", "litert_logs"};
     if (std::none_of(std::begin(known), std::end(known), [&](const char* n) { return k == n; })) {
-      std::fprintf(stderr, "Unknown flag --%s.\n", k.c_str());
+      std::fprintf(err, "Unknown flag --%s.\n", k.c_str());
       return Usage();
     }
   }
+  if (flags.count("litert_logs") && flags["litert_logs"] != "0" && flags["litert_logs"] != "1") {
+    std::fprintf(err, "--litert_logs must be 0 or 1, got %s.\n", flags["litert_logs"].c_str());
+    return Usage();
+  }
+  if (flags["litert_logs"] != "1") HideLibraryLogs();
   if ((command != "classify" && command != "bench") || !flags.count("model") ||
       !flags.count("frames")) {
     return Usage();
@@ -228,7 +256,7 @@ int main(int argc, char** argv) {
     if (flags.count("state")) {
       std::string why;
       if (!rt.LoadState(flags["state"], &why)) {
-        std::fprintf(stderr, "Ignoring the memory state %s (%s); starting with a fresh cache.\n",
+        std::fprintf(err, "Ignoring the memory state %s (%s); starting with a fresh cache.\n",
                      flags["state"].c_str(), why.c_str());
       }
     }
@@ -238,10 +266,10 @@ int main(int argc, char** argv) {
     }
     if (flags.count("state")) rt.SaveState(flags["state"]);
   } catch (const Error& e) {
-    std::fprintf(stderr, "smtm_cli: %s\n", e.what());
+    std::fprintf(err, "smtm_cli: %s\n", e.what());
     return 1;
   } catch (const std::exception& e) {
-    std::fprintf(stderr, "smtm_cli: %s\n", e.what());
+    std::fprintf(err, "smtm_cli: %s\n", e.what());
     return 1;
   }
   return 0;
