@@ -2,6 +2,8 @@
 
 #include <dlfcn.h>
 
+#include <chrono>
+
 #include <fstream>
 #include <iterator>
 #include <mutex>
@@ -427,9 +429,15 @@ void Session::Sync(Buffer& buf, bool to_device) {
 void Session::Run(int s) {
   Bound& b = bound_[s];
   for (Buffer& buf : b.inputs) Sync(buf, true);
+  using Clock = std::chrono::steady_clock;
+  const Clock::time_point start = timing_ ? Clock::now() : Clock::time_point();
   LiteRtStatus status = LiteRtRunCompiledModel(compiled_, s, b.in_handles.size(),
                                                b.in_handles.data(), b.out_handles.size(),
                                                b.out_handles.data());
+  if (timing_) {
+    model_ns_ += std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - start)
+                     .count();
+  }
   if (status != kLiteRtStatusOk) {
     Fail(Error::Code::kBackend, "LiteRT: running signature '" + signatures_[s].key +
                                     "' failed (LiteRtStatus " +

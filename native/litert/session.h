@@ -80,6 +80,11 @@ class Session {
   void Run(int signature);
   bool FullyAccelerated() const;
   Accelerator accelerator() const { return options_.accelerator; }
+  // Measurements: while timing is on, Run adds the nanoseconds LiteRT spent
+  // running (LiteRtRunCompiledModel alone) to model_ns(). Off by default: no
+  // clock is read.
+  void set_timing(bool on) { timing_ = on; }
+  int64_t model_ns() const { return model_ns_; }
 
  private:
   struct Buffer {
@@ -101,6 +106,8 @@ class Session {
   float* Find(int signature, std::string_view name, bool input) const;
 
   SessionOptions options_;
+  bool timing_ = false;
+  int64_t model_ns_ = 0;
   std::vector<uint8_t> bytes_;
   LiteRtEnvironment env_ = nullptr;
   LiteRtModel model_ = nullptr;

@@ -256,7 +256,7 @@ void Runtime::Feed(const float* frame, float* dst) const {
   }
 }
 
-void Runtime::CheckFrame(const float* frame, size_t size) const {
+void Runtime::FeedChecked(const float* frame, size_t size, float* dst) const {
   if (frame == nullptr || size != frame_size_) {
     std::ostringstream shape;
     for (size_t i = 0; i < input_shape_.size(); ++i) shape << (i ? ", " : "") << input_shape_[i];
@@ -264,15 +264,23 @@ void Runtime::CheckFrame(const float* frame, size_t size) const {
                                      " values; the model takes [" + shape.str() + "] (" +
                                      std::to_string(frame_size_) + " float32 pixels).");
   }
-  if (!AllFinite(frame, size)) {
+  // The frame is read from memory once, by the copy; the check reads the
+  // copy, in cache. A non-finite pixel stays non-finite through the affine
+  // preprocessing; a finite one that overflows it is the model's to refuse
+  // (as in Python, which checks the pixels), so the pixels decide.
+  Feed(frame, dst);
+  if (!AllFinite(dst, frame_size_)) {
     const size_t bad = CountNonFinite(frame, size);
-    Fail(Error::Code::kFrame, "The frame has " + std::to_string(bad) +
-                                  " non-finite pixels (NaN or infinity); it was not classified.");
+    if (bad) {
+      Fail(Error::Code::kFrame, "The frame has " + std::to_string(bad) +
+                                    " non-finite pixels (NaN or infinity); it was not "
+                                    "classified.");
+    }
   }
 }
 
 int Runtime::RunFull(const float* frame) {
-  Feed(frame, full_in_);
+  if (frame != nullptr) Feed(frame, full_in_);
   session_->Run(full_);
   if (!std::isfinite(MaxOf(full_out_, num_classes_))) {
     Fail(Error::Code::kFrame, "The full model's probabilities for this frame are not finite; "
@@ -282,15 +290,13 @@ int Runtime::RunFull(const float* frame) {
 }
 
 FrameResult Runtime::Classify(const float* frame, size_t size) {
-  CheckFrame(frame, size);
+  FeedChecked(frame, size, stages_.front().activation_in);
   Memory& memory = *memory_;
   const float* activation = nullptr;
   const size_t n = stages_.size();
   for (size_t s = 0; s < n; ++s) {
     Stage& st = stages_[s];
-    if (activation == nullptr) {
-      Feed(frame, st.activation_in);
-    } else if (st.activation_in != activation) {  // Not chained.
+    if (activation != nullptr && st.activation_in != activation) {  // Not chained.
       std::memcpy(st.activation_in, activation, st.activation_floats * sizeof(float));
     }
     session_->Run(st.signature);
@@ -330,8 +336,8 @@ FrameResult Runtime::Classify(const float* frame, size_t size) {
 }
 
 int Runtime::ClassifyFull(const float* frame, size_t size) {
-  CheckFrame(frame, size);
-  return RunFull(frame);
+  FeedChecked(frame, size, full_in_);
+  return RunFull(nullptr);
 }
 
 void Runtime::Reset() {

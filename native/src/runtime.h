@@ -66,6 +66,10 @@ class Runtime {
   // Bare signature runs on the bound buffers, for host-work measurements.
   void RunStage(int stage) { session_->Run(stages_[stage].signature); }
   void RunHead() { session_->Run(head_); }
+  // Nanoseconds spent inside LiteRT's runs since timing was turned on (see
+  // litert::Session::set_timing): a frame's host work is its time minus this.
+  void set_timing(bool on) { session_->set_timing(on); }
+  int64_t model_ns() const { return session_->model_ns(); }
 
  private:
   struct Stage {
@@ -82,8 +86,11 @@ class Runtime {
     bool never;
   };
   void Bind();
-  void CheckFrame(const float* frame, size_t size) const;
+  // Copies (preprocesses) a frame into `dst` and refuses a frame of the
+  // wrong size or with non-finite pixels.
+  void FeedChecked(const float* frame, size_t size, float* dst) const;
   void Feed(const float* frame, float* dst) const;
+  // The full model on `frame`, or on what full_in_ holds when null.
   int RunFull(const float* frame);
   void WriteCentres(int class_id = -1);
 

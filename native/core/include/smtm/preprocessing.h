@@ -30,8 +30,8 @@ void Preprocess(const float* pixels, float* dst, size_t n, const float* scale,
                 const float* offset, int channels);
 
 // Whether every value is finite (no NaN, no infinity): np.isfinite(v).all().
-// Reads the exponent bits eight lanes at a time (the compiler vectorises it);
-// about one instruction per value instead of a branchy std::isfinite loop.
+// Compares the exponent bits eight lanes at a time (the compiler vectorises
+// it): about one instruction per value instead of a branchy std::isfinite loop.
 bool AllFinite(const float* values, size_t n);
 
 // How many values are NaN or infinite (for the error message).
