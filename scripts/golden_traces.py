@@ -15,7 +15,8 @@ traces (`--traces`) without Python: per model `<model>.tflite`, per stream
 kind `<model>/<kind>.frames.npy` (float32 pixels `[N, H, W, C]`) and
 `<model>/<kind>.decisions.npy` (int32 `[N, 2]` class, exit stage), and
 `<model>/full_probabilities.npy`: the `full` signature's probabilities on the
-first video frames as this Python runtime computes them. The
+first video frames as this Python runtime computes them, and
+`stream_kinds.txt`, the stream kinds, one per line. The
 script refuses to export if the Python runtime no longer makes the committed
 decisions (they would not be golden).
 """
@@ -106,6 +107,10 @@ def main(argv):
         io_utils.write_npz_atomic(_OUTPUT.value, arrays, compressed=True)
         print(f"wrote {_OUTPUT.value}")
     if _EXPORT_DIR.value:
+        # The kinds to replay, one per line: the native tests read them here.
+        io_utils.write_bytes_atomic(
+            os.path.join(_EXPORT_DIR.value, "stream_kinds.txt"),
+            "".join(f"{k.value}\n" for k in streams_lib.StreamKind).encode())
         print(f"exported to {_EXPORT_DIR.value}")
 
 

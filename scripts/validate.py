@@ -27,7 +27,8 @@ from smtm_tf.runtime import SmtmRuntime, check_state_path
 _MODEL = flags.DEFINE_string("model", None, "SMTM .tflite to validate.", required=True)
 _DATA = flags.DEFINE_string("data", "fashion_mnist",
                             "Data whose test split the stream draws from.")
-_STREAMS = flags.DEFINE_list("stream", ["video"], "Stream kinds: uniform, zipf, video, open_set, scene_change, drift, object.")
+_STREAMS = flags.DEFINE_list(
+    "stream", ["video"], "Stream kinds: " + ", ".join(k.value for k in streams.StreamKind) + ".")
 _FRAMES = flags.DEFINE_integer("frames", 2000, "Frames per stream.")
 _SEED = flags.DEFINE_integer("seed", 0, "Stream seed.")
 _ZIPF_EXPONENT = flags.DEFINE_float("zipf_exponent", 1.2, "Exponent of the zipf stream.")

@@ -10,7 +10,18 @@ NUM_CLASSES = 10
 LABELS = np.repeat(np.arange(NUM_CLASSES), 100)
 np.random.default_rng(0).shuffle(LABELS)
 
-KINDS = (("uniform", "uniform"), ("zipf", "zipf"), ("video", "video"))
+KINDS = (("uniform", "uniform"), ("zipf", "zipf"), ("video", "video"),
+         ("camera", "camera"), ("camera_pan", "camera_pan"))
+
+
+def _holds(s):
+    """(start, end) of each run of one image (at one brightness) in a stream."""
+    changed = s.indices[1:] != s.indices[:-1]
+    if s.gain is not None:
+        changed |= s.gain[1:] != s.gain[:-1]
+    cuts = np.flatnonzero(changed) + 1
+    edges = np.concatenate([[0], cuts, [len(s)]])
+    return list(zip(edges[:-1], edges[1:]))
 
 
 def _mean_distinct_per_window(labels, window=50):
@@ -72,6 +83,44 @@ class StreamsTest(parameterized.TestCase):
         # A passer-by draws any class, the scene's own included: 0.2 * 0.9.
         self.assertAlmostEqual(float(np.mean(off_scene)), 0.18, delta=0.03)
 
+    def test_camera_holds_each_image_at_one_brightness(self):
+        s = streams.make_stream("camera", LABELS, 3000, seed=2)
+        # A new image comes with a new brightness (every hold draws its own).
+        new_image = s.indices[1:] != s.indices[:-1]
+        new_gain = s.gain[1:] != s.gain[:-1]
+        np.testing.assert_array_equal(new_image, new_gain & new_image)
+        lengths = np.array([e - b for b, e in _holds(s)])  # Scene ends cut some short.
+        self.assertLessEqual(lengths.max(), 40)
+        self.assertGreater(np.mean(lengths >= 5), 0.9)
+        self.assertBetween(float(np.median(lengths)), 15, 30)
+        self.assertTrue(np.all((s.gain >= 0.85) & (s.gain <= 1.15)))
+        self.assertLessEqual(np.abs(s.shifts).max(), 1)  # Jitter only.
+        self.assertAlmostEqual(s.noise, 4 / 255)
+        # Scenes of 1-4 classes.
+        bounds = list(s.scene_starts) + [len(s)]
+        for b, e in zip(bounds[:-1], bounds[1:]):
+            self.assertBetween(len(np.unique(s.labels[b:e])), 1, 4)
+
+    def test_camera_pan_slides_each_held_object(self):
+        s = streams.make_stream("camera_pan", LABELS, 3000, seed=2)
+        self.assertAlmostEqual(s.noise, 8 / 255)
+        self.assertLessEqual(np.abs(s.shifts).max(), 3)  # 2 px of panning + 1 of jitter.
+        travelled = [np.abs(s.shifts[e - 1] - s.shifts[b]).max()
+                     for b, e in _holds(s) if e - b >= 20]
+        # Over a long hold the object crosses the 4 px of the pan, give or take the jitter.
+        self.assertGreaterEqual(float(np.median(travelled)), 3)
+        frames = s.render(np.full((len(LABELS), 8, 8, 1), 100.0, np.float32))
+        self.assertEqual(frames.shape, (3000, 8, 8, 1))
+        self.assertTrue(np.all((frames >= 0) & (frames <= 255)))
+
+    def test_camera_rejects_bad_arguments(self):
+        with self.assertRaisesRegex(ValueError, "hold"):
+            streams.camera(LABELS, 100, hold=(0, 5))
+        with self.assertRaisesRegex(ValueError, "gain_range"):
+            streams.camera(LABELS, 100, gain_range=(1.2, 1.1))
+        with self.assertRaisesRegex(ValueError, ">= 0"):
+            streams.camera(LABELS, 100, pan=-1)
+
     def test_zipf_skew(self):
         s = streams.zipf(LABELS, 20000, exponent=1.2, seed=0)
         shares = np.sort(np.bincount(s.labels, minlength=NUM_CLASSES))[::-1] / len(s)
@@ -103,7 +152,7 @@ class StreamsTest(parameterized.TestCase):
         ("video_no_frames", lambda: streams.video(LABELS, 0), "at least one frame"),
         ("unknown_kind", lambda: streams.make_stream("random", LABELS, 10),
          r"Unknown stream 'random'; choose one of \['uniform', 'zipf', 'video', "
-         r"'open_set', 'scene_change', 'drift', 'object'\]"),
+         r"'open_set', 'scene_change', 'drift', 'object', 'camera', 'camera_pan'\]"),
         ("outside", lambda: streams.video(LABELS, 10, outside=1.5), "outside"),
     )
     def test_invalid_arguments(self, make, pattern):

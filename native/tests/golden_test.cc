@@ -20,10 +20,9 @@ namespace {
 
 using testing_files::ReadFile;
 using testing_files::GoldenDir;
+using testing_files::GoldenKinds;
 
 const char* kModels[] = {"demo_resnet", "demo_mobilenet_v2", "demo_vgg"};
-const char* kKinds[] = {"uniform", "zipf", "video", "open_set", "scene_change", "drift",
-                        "object"};
 
 class GoldenTest : public ::testing::TestWithParam<const char*> {};
 
@@ -33,7 +32,9 @@ TEST_P(GoldenTest, SameClassAndExitStageOnEveryFrame) {
   std::vector<uint8_t> model = ReadFile(GoldenDir() + "/" + name + ".tflite");
   ASSERT_FALSE(model.empty()) << "no " << name << ".tflite in " << GoldenDir();
   Runtime rt(model.data(), model.size());
-  for (const char* kind : kKinds) {
+  const std::vector<std::string> kinds = GoldenKinds();
+  ASSERT_GE(kinds.size(), 7u) << "no stream_kinds.txt in " << GoldenDir();
+  for (const std::string& kind : kinds) {
     NpyArray frames = LoadNpy(GoldenDir() + "/" + name + "/" + kind + ".frames.npy");
     NpyArray want = LoadNpy(GoldenDir() + "/" + name + "/" + kind + ".decisions.npy");
     ASSERT_EQ(frames.shape[0], want.shape[0]);

@@ -25,6 +25,17 @@ inline std::vector<uint8_t> ReadFile(const std::string& path) {
                               std::istreambuf_iterator<char>());
 }
 
+// The stream kinds of a golden export (stream_kinds.txt, one per line);
+// empty when the file cannot be read.
+inline std::vector<std::string> GoldenKinds() {
+  std::ifstream in(GoldenDir() + "/stream_kinds.txt");
+  std::vector<std::string> kinds;
+  for (std::string line; std::getline(in, line);) {
+    if (!line.empty()) kinds.push_back(line);
+  }
+  return kinds;
+}
+
 }  // namespace testing_files
 }  // namespace smtm
 

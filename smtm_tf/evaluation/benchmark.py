@@ -57,6 +57,8 @@ STREAMS = (
     ("video", "video", None),
     ("object", "object", None),
     ("scene_change", "scene_change", None),
+    ("camera", "camera", None),
+    ("camera_pan", "camera_pan", None),
 )
 
 

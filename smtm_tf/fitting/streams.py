@@ -7,7 +7,10 @@ locality, `zipf` a long tail, `video` scenes in which a few hot classes repeat
 until the scene changes, `scene_change` scenes whose hot sets range from 1 to
 6 classes, `drift` a scene whose classes and exposure change slowly, and
 `object` one object held in view (the same image, shifted and noisy) for a
-run of frames.
+run of frames, and `camera` / `camera_pan` what a handheld camera sends:
+short holds of each object in scenes of 1-4 classes, with jitter, a
+brightness per hold and sensor noise; in `camera_pan` each held object also
+slides across the view.
 """
 
 from __future__ import annotations
@@ -30,6 +33,12 @@ class StreamKind(str, enum.Enum):
     DRIFT = "drift"
     # The same image held in view for a run of frames, shifted and noisy.
     OBJECT = "object"
+    # Objects held 5-40 frames in scenes of 1-4 classes; +-1 px jitter, a
+    # brightness of 0.85-1.15 per hold, noise sigma 4 of 255.
+    CAMERA = "camera"
+    # CAMERA while panning: each held object slides 4 px across the view,
+    # noise sigma 8 of 255.
+    CAMERA_PAN = "camera_pan"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,6 +280,54 @@ def held_object(labels: np.ndarray, num_frames: int, seed: int = 0,
                   seed=seed)
 
 
+def camera(labels: np.ndarray, num_frames: int, seed: int = 0,
+           hold: tuple[int, int] = (5, 40), hot_classes: tuple[int, int] = (1, 4),
+           max_jitter: int = 1, gain_range: tuple[float, float] = (0.85, 1.15),
+           noise: float = 4 / 255, pan: int = 0) -> Stream:
+    """A handheld camera: objects of `video` scenes, each held for a few frames.
+
+    Each hold shows one image for `hold` frames (fewer where its scene ends) at
+    one brightness (a gain drawn from `gain_range`), every frame jittered by up to `max_jitter` pixels. With
+    `pan` > 0 the object also slides from -pan to +pan pixels along a random
+    direction over its hold (the camera pans). Scenes (`scene_starts`) are the
+    video's: a new set of classes.
+
+    Args:
+      noise: Gaussian noise, as a share of the value range (4 / 255: sigma 4
+        on 0..255 pixels).
+    """
+    _check(num_frames)
+    if not 1 <= hold[0] <= hold[1]:
+        raise ValueError(f"hold must satisfy 1 <= min <= max, got {hold}.")
+    if max_jitter < 0 or pan < 0 or noise < 0:
+        raise ValueError("max_jitter, pan and noise must be >= 0.")
+    if not 0.0 < gain_range[0] <= gain_range[1]:
+        raise ValueError(f"gain_range must satisfy 0 < low <= high, got {gain_range}.")
+    scenes = video(labels, num_frames, seed, hot_classes=hot_classes, background=0.0)
+    rng = np.random.default_rng(seed + 15485863)
+    idx = np.empty(num_frames, np.int64)
+    gain = np.empty(num_frames)
+    slide = np.zeros((num_frames, 2))
+    cuts = np.append(scenes.scene_starts[1:], num_frames)  # A hold ends with its scene.
+    start = 0
+    while start < num_frames:
+        scene_end = int(cuts[np.searchsorted(cuts, start, side="right")])
+        end = min(scene_end, start + int(rng.integers(hold[0], hold[1] + 1)))
+        idx[start:end] = scenes.indices[start]
+        gain[start:end] = rng.uniform(*gain_range)
+        if pan:
+            direction = np.array([0, 0])
+            while not direction.any():
+                direction = rng.integers(-1, 2, 2)
+            slide[start:end] = np.linspace(-pan, pan, end - start)[:, None] * direction
+        start = end
+    shifts = np.rint(slide).astype(np.int64) + rng.integers(-max_jitter, max_jitter + 1,
+                                                             (num_frames, 2))
+    kind = StreamKind.CAMERA_PAN if pan else StreamKind.CAMERA
+    return Stream(kind, idx, np.asarray(labels)[idx], scene_starts=scenes.scene_starts,
+                  shifts=shifts, gain=gain, noise=noise, seed=seed)
+
+
 def make_stream(kind: StreamKind | str, labels: np.ndarray, num_frames: int,
                 seed: int = 0, zipf_exponent: float = 1.2) -> Stream:
     """Builds a stream by kind name (the `--stream` flag)."""
@@ -290,6 +347,10 @@ def make_stream(kind: StreamKind | str, labels: np.ndarray, num_frames: int,
         return drift(labels, num_frames, seed)
     if kind is StreamKind.OBJECT:
         return held_object(labels, num_frames, seed)
+    if kind is StreamKind.CAMERA:
+        return camera(labels, num_frames, seed)
+    if kind is StreamKind.CAMERA_PAN:
+        return camera(labels, num_frames, seed, noise=8 / 255, pan=2)
     if kind is StreamKind.OPEN_SET:
         return dataclasses.replace(video(labels, num_frames, seed, outside=0.5),
                                    kind=StreamKind.OPEN_SET)
