@@ -18,6 +18,7 @@ full_mean_us 798.3
 smtm_mean_us 392.9
 speedup 2.032
 host_work_us 1.16
+host_self_us 1.30
 agreement_with_full 0.9767
 exit_shares 0.430 0.193 0.023 0.143 0.113 0.000 0.097
 """
@@ -39,6 +40,7 @@ class NativeBenchTest(absltest.TestCase):
         self.assertAlmostEqual(b.full_mean_us, 798.3)
         self.assertAlmostEqual(b.speedup, 2.032)
         self.assertAlmostEqual(b.host_work_us, 1.16)
+        self.assertAlmostEqual(b.host_self_us, 1.30)
         self.assertLen(b.exit_shares, 7)
         self.assertAlmostEqual(sum(b.exit_shares), 0.999)
 
