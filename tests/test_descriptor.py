@@ -42,6 +42,15 @@ class RoundTripTest(absltest.TestCase):
         # Bytes are accepted too (that is what the metadata holds).
         self.assertEqual(desc.Descriptor.from_json(text.encode()), d)
 
+    def test_rule_choice_json_is_the_descriptors_fields(self):
+        d = make_descriptor()
+        choice = json.loads(desc.rule_choice_json(d.exit_rule, d.cache))
+        self.assertEqual(set(choice), {"exit_rule", "cache"})
+        self.assertEqual(exit_policy.ExitRule.from_dict(choice["exit_rule"]), d.exit_rule)
+        self.assertEqual(choice["exit_rule"], d.to_dict()["exit_rule"])
+        self.assertEqual(choice["cache"], d.to_dict()["cache"])
+        self.assertIsNone(json.loads(desc.rule_choice_json(d.exit_rule))["cache"])
+
     def test_equality_sees_centres(self):
         d = make_descriptor()
         other = make_descriptor(seed=1)

@@ -8,6 +8,9 @@
 //       smtm_tf/evaluation/validation.py run_interleaved) and measures host
 //       work per frame (validation.py host_work_us), and host work timed
 //       directly (host_self_us: classify minus LiteRT's own run time).
+//   --exit_rule=R.json (both commands) switches to another exit rule and cache
+//       policy first: {"exit_rule": {...}, "cache": {...} or null}, as the
+//       descriptor writes them (Runtime::SetExitRule).
 //   --litert_logs=1 keeps LiteRT's own notes on stderr (hidden by default:
 //   the command prints its results and its own errors only).
 #include <algorithm>
@@ -77,6 +80,7 @@ int Usage() {
                "[--backend=cpu|gpu|gpu16] [--threads=N]\n"
                "       smtm_cli bench --model=M.tflite --frames=F.npy [--warmup=50] "
                "[--block=100] [--backend=...] [--threads=N]\n"
+               "       --exit_rule=R.json switches to another exit rule and cache policy\n"
                "       --litert_logs=1 shows LiteRT's own notes on stderr\n");
   return 2;
 }
@@ -232,7 +236,7 @@ int main(int argc, char** argv) {
   }
   for (const auto& [k, v] : flags) {
     static const char* known[] = {"model", "frames", "state", "backend", "threads", "warmup",
-                                  "block", "litert_logs"};
+                                  "block", "exit_rule", "litert_logs"};
     if (std::none_of(std::begin(known), std::end(known), [&](const char* n) { return k == n; })) {
       std::fprintf(err, "Unknown flag --%s.\n", k.c_str());
       return Usage();
@@ -263,6 +267,14 @@ int main(int argc, char** argv) {
       owned = std::make_unique<smtm::Runtime>(model.data(), model.size(), options);
     }
     smtm::Runtime& rt = *owned;
+    if (flags.count("exit_rule")) {
+      std::vector<uint8_t> rule = ReadFile(flags["exit_rule"]);
+      try {
+        rt.SetExitRule(std::string_view(reinterpret_cast<const char*>(rule.data()), rule.size()));
+      } catch (const Error& e) {
+        throw Error(e.code(), flags["exit_rule"] + ": " + e.what());
+      }
+    }
     smtm::NpyArray frames = smtm::LoadNpy(flags["frames"]);
     size_t size = rt.frame_size();
     if (frames.shape.empty() || frames.size() % size != 0 ||

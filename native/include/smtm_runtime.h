@@ -60,6 +60,13 @@ smtm_status smtm_classify_full(smtm_runtime* runtime, const float* frame, size_t
                                int* class_id);
 /* Forgets the stream (cache, short-term tier, adapted centres). */
 smtm_status smtm_reset(smtm_runtime* runtime);
+/* Switches to another exit rule and cache policy, as Python's
+   SmtmRuntime.set_exit_rule does: `rule_json` is a NUL-terminated JSON object
+   in the descriptor's schema, {"exit_rule": {...}, "cache": {...} or null}
+   (docs/descriptor_spec.md). Starts a fresh memory. SMTM_ERROR_ARGUMENT (the
+   message names the field) when it does not parse or fit the model; the
+   current rule then stays. */
+smtm_status smtm_set_exit_rule(smtm_runtime* runtime, const char* rule_json);
 /* Writes the adaptive memory's state to `path` atomically. */
 smtm_status smtm_save_state(smtm_runtime* runtime, const char* path);
 /* Restores a state: *restored = 1, or 0 when the file is missing, damaged or

@@ -96,6 +96,12 @@ smtm_status smtm_reset(smtm_runtime* runtime) {
   return Guard([&] { runtime->impl.Reset(); });
 }
 
+smtm_status smtm_set_exit_rule(smtm_runtime* runtime, const char* rule_json) {
+  if (!runtime) return Null("runtime");
+  if (!rule_json) return Null("rule_json");
+  return Guard([&] { runtime->impl.SetExitRule(rule_json); });
+}
+
 smtm_status smtm_save_state(smtm_runtime* runtime, const char* path) {
   if (!runtime) return Null("runtime");
   if (!path) return Null("path");

@@ -345,6 +345,26 @@ void Runtime::Reset() {
   WriteCentres();
 }
 
+void Runtime::SetExitRule(std::string_view rule_json) {
+  RuleChoice choice = RuleChoice::Parse(rule_json);
+  auto next = std::make_unique<Memory>(descriptor_, choice.rule, choice.policy);
+  // What a saved state is valid for (host.py _fingerprint): the descriptor
+  // alone for its own rule and policy, else the descriptor, a newline and the
+  // rule and policy's canonical JSON.
+  const std::string_view raw = *session_->Metadata(kDescriptorName);
+  RuleChoice own{descriptor_.exit_rule,
+                 descriptor_.exit_rule.uses_cache() ? descriptor_.cache : std::nullopt};
+  const std::string canonical = choice.CanonicalJson();
+  const std::string hashed =
+      canonical == own.CanonicalJson() ? std::string(raw) : std::string(raw) + "\n" + canonical;
+  fingerprint_ = Sha256Hex(hashed.data(), hashed.size());
+  memory_ = std::move(next);
+  for (size_t i = 0; i < stages_.size(); ++i) {
+    stages_[i].never = memory_->Never(static_cast<int>(i));
+  }
+  WriteCentres();
+}
+
 void Runtime::SaveState(const std::string& path) const { memory_->Save(path, fingerprint_); }
 
 bool Runtime::LoadState(const std::string& path, std::string* why) {

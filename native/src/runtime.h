@@ -46,6 +46,12 @@ class Runtime {
   int ClassifyFull(const float* frame, size_t size);
   // Forgets the stream: cache, short-term tier, adapted centres.
   void Reset();
+  // Switches to another exit rule and cache policy (host.py set_exit_rule),
+  // given as JSON in the descriptor's schema: {"exit_rule": {...}, "cache":
+  // {...} or null} (smtm::RuleChoice). Starts a fresh memory; the model's
+  // centres are kept. Throws kArgument (naming the field) for a rule that
+  // does not parse or does not fit the model; the current rule then stays.
+  void SetExitRule(std::string_view rule_json);
   // Writes the memory's state atomically. Throws kState / kIo.
   void SaveState(const std::string& path) const;
   // Restores a state written by SaveState (here or by the Python runtime).

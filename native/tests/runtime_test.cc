@@ -109,6 +109,73 @@ TEST_F(ModelTest, BadFramesAreRefusedAndLeaveTheMemory) {
   smtm_destroy(rt);
 }
 
+TEST_F(ModelTest, ExitRulesThatDoNotFitAreRefusedAndTheRuleStays) {
+  smtm_runtime* rt = nullptr;
+  ASSERT_EQ(smtm_create(model_.data(), model_.size(), nullptr, &rt), SMTM_OK) << smtm_last_error();
+  const int S = smtm_num_stages(rt);
+  auto thresholds = [&](int n) {
+    std::string t = "[";
+    for (int s = 0; s < n; ++s) t += (s ? ",2.5" : "2.5");
+    return t + "]";
+  };
+  auto params = [&](int classes) {
+    std::string p = "[";
+    for (int s = 0; s < S; ++s) {
+      p += s ? ",[" : "[";
+      for (int c = 0; c < classes; ++c) p += c ? ",[0.0,1.0]" : "[0.0,1.0]";
+      p += "]";
+    }
+    return p + "]";
+  };
+  const std::string margin = "{\"exit_rule\":{\"metric\":\"margin\",\"thresholds\":";
+  const struct { std::string json, says; } bad[] = {
+      {"not json", "not valid JSON"},
+      {"[1, 2]", "must be a JSON object"},
+      {"{\"cache\":null}", "exit_rule"},
+      {"{\"exit_rule\":{},\"extra\":1}", "extra"},
+      {margin + thresholds(S - 1) + ",\"target_agreement\":0.99},\"cache\":null}", "stages"},
+      {margin + thresholds(S) + "},\"cache\":null}", "target_agreement"},  // Required.
+      {margin + thresholds(S) + ",\"target_agreement\":7},\"cache\":null}", "target_agreement"},
+      {margin + "[NaN]},\"cache\":null}", "not valid JSON"},
+      {margin + thresholds(S) + ",\"target_agreement\":0.99,\"cold_thresholds\":" +
+           thresholds(S) + "},\"cache\":null}",
+       "cache policy"},
+      {"{\"exit_rule\":{\"metric\":\"layer_aware\",\"thresholds\":" + thresholds(S) +
+           ",\"target_agreement\":0.99,\"metric_params\":" + params(3) + "},\"cache\":null}",
+       "covers 3 classes"},
+  };
+  int c, e;
+  std::vector<std::pair<int, int>> before, after;
+  for (size_t i = 0; i < 60; ++i) {
+    ASSERT_EQ(smtm_classify(rt, Frame(i), Size(), &c, &e), SMTM_OK);
+    before.emplace_back(c, e);
+  }
+  ASSERT_EQ(smtm_reset(rt), SMTM_OK);
+  for (const auto& b : bad) {
+    EXPECT_EQ(smtm_set_exit_rule(rt, b.json.c_str()), SMTM_ERROR_ARGUMENT) << b.json;
+    EXPECT_NE(std::string(smtm_last_error()).find(b.says), std::string::npos)
+        << b.json << ": " << smtm_last_error();
+  }
+  EXPECT_EQ(smtm_set_exit_rule(rt, nullptr), SMTM_ERROR_ARGUMENT);
+  // The descriptor's rule stays: the same decisions as before.
+  for (size_t i = 0; i < 60; ++i) {
+    ASSERT_EQ(smtm_classify(rt, Frame(i), Size(), &c, &e), SMTM_OK);
+    after.emplace_back(c, e);
+  }
+  EXPECT_EQ(before, after);
+  // A rule that fits is taken: margin >= 1e9 never exits early.
+  std::string never = margin + "[";
+  for (int s = 0; s < S; ++s) never += s ? ",1e9" : "1e9";
+  never += "],\"target_agreement\":0.99},\"cache\":null}";
+  ASSERT_EQ(smtm_set_exit_rule(rt, never.c_str()), SMTM_OK)
+      << smtm_last_error();
+  for (size_t i = 0; i < 20; ++i) {
+    ASSERT_EQ(smtm_classify(rt, Frame(i), Size(), &c, &e), SMTM_OK);
+    EXPECT_EQ(e, S) << i;
+  }
+  smtm_destroy(rt);
+}
+
 TEST_F(ModelTest, StateSaveLoadContinuesTheStream) {
   std::string path = TempPath("state.npz");
   Runtime a(model_.data(), model_.size());

@@ -560,3 +560,15 @@ def _non_finite(value, path: str) -> str | None:
             if found:
                 return found
     return None
+
+
+def rule_choice_json(rule: exit_policy.ExitRule,
+                     cache_policy: cache_lib.CachePolicy | None = None) -> str:
+    """An exit rule and cache policy as the native runtime's `smtm_set_exit_rule`
+    (C), `SmtmRuntime.setExitRule` (Java) and `smtm_cli --exit_rule` take them:
+    the descriptor's own `exit_rule` and `cache` fields. The native runtime then
+    decides as `SmtmRuntime.set_exit_rule(rule, cache_policy)` does here.
+    """
+    return json.dumps({"exit_rule": rule.to_dict(),
+                       "cache": None if cache_policy is None else cache_policy.to_dict()},
+                      separators=(",", ":"))

@@ -1,5 +1,6 @@
-// libFuzzer target: Descriptor::Parse on arbitrary bytes. Every input must
-// parse or throw smtm::Error kModelFile; anything else (a crash, another
+// libFuzzer target: Descriptor::Parse and RuleChoice::Parse on arbitrary
+// bytes. Every input must parse or throw smtm::Error (kModelFile for a
+// descriptor, kArgument for a rule choice); anything else (a crash, another
 // exception, a sanitizer report) is a bug. A parsed descriptor must also
 // build a Memory and run a lookup without fault.
 #include <cstddef>
@@ -13,6 +14,13 @@
 #include "smtm/memory.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
+  // The same bytes as an exit rule choice (smtm_set_exit_rule): it parses or
+  // throws kArgument.
+  try {
+    smtm::RuleChoice::Parse(std::string_view(reinterpret_cast<const char*>(data), size));
+  } catch (const smtm::Error& e) {
+    if (e.code() != smtm::Error::Code::kArgument) std::abort();
+  }
   smtm::Descriptor d;
   try {
     d = smtm::Descriptor::Parse(std::string_view(reinterpret_cast<const char*>(data), size));

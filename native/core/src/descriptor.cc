@@ -3,6 +3,7 @@
 
 #include <algorithm>
 #include <cerrno>
+#include <charconv>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -956,6 +957,136 @@ Descriptor Descriptor::Parse(std::string_view text) {
     throw Error(Error::Code::kModelFile,
                 std::string("Malformed descriptor (") + e.what() + "). Re-convert the model.");
   }
+}
+
+RuleChoice RuleChoice::Parse(std::string_view text) {
+  try {
+    if (text.size() > kMaxDescriptorBytes) {
+      Fail("The exit rule is " + std::to_string(text.size()) + " bytes, at most " +
+           std::to_string(kMaxDescriptorBytes) + ".");
+    }
+    int depth = NestingDepth(text);
+    if (depth > kMaxJsonDepth) {
+      Fail("The exit rule nests " + std::to_string(depth) + " levels deep, at most " +
+           std::to_string(kMaxJsonDepth) + ".");
+    }
+    Json d;
+    try {
+      d = Json::parse(text.begin(), text.end(), nullptr, true, false);
+    } catch (const nlohmann::json::exception& e) {
+      Fail(std::string("The exit rule is not valid JSON: ") + e.what());
+    }
+    std::string where;
+    if (NonFinite(d, "", &where)) {
+      Fail("holds a non-finite number (NaN or Infinity); exit rules hold finite numbers only.",
+           where);
+    }
+    CheckFields("Exit rule choice", d, {"exit_rule"}, {"cache"});
+    RuleChoice out;
+    out.rule = At("exit_rule", [&] { return ParseRule(d["exit_rule"]); });
+    if (out.rule.uses_cache() && d.contains("cache") && !d["cache"].is_null()) {
+      out.policy = At("cache", [&] { return ParsePolicy(d["cache"]); });
+    }
+    return out;
+  } catch (const DescError& e) {
+    throw Error(Error::Code::kArgument, e.field.empty() ? e.reason : e.field + ": " + e.reason);
+  } catch (const Error& e) {
+    throw Error(Error::Code::kArgument, e.what());
+  } catch (const std::exception& e) {
+    throw Error(Error::Code::kArgument, std::string("Malformed exit rule (") + e.what() + ").");
+  }
+}
+
+namespace {
+
+// Python's repr of a float (the shortest digits that read back, fixed
+// notation for exponents -4..15 with at least one decimal, else d.ddde+XX).
+std::string PyFloat(double v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v, std::chars_format::scientific);
+  std::string sci(buf, r.ptr);  // [-]d[.ddd]e[+-]XX
+  const bool negative = sci[0] == '-';
+  if (negative) sci.erase(0, 1);
+  const size_t e = sci.find('e');
+  std::string digits = sci.substr(0, e);
+  digits.erase(std::remove(digits.begin(), digits.end(), '.'), digits.end());
+  const int exponent = std::stoi(sci.substr(e + 1));
+  std::string out;
+  if (exponent >= -4 && exponent < 16) {
+    if (exponent >= 0) {
+      if (digits.size() < size_t(exponent) + 1) digits.append(size_t(exponent) + 1 - digits.size(), '0');
+      std::string rest = digits.substr(size_t(exponent) + 1);
+      out = digits.substr(0, size_t(exponent) + 1) + "." + (rest.empty() ? "0" : rest);
+    } else {
+      out = "0." + std::string(size_t(-exponent - 1), '0') + digits;
+    }
+  } else {
+    out = digits.substr(0, 1) + (digits.size() > 1 ? "." + digits.substr(1) : "") + "e" +
+          (exponent < 0 ? "-" : "+") + (std::abs(exponent) < 10 ? "0" : "") +
+          std::to_string(std::abs(exponent));
+  }
+  return negative ? "-" + out : out;
+}
+
+// float(str(np.float32(v))): the float32's shortest digits, read as a double.
+std::string PyFloat32(float v) {
+  char buf[64];
+  auto r = std::to_chars(buf, buf + sizeof buf, v);
+  return PyFloat(std::strtod(std::string(buf, r.ptr).c_str(), nullptr));
+}
+
+std::string PyList(const Thresholds& t) {
+  std::string out = "[";
+  for (size_t i = 0; i < t.size(); ++i) {
+    out += (i ? "," : "") + (t[i] ? PyFloat(*t[i]) : std::string("null"));
+  }
+  return out + "]";
+}
+
+}  // namespace
+
+std::string RuleChoice::CanonicalJson() const {
+  // Keys in sorted order, as sort_keys=True writes them.
+  std::string r = "{";
+  if (rule.cold_thresholds) r += "\"cold_thresholds\":" + PyList(*rule.cold_thresholds) + ",";
+  if (rule.instance_thresholds) {
+    r += "\"instance_thresholds\":" + PyList(*rule.instance_thresholds) + ",";
+  }
+  r += "\"metric\":\"" + std::string(MetricName(rule.metric)) + "\",";
+  if (rule.metric_params) {
+    r += "\"metric_params\":[";
+    for (size_t s = 0; s < rule.metric_params->size(); ++s) {
+      const auto& p = (*rule.metric_params)[s];
+      r += s ? ",[" : "[";
+      for (size_t c = 0; c + 1 < p.size(); c += 2) {
+        r += (c ? ",[" : "[") + PyFloat32(p[c]) + "," + PyFloat32(p[c + 1]) + "]";
+      }
+      r += "]";
+    }
+    r += "],";
+  }
+  r += "\"target_agreement\":" + PyFloat(rule.target_agreement) + ",\"thresholds\":" +
+       PyList(rule.thresholds) + "}";
+  std::string p = "null";
+  if (policy) {
+    const CachePolicy& c = *policy;
+    p = "{\"adapt_rate\":" + PyFloat(c.adapt_rate) +
+        ",\"admit_min_confidence\":" + PyFloat(c.admit_min_confidence) +
+        ",\"decay\":" + PyFloat(c.decay) + ",\"exit_weight\":" + PyFloat(c.exit_weight) +
+        ",\"grow_after\":" + std::to_string(c.grow_after) + ",\"hot_min\":" + PyFloat(c.hot_min) +
+        ",\"instance_match\":" + PyFloat(c.instance_match) +
+        ",\"instance_min_confidence\":" + PyFloat(c.instance_min_confidence) +
+        ",\"instance_shift\":" + PyFloat(c.instance_shift) +
+        ",\"instance_slots\":" + std::to_string(c.instance_slots) +
+        ",\"max_drift\":" + PyFloat(c.max_drift) + ",\"max_hot\":" + std::to_string(c.max_hot) +
+        ",\"min_hot\":" + std::to_string(c.min_hot) + ",\"prior\":\"" +
+        (c.prior == Prior::kContrast ? "contrast" : "share") +
+        "\",\"prior_weight\":" + PyFloat(c.prior_weight) +
+        ",\"verify_after\":" + std::to_string(c.verify_after) +
+        ",\"verify_rate\":" + PyFloat(c.verify_rate) +
+        ",\"window\":" + std::to_string(c.window) + "}";
+  }
+  return "[" + r + "," + p + "]";
 }
 
 }  // namespace smtm

@@ -60,6 +60,16 @@ void Memory::Init(const Descriptor& descriptor, const ExitRule& rule,
     throw Error(Error::Code::kArgument, "A rule with cold thresholds needs a cache policy.");
   }
   rule.Validate();
+  if (rule.metric_params) {  // Validate checked one finite [C, 2] array per stage.
+    for (size_t s = 0; s < rule.metric_params->size(); ++s) {
+      const size_t classes = (*rule.metric_params)[s].size() / 2;
+      if (classes != size_t(descriptor.num_classes())) {
+        throw Error(Error::Code::kArgument,
+                    "metric_params[" + std::to_string(s) + "] covers " + std::to_string(classes) +
+                        " classes, the model " + std::to_string(descriptor.num_classes()) + ".");
+      }
+    }
+  }
   // The policy is kept only for a rule with cold thresholds (set_exit_rule).
   const std::optional<CachePolicy> policy = rule.uses_cache() ? given : std::nullopt;
   if (policy) policy->Validate();

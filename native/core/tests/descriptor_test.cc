@@ -224,3 +224,35 @@ INSTANTIATE_TEST_SUITE_P(Descriptors, ParityTest,
 
 }  // namespace
 }  // namespace smtm
+
+namespace smtm {
+namespace {
+
+TEST(RuleChoiceTest, CanonicalJsonIsPythonsJsonDumps) {
+  // The expected text is what Python prints for the same rule:
+  // json.dumps([rule, None], sort_keys=True, separators=(",", ":")).
+  RuleChoice c = RuleChoice::Parse(
+      R"({"exit_rule": {"thresholds": [1e16, 0.00001, 0.0001, 100, null, -2.5,
+          123456789012345.6, 1.5e-7], "metric": "margin", "target_agreement": 0.99},
+          "cache": {"decay": 0.5}})");
+  EXPECT_FALSE(c.policy.has_value());  // No cold thresholds: the policy is dropped.
+  EXPECT_EQ(c.CanonicalJson(),
+            R"([{"metric":"margin","target_agreement":0.99,"thresholds":[1e+16,1e-05,0.0001,)"
+            R"(100.0,null,-2.5,123456789012345.6,1.5e-07]},null])");
+}
+
+TEST(RuleChoiceTest, RefusesWhatIsNotARuleChoice) {
+  const char* bad[] = {"", "[]", "{}", R"({"exit_rule": 3})", R"({"exit_rule": {}, "x": 1})",
+                       R"({"exit_rule": {"metric": "margin", "thresholds": [NaN]}})"};
+  for (const char* text : bad) {
+    try {
+      RuleChoice::Parse(text);
+      ADD_FAILURE() << "parsed: " << text;
+    } catch (const Error& e) {
+      EXPECT_EQ(e.code(), Error::Code::kArgument) << text;
+    }
+  }
+}
+
+}  // namespace
+}  // namespace smtm

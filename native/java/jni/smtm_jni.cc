@@ -132,6 +132,12 @@ JNIEXPORT void JNICALL Java_smtm_SmtmRuntime_nativeReset(JNIEnv* env, jclass, jl
   Ok(env, smtm_reset(Handle(h)));
 }
 
+JNIEXPORT void JNICALL Java_smtm_SmtmRuntime_nativeSetExitRule(JNIEnv* env, jclass, jlong h,
+                                                               jstring rule_json) {
+  if (rule_json == nullptr) return Throw(env, SMTM_ERROR_ARGUMENT, "ruleJson is null");
+  Ok(env, smtm_set_exit_rule(Handle(h), Utf(env, rule_json).c_str()));
+}
+
 JNIEXPORT void JNICALL Java_smtm_SmtmRuntime_nativeSaveState(JNIEnv* env, jclass, jlong h,
                                                              jstring path) {
   if (path == nullptr) return Throw(env, SMTM_ERROR_ARGUMENT, "path is null");

@@ -138,6 +138,24 @@ struct Descriptor {
   static Descriptor Parse(std::string_view json);
 };
 
+// Another exit rule and cache policy for a loaded model, as JSON in the
+// descriptor's own schema: {"exit_rule": {...}, "cache": {...} or null}
+// (what Descriptor.to_dict writes for those two fields). `policy` is nullopt
+// without a cache, and for a rule without cold thresholds (as host.py
+// set_exit_rule drops it). Parsed and range-checked as in a descriptor;
+// Memory checks it against the model. Throws Error kArgument naming the field.
+struct RuleChoice {
+  ExitRule rule;
+  std::optional<CachePolicy> policy;
+
+  static RuleChoice Parse(std::string_view json);
+  // What host.py _fingerprint hashes for a rule other than the descriptor's:
+  // json.dumps([rule.to_dict(), policy.to_dict() or None], sort_keys=True,
+  // separators=(",", ":")), floats as Python's repr writes them (metric
+  // params through float32's shortest form, as to_dict does).
+  std::string CanonicalJson() const;
+};
+
 }  // namespace smtm
 
 #endif  // SMTM_DESCRIPTOR_H_

@@ -86,6 +86,18 @@ public final class SmtmRuntime implements AutoCloseable {
     nativeReset(live());
   }
 
+  /**
+   * Switches to another exit rule and cache policy (Python's {@code set_exit_rule}) and starts a
+   * fresh memory.
+   *
+   * @param ruleJson {@code {"exit_rule": {...}, "cache": {...} or null}} in the descriptor's
+   *     schema
+   * @throws SmtmException (argument) naming the field when it does not parse or fit the model
+   */
+  public void setExitRule(String ruleJson) {
+    nativeSetExitRule(live(), ruleJson);
+  }
+
   /** Writes the adaptive memory's state atomically (the Python runtime reads it too). */
   public void saveState(String path) {
     nativeSaveState(live(), path);
@@ -145,6 +157,8 @@ public final class SmtmRuntime implements AutoCloseable {
   private static native int nativeClassifyFull(long handle, float[] frame);
 
   private static native void nativeReset(long handle);
+
+  private static native void nativeSetExitRule(long handle, String ruleJson);
 
   private static native void nativeSaveState(long handle, String path);
 

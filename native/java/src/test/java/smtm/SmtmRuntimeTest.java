@@ -135,4 +135,28 @@ class SmtmRuntimeTest {
     rt.close();  // Idempotent.
     assertThrows(IllegalStateException.class, () -> rt.classify(frames.floatRow(0)));
   }
+
+  @Test
+  void setExitRuleRefusesWhatDoesNotFitAndTakesWhatDoes() throws IOException {
+    Path dir = golden();
+    Npy frames = new Npy(dir.resolve(MODEL).resolve("video.frames.npy"));
+    try (SmtmRuntime rt = SmtmRuntime.fromFile(dir.resolve(MODEL + ".tflite"))) {
+      int stages = rt.numStages();
+      SmtmException e = assertThrows(SmtmException.class, () -> rt.setExitRule("{\"cache\":null}"));
+      assertEquals(SmtmException.ARGUMENT, e.code());
+      assertTrue(e.getMessage().contains("exit_rule"), e.getMessage());
+      assertEquals(SmtmException.ARGUMENT,
+          assertThrows(SmtmException.class, () -> rt.setExitRule(null)).code());
+      // A margin of 1e9 is never reached: every frame runs to the head.
+      StringBuilder never = new StringBuilder("{\"exit_rule\":{\"metric\":\"margin\",\"thresholds\":[");
+      for (int s = 0; s < stages; ++s) {
+        never.append(s == 0 ? "1e9" : ",1e9");
+      }
+      never.append("],\"target_agreement\":0.99},\"cache\":null}");
+      rt.setExitRule(never.toString());
+      for (int i = 0; i < 20; ++i) {
+        assertEquals(stages, rt.classify(frames.floatRow(i)).exitStage, "frame " + i);
+      }
+    }
+  }
 }
