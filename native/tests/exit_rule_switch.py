@@ -15,7 +15,6 @@ Needs SMTM_GOLDEN_DIR (scripts/golden_traces.py --export_dir); exits 77
 (skipped) without it.
 """
 
-import argparse
 import dataclasses
 import json
 import os
@@ -24,6 +23,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+import golden_args  # native/tests/, beside this script.
 
 sys.path.insert(0, os.getcwd())
 from smtm_tf.runtime import SmtmRuntime  # noqa: E402  pylint: disable=wrong-import-position
@@ -40,15 +41,7 @@ def _native(cli, model, frames_path, rule_path, state=None):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cli", required=True)
-    parser.add_argument("--model", default="demo_resnet")
-    parser.add_argument("--kind", default="scene_change")
-    args = parser.parse_args()
-    golden = os.environ.get("SMTM_GOLDEN_DIR")
-    if not golden:
-        print("SMTM_GOLDEN_DIR not set: skipped")
-        return 77
+    args, golden = golden_args.parse(default_kind="scene_change")
     model = os.path.join(golden, args.model + ".tflite")
     frames_path = os.path.join(golden, args.model, args.kind + ".frames.npy")
     frames = np.load(frames_path)

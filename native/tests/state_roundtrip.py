@@ -10,7 +10,6 @@ Needs SMTM_GOLDEN_DIR (scripts/golden_traces.py --export_dir); exits 77
 (skipped) without it.
 """
 
-import argparse
 import os
 import subprocess
 import sys
@@ -18,20 +17,14 @@ import tempfile
 
 import numpy as np
 
+import golden_args  # native/tests/, beside this script.
+
 sys.path.insert(0, os.getcwd())
 from smtm_tf.runtime import SmtmRuntime  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cli", required=True)
-    parser.add_argument("--model", default="demo_resnet")
-    parser.add_argument("--kind", default="video")
-    args = parser.parse_args()
-    golden = os.environ.get("SMTM_GOLDEN_DIR")
-    if not golden:
-        print("SMTM_GOLDEN_DIR not set: skipped")
-        return 77
+    args, golden = golden_args.parse()
     model = os.path.join(golden, args.model + ".tflite")
     frames = np.load(os.path.join(golden, args.model, args.kind + ".frames.npy"))
     a, b, c = np.array_split(frames, 3)

@@ -10,23 +10,17 @@ Needs SMTM_GOLDEN_DIR (scripts/golden_traces.py --export_dir) and the
 Fashion-MNIST test split; exits 77 (skipped) without the golden folder.
 """
 
-import argparse
 import json
 import os
 import subprocess
 import sys
 import tempfile
 
+import golden_args  # native/tests/, beside this script.
+
 
 def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--cli", required=True)
-    parser.add_argument("--model", default="demo_resnet")
-    args = parser.parse_args()
-    golden = os.environ.get("SMTM_GOLDEN_DIR")
-    if not golden:
-        print("SMTM_GOLDEN_DIR not set: skipped")
-        return 77
+    args, golden = golden_args.parse()
     streams = ["video", "object"]
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "figures.json")

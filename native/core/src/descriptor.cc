@@ -905,28 +905,39 @@ void CachePolicy::Validate() const {
   }
 }
 
+namespace {
+
+// Untrusted JSON text (a descriptor, an exit rule): bounded in size and
+// depth, valid, with finite numbers only. `what` names it in messages.
+Json ParseBounded(std::string_view text, const std::string& what) {
+  if (text.size() > kMaxDescriptorBytes) {
+    Fail("The " + what + " is " + std::to_string(text.size()) + " bytes, at most " +
+         std::to_string(kMaxDescriptorBytes) + ".");
+  }
+  int depth = NestingDepth(text);
+  if (depth > kMaxJsonDepth) {
+    Fail("The " + what + " nests " + std::to_string(depth) + " levels deep, at most " +
+         std::to_string(kMaxJsonDepth) + ".");
+  }
+  Json d;
+  try {
+    d = Json::parse(text.begin(), text.end(), nullptr, true, false);
+  } catch (const nlohmann::json::exception& e) {
+    Fail("The " + what + " is not valid JSON: " + e.what());
+  }
+  std::string where;
+  if (NonFinite(d, "", &where)) {
+    Fail("holds a non-finite number (NaN or Infinity); " + what + "s hold finite numbers only.",
+         where);
+  }
+  return d;
+}
+
+}  // namespace
+
 Descriptor Descriptor::Parse(std::string_view text) {
   try {
-    if (text.size() > kMaxDescriptorBytes) {
-      Fail("The descriptor is " + std::to_string(text.size()) + " bytes, at most " +
-           std::to_string(kMaxDescriptorBytes) + ".");
-    }
-    int depth = NestingDepth(text);
-    if (depth > kMaxJsonDepth) {
-      Fail("The descriptor nests " + std::to_string(depth) + " levels deep, at most " +
-           std::to_string(kMaxJsonDepth) + ".");
-    }
-    Json d;
-    try {
-      d = Json::parse(text.begin(), text.end(), nullptr, true, false);
-    } catch (const nlohmann::json::exception& e) {
-      Fail(std::string("The descriptor is not valid JSON: ") + e.what());
-    }
-    std::string where;
-    if (NonFinite(d, "", &where)) {
-      Fail("holds a non-finite number (NaN or Infinity); descriptors hold finite numbers only.",
-           where);
-    }
+    Json d = ParseBounded(text, "descriptor");
     // Descriptor.from_dict.
     if (!d.is_object()) {
       Fail(std::string("A descriptor must be a JSON object, got ") +
@@ -961,26 +972,7 @@ Descriptor Descriptor::Parse(std::string_view text) {
 
 RuleChoice RuleChoice::Parse(std::string_view text) {
   try {
-    if (text.size() > kMaxDescriptorBytes) {
-      Fail("The exit rule is " + std::to_string(text.size()) + " bytes, at most " +
-           std::to_string(kMaxDescriptorBytes) + ".");
-    }
-    int depth = NestingDepth(text);
-    if (depth > kMaxJsonDepth) {
-      Fail("The exit rule nests " + std::to_string(depth) + " levels deep, at most " +
-           std::to_string(kMaxJsonDepth) + ".");
-    }
-    Json d;
-    try {
-      d = Json::parse(text.begin(), text.end(), nullptr, true, false);
-    } catch (const nlohmann::json::exception& e) {
-      Fail(std::string("The exit rule is not valid JSON: ") + e.what());
-    }
-    std::string where;
-    if (NonFinite(d, "", &where)) {
-      Fail("holds a non-finite number (NaN or Infinity); exit rules hold finite numbers only.",
-           where);
-    }
+    Json d = ParseBounded(text, "exit rule");
     CheckFields("Exit rule choice", d, {"exit_rule"}, {"cache"});
     RuleChoice out;
     out.rule = At("exit_rule", [&] { return ParseRule(d["exit_rule"]); });
