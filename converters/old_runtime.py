@@ -14,10 +14,15 @@ import dataclasses
 import json
 import os
 import subprocess
-import tempfile
 
 import numpy as np
+from delegates import temp_files
 from smtm_tf.runtime import read_descriptor
+
+# Folders of the old-runtime check (inputs, the model under test): named by
+# process, so a conversion's start removes those a killed one left
+# (smtm_converter.remove_leftovers).
+TEMP_PREFIX = "smtm-oldrt-"
 
 _REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _CHECK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "old_runtime_check.py")
@@ -123,7 +128,7 @@ def check_models(paths: list[str], images: np.ndarray | None = None,
         with open(p, "rb") as f:
             contents[p] = f.read()
     results = []
-    with tempfile.TemporaryDirectory(prefix="smtm-oldrt-") as tmp:
+    with temp_files.process_temp_dir(TEMP_PREFIX) as tmp:
         for i, path in enumerate(paths):
             feeds = _sample_inputs(contents[path], images)
             npz = os.path.join(tmp, f"inputs_{i}.npz")

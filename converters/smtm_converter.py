@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import tempfile
 
 import numpy as np
 
@@ -213,12 +212,14 @@ SAVED_MODEL_PREFIX = "smtm-savedmodel-"
 
 
 def remove_leftovers(*outputs: str | None) -> None:
-    """Removes what killed conversions left: temporaries beside `outputs`
-    and SavedModel folders of processes that are gone. Called at the start."""
+    """Removes what killed conversions left: temporaries beside `outputs`,
+    SavedModel and old-runtime check folders of processes that are gone.
+    Called at the start."""
     for path in outputs:
         if path:
             io_utils.remove_stale_temporaries(path)
     temp_files.remove_orphans(SAVED_MODEL_PREFIX)
+    temp_files.remove_orphans(old_runtime.TEMP_PREFIX)
 
 
 def convert_module(module, signatures: dict,
@@ -715,7 +716,7 @@ def _check_old_runtime(flat: bytes, images: np.ndarray, required: bool,
         if required:
             raise ConversionError(f"--require_old_runtime: {e}") from e
         return None
-    with tempfile.TemporaryDirectory(prefix="smtm-oldrt-") as tmp:
+    with temp_files.process_temp_dir(old_runtime.TEMP_PREFIX) as tmp:
         path = os.path.join(tmp, "model.tflite")
         with open(path, "wb") as f:
             f.write(flat)

@@ -18,6 +18,7 @@ from absl.testing import absltest
 import numpy as np
 import pytest
 
+from converters import old_runtime
 from converters import smtm_converter
 from delegates import temp_files
 from smtm_tf.runtime import host
@@ -199,6 +200,34 @@ class ModelFileTest(absltest.TestCase):
                 os.remove(mine)
             finally:
                 temp_files.tempfile.tempdir = None
+
+
+class ConversionLeftoversTest(absltest.TestCase):
+    """Folders a conversion keeps in the temp folder while it runs."""
+
+    def test_a_killed_process_folders_are_removed_at_the_next_start(self):
+        sys_tmp = self.create_tempdir().full_path
+        prefixes = [smtm_converter.SAVED_MODEL_PREFIX, old_runtime.TEMP_PREFIX]
+        # Enters each folder as the conversion does, then dies inside them.
+        killed = ("import os, signal, contextlib\n"
+                  "from delegates import temp_files\n"
+                  "with contextlib.ExitStack() as stack:\n"
+                  f"    for prefix in {prefixes!r}:\n"
+                  "        print(stack.enter_context(temp_files.process_temp_dir(prefix)))\n"
+                  "    os.kill(os.getpid(), signal.SIGKILL)\n")
+        done = subprocess.run([sys.executable, "-c", killed], env=_env(sys_tmp),
+                              capture_output=True, text=True, timeout=120, check=False)
+        self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
+        orphans = done.stdout.split()
+        self.assertLen(orphans, 2)
+        self.assertTrue(all(os.path.isdir(o) for o in orphans))
+        with absltest.mock.patch.dict(os.environ, {"TMPDIR": sys_tmp}):
+            temp_files.tempfile.tempdir = None  # Read TMPDIR again.
+            try:
+                smtm_converter.remove_leftovers()
+            finally:
+                temp_files.tempfile.tempdir = None
+        self.assertEqual([o for o in orphans if os.path.exists(o)], [])
 
 
 if __name__ == "__main__":
