@@ -213,7 +213,8 @@ class ConversionLeftoversTest(absltest.TestCase):
                   "from delegates import temp_files\n"
                   "with contextlib.ExitStack() as stack:\n"
                   f"    for prefix in {prefixes!r}:\n"
-                  "        print(stack.enter_context(temp_files.process_temp_dir(prefix)))\n"
+                  "        print(stack.enter_context(temp_files.process_temp_dir(prefix)),\n"
+                  "              flush=True)\n"
                   "    os.kill(os.getpid(), signal.SIGKILL)\n")
         done = subprocess.run([sys.executable, "-c", killed], env=_env(sys_tmp),
                               capture_output=True, text=True, timeout=120, check=False)
