@@ -86,15 +86,15 @@ def main(argv):
                                      zipf_exponent=_ZIPF_EXPONENT.value)
         print(f"running {kind}: {len(stream)} frames, full and SMTM interleaved ...",
               flush=True)
-        comparison = validation.compare(runtime, stream.render(data.x_test), stream.labels,
+        frames = stream.render(data.x_test)
+        comparison = validation.compare(runtime, frames, stream.labels,
                                         keep_state=bool(_STATE.value))
         rows.append((kind, comparison))
         if _NATIVE_CLI.value:
             print(f"running {kind} on the native runtime ({_NATIVE_CLI.value} bench) ...",
                   flush=True)
             native_rows.append((kind, comparison, native_bench.bench(
-                _NATIVE_CLI.value, _MODEL.value, stream.render(data.x_test),
-                threads=backend_flags.THREADS.value, backend=native_backend)))
+                _NATIVE_CLI.value, _MODEL.value, frames, threads=backend_flags.THREADS.value, backend=native_backend)))
         if len(stream.scene_starts) > 1 and runtime.cache_policy is not None:
             recoveries[kind] = validation.recovery_frames(comparison.hits, stream.scene_starts)
         if _PLOT_DIR.value:

@@ -8,6 +8,7 @@ by the next start: `check_state_path` before a run, `convert_model` before
 a conversion.
 """
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -49,6 +50,17 @@ while True:
 def _env(tmpdir):
     return dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
                 TMPDIR=tmpdir, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3")
+
+
+@contextlib.contextmanager
+def _temp_folder(tmpdir):
+    """This process's temp folder is `tmpdir` inside the block."""
+    with absltest.mock.patch.dict(os.environ, {"TMPDIR": tmpdir}):
+        temp_files.tempfile.tempdir = None  # Read TMPDIR again.
+        try:
+            yield
+        finally:
+            temp_files.tempfile.tempdir = None
 
 
 def _own_temporaries(directory):
@@ -190,16 +202,12 @@ class ModelFileTest(absltest.TestCase):
         self.assertEqual(done.returncode, -signal.SIGKILL, done.stderr)
         orphan = done.stdout.strip()
         self.assertTrue(os.path.isfile(orphan))
-        with absltest.mock.patch.dict(os.environ, {"TMPDIR": sys_tmp}):
-            temp_files.tempfile.tempdir = None  # Read TMPDIR again.
-            try:
-                mine = temp_files.model_file(b"model")
-                self.assertFalse(os.path.exists(orphan))
-                self.assertTrue(os.path.isfile(mine))  # This process's own stays.
-                self.assertEqual(temp_files.remove_orphans(temp_files.MODEL_FILE_PREFIX), [])
-                os.remove(mine)
-            finally:
-                temp_files.tempfile.tempdir = None
+        with _temp_folder(sys_tmp):
+            mine = temp_files.model_file(b"model")
+            self.assertFalse(os.path.exists(orphan))
+            self.assertTrue(os.path.isfile(mine))  # This process's own stays.
+            self.assertEqual(temp_files.remove_orphans(temp_files.MODEL_FILE_PREFIX), [])
+            os.remove(mine)
 
 
 class ConversionLeftoversTest(absltest.TestCase):
@@ -222,12 +230,8 @@ class ConversionLeftoversTest(absltest.TestCase):
         orphans = done.stdout.split()
         self.assertLen(orphans, 2)
         self.assertTrue(all(os.path.isdir(o) for o in orphans))
-        with absltest.mock.patch.dict(os.environ, {"TMPDIR": sys_tmp}):
-            temp_files.tempfile.tempdir = None  # Read TMPDIR again.
-            try:
-                smtm_converter.remove_leftovers()
-            finally:
-                temp_files.tempfile.tempdir = None
+        with _temp_folder(sys_tmp):
+            smtm_converter.remove_leftovers()
         self.assertEqual([o for o in orphans if os.path.exists(o)], [])
 
 

@@ -226,10 +226,14 @@ void Runtime::Bind() {
   if (s.Chain(stages_.back().signature, "next_activation", head_, "activation")) {
     head_in_ = s.Input(head_, "activation");
   }
-  memory_ = std::make_unique<Memory>(descriptor_);
+  for (Stage& st : stages_) st.dim = st.centre_floats / num_classes_;
+  UseMemory(std::make_unique<Memory>(descriptor_));
+}
+
+void Runtime::UseMemory(std::unique_ptr<Memory> memory) {
+  memory_ = std::move(memory);
   for (size_t i = 0; i < stages_.size(); ++i) {
     stages_[i].never = memory_->Never(static_cast<int>(i));
-    stages_[i].dim = stages_[i].centre_floats / num_classes_;
   }
   WriteCentres();
 }
@@ -358,11 +362,7 @@ void Runtime::SetExitRule(std::string_view rule_json) {
   const std::string hashed =
       canonical == own.CanonicalJson() ? std::string(raw) : std::string(raw) + "\n" + canonical;
   fingerprint_ = Sha256Hex(hashed.data(), hashed.size());
-  memory_ = std::move(next);
-  for (size_t i = 0; i < stages_.size(); ++i) {
-    stages_[i].never = memory_->Never(static_cast<int>(i));
-  }
-  WriteCentres();
+  UseMemory(std::move(next));
 }
 
 void Runtime::SaveState(const std::string& path) const { memory_->Save(path, fingerprint_); }

@@ -99,6 +99,9 @@ class Runtime {
   // The full model on `frame`, or on what full_in_ holds when null.
   int RunFull(const float* frame);
   void WriteCentres(int class_id = -1);
+  // Takes `memory` (the descriptor's rule, or another): each stage's `never`
+  // and the centre inputs follow it.
+  void UseMemory(std::unique_ptr<Memory> memory);
 
   RuntimeOptions options_;
   Descriptor descriptor_;

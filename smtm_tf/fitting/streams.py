@@ -287,9 +287,9 @@ def camera(labels: np.ndarray, num_frames: int, seed: int = 0,
     """A handheld camera: objects of `video` scenes, each held for a few frames.
 
     Each hold shows one image for `hold` frames (fewer where its scene ends) at
-    one brightness (a gain drawn from `gain_range`), every frame jittered by up to `max_jitter` pixels. With
-    `pan` > 0 the object also slides from -pan to +pan pixels along a random
-    direction over its hold (the camera pans). Scenes (`scene_starts`) are the
+    one brightness (a gain drawn from `gain_range`), every frame jittered by up
+    to `max_jitter` pixels. With `pan` > 0 the object also slides from -pan to
+    +pan pixels along a random direction over its hold (the camera pans). Scenes (`scene_starts`) are the
     video's: a new set of classes.
 
     Args:
