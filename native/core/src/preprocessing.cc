@@ -68,16 +68,27 @@ uint32_t ExponentBits(const float* v) {
 
 }  // namespace
 
-bool AllFinite(const float* values, size_t n) {
-  // Per lane, whether any value had every exponent bit set: an equality and
-  // an OR per value, which SSE2 and NEON do four lanes at a time (a max of
-  // unsigned lanes is not in SSE2, and a branch per value stops vectorising).
-  constexpr size_t kLanes = 8;
+// x86-64 desktops and servers: an AVX2 copy beside the baseline one, picked
+// once at load by the CPU (an ifunc), halving the instructions of the one
+// host step that reads every pixel. Android and other targets: the baseline.
+#if defined(__x86_64__) && defined(__linux__) && !defined(__ANDROID__) && \
+    (defined(__GNUC__) || defined(__clang__))
+#define SMTM_AVX2_CLONE __attribute__((target_clones("avx2", "default")))
+#else
+#define SMTM_AVX2_CLONE
+#endif
+
+SMTM_AVX2_CLONE bool AllFinite(const float* values, size_t n) {
+  // Per lane, whether any value had every exponent bit set, as a mask: an
+  // AND, an equality and an OR per value, which SSE2 and NEON do four lanes
+  // at a time and AVX2 eight (a max of unsigned lanes is not in SSE2, and a
+  // branch per value stops vectorising).
+  constexpr size_t kLanes = 16;
   uint32_t bad[kLanes] = {};
   size_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (size_t k = 0; k < kLanes; ++k) {
-      bad[k] |= static_cast<uint32_t>(ExponentBits(values + i + k) == kExponent);
+      bad[k] |= ExponentBits(values + i + k) == kExponent ? ~0u : 0u;
     }
   }
   uint32_t any = 0;
