@@ -642,24 +642,13 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
     (x_fit, y_fit), (x_cal, _) = data.holdout(holdout)
     x_fit_in, x_cal_in = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
     x_check = preprocessing.apply(data.x_test[:num_check_images])
-    key = memory_lib.MemoryKey(memory_lib.fingerprint_model(model), preprocessing.to_dict(),
-                               memory_lib.fingerprint_arrays(x_fit_in, x_cal_in))
     fitted = False
     if memory is None:
-        memory = _matching_memory(memory_candidates, key, say, num_stages=num_stages,
-                                  cut_layers=cut_layers, embedding_dim=embedding_dim,
-                                  target_agreement=target_agreement, metric=metric,
-                                  cache=cache_policy is not None)
-    if memory is None:
-        say(f"fitting the semantic memory on {len(x_fit)} images, calibrating on "
-            f"{len(x_cal)}")
-        memory = memory_lib.fit_semantic_memory(
-            model, x_fit_in, x_cal_in, class_names=class_names,
-            num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
-            embedding_dim=32 if embedding_dim is None else embedding_dim,
+        memory, fitted = reuse_or_fit_memory(
+            model, x_fit_in, x_cal_in, class_names, preprocessing, memory_candidates, say,
+            num_stages=num_stages, cut_layers=cut_layers, embedding_dim=embedding_dim,
             target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-            seed=seed, key=key, progress=say)
-        fitted = True
+            seed=seed)
     q = quant.parse(quantization)
     say(f"converting ({q.value}) and checking against Keras")
     flat, report = convert(model, memory, x_check, None, quantization=q,
@@ -686,6 +675,41 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
     io_utils.write_bytes_atomic(output_path, flat)
     logging.info("Wrote %s (%d bytes).", output_path, len(flat))
     return memory, report
+
+
+def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class_names,
+                        preprocessing: prep.Preprocessing, candidates, say,
+                        num_stages: int | None = None, cut_layers=None,
+                        embedding_dim: int | None = None, target_agreement: float = 0.99,
+                        metric: str = "layer_aware",
+                        cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
+                        seed: int = 0) -> tuple[SemanticMemory, bool]:
+    """The first memory file among `candidates` whose key and choices match, else a new fit.
+
+    The key is the model's weights, the preprocessing and the preprocessed
+    fitting and calibration images; a file that does not match is never
+    used, and `say` is told why. Nothing is written here.
+
+    Returns:
+      (memory, fitted): fitted is True for a new fit.
+    """
+    key = memory_lib.MemoryKey(memory_lib.fingerprint_model(model), preprocessing.to_dict(),
+                               memory_lib.fingerprint_arrays(x_fit_in, x_cal_in))
+    memory = _matching_memory(candidates, key, say, num_stages=num_stages,
+                              cut_layers=cut_layers, embedding_dim=embedding_dim,
+                              target_agreement=target_agreement, metric=metric,
+                              cache=cache_policy is not None)
+    if memory is not None:
+        return memory, False
+    say(f"fitting the semantic memory on {len(x_fit_in)} images, calibrating on "
+        f"{len(x_cal_in)}")
+    memory = memory_lib.fit_semantic_memory(
+        model, x_fit_in, x_cal_in, class_names=class_names,
+        num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
+        embedding_dim=32 if embedding_dim is None else embedding_dim,
+        target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
+        seed=seed, key=key, progress=say)
+    return memory, True
 
 
 def _matching_memory(paths, key: memory_lib.MemoryKey, say, **wanted) -> SemanticMemory | None:

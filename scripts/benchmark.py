@@ -7,13 +7,21 @@ the same held-out frames, and runs all contenders interleaved block by block
 on the same test-split streams. Writes a markdown table, JSON and one PNG per
 model (speed-up against accuracy drop, one curve per method over budgets).
 
+`--model=PATH --data=SPEC` benchmarks a user's own Keras model instead: its
+semantic memory is fitted (or reused from `--memory` when its key matches) and
+every method's heads trained for it on `--data`, with the preprocessing flags
+of scripts/convert.py; every method sees the same preprocessed frames.
+
 Example:
   python3 scripts/benchmark.py                 # the documented run
   python3 scripts/benchmark.py --quick         # CI: every method produces numbers
+  python3 scripts/benchmark.py --model=my.keras --data=my_digits.npz \
+      --preprocessing=unit --output_dir=out/my_bench
 """
 
 from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
+import dataclasses
 import os
 import time
 
@@ -32,10 +40,21 @@ from smtm_tf.fitting import models as models_lib
 from smtm_tf.fitting import stages as stages_lib
 from smtm_tf.fitting import streams as streams_lib
 from smtm_tf.runtime import io_utils
+from smtm_tf.runtime import preprocessing as prep
+from scripts import model_flags
 
 _MODELS = flags.DEFINE_list("models", ["resnet", "mobilenet_v2", "vgg"],
                             "Models (see scripts/train_models.py).")
 _MODEL_DIR = flags.DEFINE_string("model_dir", "models", "Where the trained models are.")
+_MODEL = flags.DEFINE_string(
+    "model", None, "A user's trained Keras model (.keras or .h5) to benchmark instead of "
+    "--models: its memory is fitted and every method's heads trained on --data.")
+_DATA = flags.DEFINE_string(
+    "data", "fashion_mnist", "With --model: 'fashion_mnist', a .npz with "
+    "x_train/y_train/x_test/y_test, or a folder with one sub-folder of images per class.")
+_MEMORY = flags.DEFINE_string(
+    "memory", None, "With --model: a semantic memory file to reuse when its key matches "
+    "(default <output_dir>/<model>.smtm.npz); a new fit is saved there.")
 _STREAMS = flags.DEFINE_list("streams", None, "Streams (default: all the benchmark's).")
 _BUDGETS = flags.DEFINE_list("budgets", ["0.5", "1", "2"],
                              "Budgets in points of agreement with the full model.")
@@ -69,14 +88,13 @@ def main(argv):
                     if _STREAMS.value is None or s[0] in _STREAMS.value]
     if _STREAMS.value and len(stream_specs) != len(_STREAMS.value):
         raise app.UsageError(f"Known streams: {[s[0] for s in benchmark.STREAMS]}.")
-    unknown = [m for m in _MODELS.value if m not in models_lib.BENCHMARK_MODELS]
-    if unknown:
-        raise app.UsageError(f"Unknown models {unknown}; known: "
-                             f"{sorted(models_lib.BENCHMARK_MODELS)}.")
+    if _MODEL.value is None:
+        unknown = [m for m in _MODELS.value if m not in models_lib.BENCHMARK_MODELS]
+        if unknown:
+            raise app.UsageError(f"Unknown models {unknown}; known: "
+                                 f"{sorted(models_lib.BENCHMARK_MODELS)}.")
     out_dir = _OUTPUT_DIR.value
     os.makedirs(out_dir, exist_ok=True)
-    data = data_lib.load_fashion_mnist()
-    _, (x_cal, _) = data.holdout(_HOLDOUT.value)
     info = benchmark.machine_info(_THREADS.value)
     info.update(frames=frames_per_stream, budgets=budgets, seed=_SEED.value,
                 block=_BLOCK.value, warmup=warmup, quick=quick,
@@ -88,26 +106,25 @@ def main(argv):
         return cpu.CpuBackend(num_threads=_THREADS.value)
 
     rows, model_info = [], []
-    for name in _MODELS.value:
+    if _MODEL.value:
+        subjects = [_user_subject(_MODEL.value, out_dir)]
+    else:
+        data = data_lib.load_fashion_mnist()
+        subjects = [_demo_subject(name, data) for name in _MODELS.value]
+    for subject in subjects:
         t0 = time.time()
-        stem = models_lib.BENCHMARK_MODELS[name][1]
-        keras_path = os.path.join(_MODEL_DIR.value, stem + ".keras")
-        memory_path = smtm_converter.memory_path_for(keras_path)
-        heads_path = os.path.join(_MODEL_DIR.value, stem + ".baselines.npz")
-        for p in (keras_path, memory_path, heads_path):
-            if not os.path.exists(p):
-                raise app.UsageError(f"{p} is missing: run python3 scripts/train_models.py "
-                                     f"--models={name}")
-        model = kerascompat.load_model(keras_path)
-        memory = memory_lib.SemanticMemory.load(memory_path)
-        heads = baselines.BaselineHeads.load(heads_path)
-        test_pred = model.predict(data.x_test, verbose=0, batch_size=1000).argmax(1)
-        test_acc = 100 * float((test_pred == data.y_test).mean())
-        print(f"[{name}] {keras_path}: {model.count_params()} parameters, test accuracy "
+        name, model, memory, heads = subject.name, subject.model, subject.memory, subject.heads
+        x_test, y_test, x_cal = subject.x_test, subject.y_test, subject.x_cal
+        test_pred = model.predict(x_test, verbose=0, batch_size=1000).argmax(1)
+        test_acc = 100 * float((test_pred == y_test).mean())
+        print(f"[{name}] {subject.path}: {model.count_params()} parameters, test accuracy "
               f"{test_acc:.2f}%; converting with the baselines' signatures "
               f"({time.time() - t0:.0f} s)", flush=True)
-        flat = baselines.convert(model, memory, heads, data.x_test[:check_images])
-        io_utils.write_bytes_atomic(os.path.join(out_dir, stem + ".bench.tflite"), flat)
+        flat = baselines.convert(model, memory, heads, x_test[:check_images])
+        io_utils.write_bytes_atomic(os.path.join(out_dir, subject.stem + ".bench.tflite"), flat)
+        if subject.save_memory_to:  # A new fit, kept once the conversion's checks passed.
+            memory.save(subject.save_memory_to)
+            print(f"[{name}] wrote the semantic memory to {subject.save_memory_to}")
         stage_models, head = stages_lib.split_model(model, memory.plan)
         calibration = enc.extract_features(stage_models, head, x_cal, memory.pooling)
         print(f"[{name}] calibrating {len(benchmark.METHODS) - 1} methods x "
@@ -119,7 +136,8 @@ def main(argv):
                                                backend_factory=backend)
         input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])
         model_info.append({
-            "model": name, "path": keras_path, "parameters": int(model.count_params()),
+            "model": name, "path": subject.path, "parameters": int(model.count_params()),
+            "preprocessing": subject.preprocessing.describe(),
             "test_accuracy": test_acc, "tflite_bytes": len(flat),
             "cut_layers": list(memory.plan.cut_layers),
             "stage_costs": [float(c) for c in memory.plan.stage_costs],
@@ -133,10 +151,12 @@ def main(argv):
                            for (m, b), r in calibrated.rules.items()}})
         for stream_name, kind, exponent in stream_specs:
             ts = time.time()
-            stream = streams_lib.make_stream(kind, data.y_test, frames_per_stream,
+            stream = streams_lib.make_stream(kind, y_test, frames_per_stream,
                                              seed=_SEED.value, zipf_exponent=exponent or 1.2)
-            frames = np.ascontiguousarray(stream.render(data.x_test), np.float32).reshape(
-                (len(stream), 1) + input_shape)
+            # Camera pixels, then what the model expects done to them.
+            frames = np.ascontiguousarray(subject.preprocessing.apply(
+                stream.render(subject.pixels_test)), np.float32).reshape(
+                    (len(stream), 1) + input_shape)
             results = benchmark.run_interleaved(contenders, frames, warmup, _BLOCK.value)
             new = benchmark.rows_for(name, stream_name, contenders, results, stream.labels,
                                      memory.plan.stage_costs, _BLOCK.value)
@@ -211,17 +231,86 @@ def main(argv):
     io_utils.write_bytes_atomic(os.path.join(out_dir, "benchmark.md"), report.encode())
     benchmark.write_json(os.path.join(out_dir, "benchmark.json"), info, model_info, rows)
     if len(budgets) > 1 or not quick:
-        for name in _MODELS.value:
+        for name in (s.name for s in subjects):
             benchmark.plot(rows, name, os.path.join(out_dir, f"benchmark_{name}.png"))
     print()
     print(report)
     print(f"wrote {out_dir}/benchmark.md, benchmark.json"
           + ("" if quick and len(budgets) == 1 else ", benchmark_<model>.png")
           + f" in {time.time() - started:.0f} s")
-    problems = benchmark.missing_numbers(rows, _MODELS.value, [s[0] for s in stream_specs],
+    problems = benchmark.missing_numbers(rows, [s.name for s in subjects], [s[0] for s in stream_specs],
                                          budgets)
     if problems:
         raise SystemExit("Methods without numbers:\n  " + "\n  ".join(problems))
+
+
+@dataclasses.dataclass
+class Subject:
+    """One model to benchmark, with its memory, heads and data.
+
+    `pixels_test` are camera pixels (streams render them); `x_test` and
+    `x_cal` are what the model takes (`preprocessing` applied).
+    """
+    name: str
+    stem: str
+    path: str
+    model: object
+    memory: memory_lib.SemanticMemory
+    heads: baselines.BaselineHeads
+    preprocessing: prep.Preprocessing
+    pixels_test: object
+    x_test: object
+    y_test: object
+    x_cal: object
+    save_memory_to: str | None = None
+
+
+def _demo_subject(name: str, data: data_lib.LabelledData) -> Subject:
+    """A demo model with the memory and heads scripts/train_models.py committed."""
+    stem = models_lib.BENCHMARK_MODELS[name][1]
+    keras_path = os.path.join(_MODEL_DIR.value, stem + ".keras")
+    memory_path = smtm_converter.memory_path_for(keras_path)
+    heads_path = os.path.join(_MODEL_DIR.value, stem + ".baselines.npz")
+    for p in (keras_path, memory_path, heads_path):
+        if not os.path.exists(p):
+            raise app.UsageError(f"{p} is missing: run python3 scripts/train_models.py "
+                                 f"--models={name}")
+    _, (x_cal, _) = data.holdout(_HOLDOUT.value)
+    return Subject(name, stem, keras_path, kerascompat.load_model(keras_path),
+                   memory_lib.SemanticMemory.load(memory_path),
+                   baselines.BaselineHeads.load(heads_path), prep.Preprocessing.raw(),
+                   data.x_test, data.x_test, data.y_test, x_cal)
+
+
+def _user_subject(path: str, out_dir: str) -> Subject:
+    """A user's model: its memory reused or fitted, the baselines' heads trained."""
+    if not os.path.exists(path):
+        raise app.UsageError(f"--model={path} does not exist.")
+    stem = os.path.splitext(os.path.basename(path))[0]
+    say = lambda line: print(f"[{stem}] {line}", flush=True)  # noqa: E731
+    say(f"loading {path}")
+    model = kerascompat.load_model(path)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    preprocessing = model_flags.resolve(model)
+    preprocessing.check_channels(shape[2])
+    data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
+    say(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images, "
+        f"brought to the model's input {shape}; preprocessing: {preprocessing.describe()}")
+    accuracy = smtm_converter.check_accuracy(model, data, preprocessing)
+    say(accuracy.format())
+    smtm_converter.judge_accuracy(accuracy)
+    (x_fit, y_fit), (x_cal, _) = data.holdout(_HOLDOUT.value)
+    x_fit, x_cal = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
+    memory_file = _MEMORY.value or os.path.join(out_dir, stem + ".smtm.npz")
+    memory, fitted = smtm_converter.reuse_or_fit_memory(
+        model, x_fit, x_cal, smtm_converter.class_names_for(model, data), preprocessing,
+        [memory_file], say, seed=_SEED.value, **model_flags.memory_shape())
+    say(f"training the baselines' heads on {len(x_fit)} images")
+    heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
+    say(heads.summary())
+    return Subject(stem, stem, path, model, memory, heads, preprocessing, data.x_test,
+                   preprocessing.apply(data.x_test), data.y_test, x_cal,
+                   memory_file if fitted else None)
 
 
 def run():

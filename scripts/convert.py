@@ -28,8 +28,8 @@ from smtm_tf.runtime import cache as cache_lib
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import exit_policy
 from smtm_tf.fitting import kerascompat
-from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.fitting import stages as stages_lib
+from scripts import model_flags
 
 _MODEL = flags.DEFINE_string("model", None, "Trained Keras model (.keras or .h5).",
                              required=True)
@@ -42,25 +42,10 @@ _MEMORY = flags.DEFINE_string(
     "newly fitted memory to; default <output>.smtm.npz (reading <model>.smtm.npz too).")
 _RETRAIN = flags.DEFINE_bool("retrain", False,
                              "Fit a new memory even if a matching memory file exists.")
-_PREPROCESSING = flags.DEFINE_enum(
-    "preprocessing", None, [p.value for p in prep.Preset],
-    "What the model expects done to pixels (0..255) outside it: raw (nothing), unit "
-    "(x/255), symmetric (x/127.5-1), imagenet ((x/255-mean)/std, RGB). Default: none, or "
-    "what the model's first Rescaling/Normalization layer does itself.")
-_INPUT_SCALE = flags.DEFINE_list(
-    "input_scale", None, "The model sees pixel*scale+offset: scale, one value or one per "
-    "channel (instead of --preprocessing).")
-_INPUT_OFFSET = flags.DEFINE_list("input_offset", None,
-                                  "offset, one value or one per channel (see --input_scale).")
 _CHECK_ACCURACY = flags.DEFINE_bool(
     "check_accuracy", True, "Score the Keras model on the labelled data first and stop when "
     "it looks like other data or other preprocessing; --nocheck_accuracy for structural "
     "conversions of untrained models.")
-_NUM_STAGES = flags.DEFINE_integer("num_stages", None,
-                                   "Stages when --cut_layers is not set (default 4).")
-_CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
-_EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
-                                      "Semantic vector size (default 32).")
 _BUDGET = flags.DEFINE_float(
     "max_accuracy_drop", 1.0, "Budget: points of top-1 agreement with the full model the "
     "early exits may lose (calibrated with a 95% lower confidence bound).")
@@ -94,15 +79,6 @@ _REQUIRE_OLD_RUNTIME = flags.DEFINE_bool(
     "environment exists and a failure is flagged.")
 
 
-def _floats(flag, values):
-    if values is None:
-        return None
-    try:
-        return tuple(float(v) for v in values)
-    except ValueError as e:
-        raise app.UsageError(f"--{flag} takes numbers, got {values}.") from e
-
-
 def main(argv):
     del argv
     try:
@@ -116,9 +92,7 @@ def _convert(quantization):
     print(f"loading {_MODEL.value}", flush=True)
     model = kerascompat.load_model(_MODEL.value)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    preprocessing = prep.resolve(model, _PREPROCESSING.value,
-                                 _floats("input_scale", _INPUT_SCALE.value),
-                                 _floats("input_offset", _INPUT_OFFSET.value))
+    preprocessing = model_flags.resolve(model)
     data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
     print(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images "
           f"of {data.num_classes} classes, brought to the model's input {shape} "
@@ -131,8 +105,7 @@ def _convert(quantization):
         [memory_file, smtm_converter.memory_path_for(_MODEL.value)])
     memory, report = smtm_converter.convert_model(
         model, data, _OUTPUT.value, holdout=_HOLDOUT.value,
-        num_stages=_NUM_STAGES.value, cut_layers=_CUT_LAYERS.value,
-        embedding_dim=_EMBEDDING_DIM.value, target_agreement=target, metric=_METRIC.value,
+        **model_flags.memory_shape(), target_agreement=target, metric=_METRIC.value,
         cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
         memory_output=memory_file, memory_candidates=candidates, quantization=quantization,
         qat_epochs=_QAT_EPOCHS.value, qat_images=_QAT_IMAGES.value,

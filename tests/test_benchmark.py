@@ -1,7 +1,12 @@
 """Tests for smtm_tf.evaluation.benchmark: the interleaved harness, the figures, the checks."""
 
 import functools
+import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 
 from absl.testing import absltest
 import numpy as np
@@ -206,6 +211,52 @@ class EndToEndTest(absltest.TestCase):
         info = benchmark.machine_info(1)
         self.assertEqual(info["num_threads"], 1)
         self.assertIn("tensorflow", info["versions"])
+
+
+class UserModelTest(absltest.TestCase):
+    """`scripts/benchmark.py --model=PATH --data=SPEC`: a model outside the repository."""
+
+    def test_every_method_on_a_users_model_with_its_preprocessing(self):
+        tmp = tempfile.mkdtemp(prefix="smtm-bench-user-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        model_dir, out_dir = os.path.join(tmp, "mine"), os.path.join(tmp, "out")
+        os.makedirs(model_dir)
+        model_path = os.path.join(model_dir, "stripes.keras")
+        tu.trained_residual("keras").save(model_path)
+        # Stored as pixels the model does not take: it sees pixel * 0.01 - 1.
+        data = tu.labelled_stripes(1500, 300, 0, 3)
+        np.savez(os.path.join(tmp, "stripes.npz"), x_train=(data.x_train + 1) * 100,
+                 y_train=data.y_train, x_test=(data.x_test + 1) * 100, y_test=data.y_test)
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+        def run():
+            return subprocess.run(
+                [sys.executable, os.path.join(repo, "scripts", "benchmark.py"), "--quick",
+                 f"--model={model_path}", f"--data={os.path.join(tmp, 'stripes.npz')}",
+                 "--input_scale=0.01", "--input_offset=-1", "--num_stages=3",
+                 "--embedding_dim=8", "--streams=video",
+                 f"--output_dir={out_dir}", "--noprogress"],
+                cwd=repo, capture_output=True, text=True, timeout=600, check=False,
+                env={**os.environ, "PYTHONPATH": repo, "CUDA_VISIBLE_DEVICES": ""})
+
+        first = run()
+        self.assertEqual(first.returncode, 0, first.stderr[-3000:])
+        self.assertIn("fitting the semantic memory", first.stdout)
+        with open(os.path.join(out_dir, "benchmark.json"), encoding="utf-8") as f:
+            result = json.load(f)
+        methods = {r["method"] for r in result["rows"] if r["model"] == "stripes"}
+        self.assertEqual(methods, set(benchmark.METHODS))
+        for row in result["rows"]:
+            self.assertTrue(np.isfinite(row["speedup"]), row)
+        # The model is scored on what it takes: near its training accuracy.
+        self.assertGreater(result["models"][0]["test_accuracy"], 80)
+        # Written where asked only; the memory is reused by the next run.
+        self.assertEqual(os.listdir(model_dir), ["stripes.keras"])
+        self.assertTrue(os.path.exists(os.path.join(out_dir, "stripes.smtm.npz")))
+        second = run()
+        self.assertEqual(second.returncode, 0, second.stderr[-3000:])
+        self.assertIn("using the semantic memory", second.stdout)
+        self.assertNotIn("fitting the semantic memory", second.stdout)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,56 @@
+"""The flags of the command lines that fit a memory to a user's model.
+
+Importing this module defines `--preprocessing`, `--input_scale` and
+`--input_offset` (`resolve(model)` turns them, or the model's own first
+layer, into the `Preprocessing` the model expects done to camera pixels), and
+the memory's shape: `--num_stages`, `--cut_layers`, `--embedding_dim`.
+"""
+
+from absl import app
+from absl import flags
+
+from smtm_tf.runtime import preprocessing as prep
+
+PREPROCESSING = flags.DEFINE_enum(
+    "preprocessing", None, [p.value for p in prep.Preset],
+    "What the model expects done to pixels (0..255) outside it: raw (nothing), unit "
+    "(x/255), symmetric (x/127.5-1), imagenet ((x/255-mean)/std, RGB). Default: none, or "
+    "what the model's first Rescaling/Normalization layer does itself.")
+INPUT_SCALE = flags.DEFINE_list(
+    "input_scale", None, "The model sees pixel*scale+offset: scale, one value or one per "
+    "channel (instead of --preprocessing).")
+INPUT_OFFSET = flags.DEFINE_list("input_offset", None,
+                                 "offset, one value or one per channel (see --input_scale).")
+NUM_STAGES = flags.DEFINE_integer("num_stages", None,
+                                  "Stages when --cut_layers is not set (default 4).")
+CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
+EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
+                                     "Semantic vector size (default 32).")
+
+
+def memory_shape() -> dict:
+    """The memory's shape as the flags give it (None: the fitting's default)."""
+    return {"num_stages": NUM_STAGES.value, "cut_layers": CUT_LAYERS.value,
+            "embedding_dim": EMBEDDING_DIM.value}
+
+
+def _floats(flag, values):
+    if values is None:
+        return None
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError as e:
+        raise app.UsageError(f"--{flag} takes numbers, got {values}.") from e
+
+
+def resolve(model) -> prep.Preprocessing:
+    """The preprocessing the flags (or the model's first layer) give `model`.
+
+    Raises:
+      app.UsageError: a non-number in --input_scale/--input_offset.
+      smtm_tf.runtime.preprocessing.PreprocessingError: flags that contradict
+        each other or the model.
+    """
+    return prep.resolve(model, PREPROCESSING.value,
+                        _floats("input_scale", INPUT_SCALE.value),
+                        _floats("input_offset", INPUT_OFFSET.value))
