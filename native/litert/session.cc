@@ -1,14 +1,14 @@
 #include "session.h"
 
 #include <dlfcn.h>
+#include <stdlib.h>  // realpath
 
 #include <chrono>
-
+#include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <iterator>
 #include <mutex>
-
-#include <cstring>
 #include <sstream>
 #include <utility>
 
@@ -96,11 +96,14 @@ TensorInfo Describe(LiteRtTensor tensor, const char* name, LiteRtRankedTensorTyp
 }
 
 // The folder of the loaded libLiteRt.so: LiteRT looks for its GPU
-// accelerator library there only when told.
+// accelerator library there only when told. Symbolic links resolved: a
+// build may link the wheel's file through one (Bazel's @litert does).
 std::string LibraryDir() {
   Dl_info info{};
   if (dladdr(reinterpret_cast<void*>(&LiteRtCreateEnvironment), &info) && info.dli_fname) {
-    std::string path = info.dli_fname;
+    char* real = realpath(info.dli_fname, nullptr);
+    std::string path = real ? real : info.dli_fname;
+    std::free(real);
     size_t slash = path.rfind('/');
     if (slash != std::string::npos) return path.substr(0, slash);
   }
