@@ -22,8 +22,11 @@ model would not load there.
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import enum
+import io
+import math
 
 from ai_edge_litert import schema_py_generated as schema
 from ai_edge_litert.tools import flatbuffer_utils
@@ -222,6 +225,48 @@ def xnnpack_refusal(model_content: bytes, signature: str, encoder=None) -> str:
 
 def _text(value) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+@dataclasses.dataclass(frozen=True)
+class OpError:
+    """One quantized op output's int8 error (`QuantizationDebugger`'s layer statistics)."""
+    op: str
+    tensor: str
+    rmse_per_scale: float  # RMSE against the float op, in quantization steps.
+
+
+def op_errors(debugger) -> list[OpError]:
+    """A `tf.lite.experimental.QuantizationDebugger`'s per-op errors, largest first."""
+    buffer = io.StringIO()
+    debugger.layer_statistics_dump(buffer)
+    buffer.seek(0)
+    errors = []
+    for row in csv.DictReader(buffer):
+        scale = float(row["scale"])
+        if scale > 0:
+            errors.append(OpError(row["op_name"], row["tensor_name"],
+                                  math.sqrt(float(row["mean_squared_error"])) / scale))
+    return sorted(errors, key=lambda e: -e.rmse_per_scale)
+
+
+def explain_int8_errors(errors: list[OpError], top: int = 3) -> str:
+    """Which ops lose most in int8, whether one stands out, and what works instead."""
+    instead = ("Instead: --quantize=float16 (float math, half-size weights), dynamic (int8 "
+               "weights, float activations), or qat (fine-tunes the model for int8).")
+    if not errors:
+        return instead
+    worst = errors[:top]
+    named = ", ".join(f"{e.op} {e.tensor.split(';')[0]} ({e.rmse_per_scale:.2f})"
+                      for e in worst)
+    median = errors[len(errors) // 2].rmse_per_scale
+    if worst[0].rmse_per_scale > 4 * max(median, 1e-6):
+        where = (f"{worst[0].op} at {worst[0].tensor.split(';')[0]} stands out (the median "
+                 f"op: {median:.2f}): its range suits int8 badly.")
+    else:
+        where = (f"No op stands out (the median op: {median:.2f}): the error is spread over "
+                 f"the {len(errors)} quantized ops and adds up along the graph.")
+    return (f"Largest int8 errors (RMSE in quantization steps, TensorFlow's "
+            f"QuantizationDebugger): {named}. {where} {instead}")
 
 
 def representative_dataset(stage_models, centres, images: np.ndarray, full_key: str = "full",

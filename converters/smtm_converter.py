@@ -207,6 +207,36 @@ def convert_keras(model) -> bytes:
     return convert_module(module, {"serving_default": fn})
 
 
+def int8_errors_by_op(model, images: np.ndarray) -> list[quant.OpError]:
+    """Each op's int8 error in a plain conversion of `model`, largest first.
+
+    TensorFlow's QuantizationDebugger runs the int8 model (calibrated on
+    `images`, as the SMTM conversion's representative dataset is) beside its
+    float ops and reports, per quantized op output, the RMSE of the
+    difference in units of that tensor's quantization scale.
+    """
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    module = _module_tracking(model)
+    shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
+    fn = tf.function(lambda image: {"output": model(image, training=False)},
+                     input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
+    images = np.asarray(images, np.float32)
+
+    def dataset():
+        for i in range(len(images)):
+            yield [images[i:i + 1]]
+
+    with temp_files.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
+        tf.saved_model.save(module, tmp, signatures={"serving_default": fn.get_concrete_function()})
+        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+        quant.configure(converter, quant.Quantization.INT8, dataset)
+        debugger = tf.lite.experimental.QuantizationDebugger(converter=converter,
+                                                             debug_dataset=dataset)
+        debugger.run()
+        return quant.op_errors(debugger)
+
+
 # The SavedModel each conversion goes through lives in the system's temp folder.
 SAVED_MODEL_PREFIX = "smtm-savedmodel-"
 
@@ -301,7 +331,18 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
         report = check_conversion(flat, model, memory, check_images, builder.apply_softmax,
                                   atol)
     else:
-        report = check_quantized(flat, builder, check_images, q, min_top1_agreement)
+        try:
+            report = check_quantized(flat, builder, check_images, q, min_top1_agreement)
+        except ConversionError as e:
+            if q != quant.Quantization.INT8:
+                raise
+            try:
+                why = quant.explain_int8_errors(
+                    int8_errors_by_op(model, train_images[np.sort(pick)]))
+            except Exception as diagnosis:  # pylint: disable=broad-except
+                # The refusal stands; only its explanation is missing.
+                why = f"(The per-op int8 diagnosis failed: {diagnosis}.)"
+            raise ConversionError(f"{e} {why}") from e
     if output_path:
         io_utils.write_bytes_atomic(output_path, flat)
         logging.info("Wrote %s (%d bytes).", output_path, len(flat))

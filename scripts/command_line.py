@@ -21,6 +21,7 @@ import faulthandler
 import logging as std_logging
 import os
 import sys
+import warnings
 
 from absl import app
 from absl import flags
@@ -103,6 +104,10 @@ def run(main) -> None:
         if not (DEBUG.value or NATIVE_LOGS.value):
             # TensorFlow's Python-side warnings (retracing, deprecations).
             std_logging.getLogger("tensorflow").setLevel(std_logging.ERROR)
+            # TensorFlow's int8 calibration runs its own deprecated
+            # tf.lite.Interpreter, which says so on every conversion.
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf\.lite\.Interpreter is "
+                                    "deprecated", category=UserWarning)
         debug = DEBUG.value or logging.get_verbosity() >= logging.DEBUG
         try:
             return main(argv)

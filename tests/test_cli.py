@@ -177,6 +177,15 @@ class RunTest(absltest.TestCase):
         self.assertEqual(proc.stderr,
                          "error: TypeError: bad thing (--debug shows the traceback)\n")
 
+    def test_tensorflows_interpreter_deprecation_is_not_shown(self):
+        # What TensorFlow's int8 calibration warns on every conversion.
+        warn = ("import warnings; warnings.warn('    Warning: tf.lite.Interpreter is "
+                "deprecated and is scheduled for deletion', UserWarning)")
+        proc = self._run(warn)
+        self.assertEqual((proc.returncode, proc.stderr), (0, ""))
+        proc = self._run(warn, "--debug")
+        self.assertIn("tf.lite.Interpreter is deprecated", proc.stderr)
+
     def test_the_projects_own_errors_print_their_message(self):
         proc = self._run("from converters import old_runtime; "
                          "raise old_runtime.OldRuntimeUnavailable('no venv')")

@@ -380,6 +380,33 @@ class QuantizationTest(parameterized.TestCase):
                                    tu.fitted_memory("tf_keras"), tu.check_images(),
                                    quantization="int8")
 
+    def test_an_int8_model_that_misses_agreement_names_its_worst_ops(self):
+        x, _ = tu.train_data()
+        # No int8 model agrees with Keras on more than every image: refused,
+        # with the ops that lose most and what to use instead.
+        with self.assertRaisesRegex(
+                smtm_converter.ConversionError,
+                r"(?s)The int8 model fails its checks: top-1 agreement.*Nothing was written\. "
+                r"Largest int8 errors \(RMSE in quantization steps.*\): [A-Z_0-9]+ .*\(\d\.\d\d\)"
+                r".*Instead: --quantize=float16"):
+            smtm_converter.convert(tu.trained_residual("tf_keras"), tu.fitted_memory("tf_keras"),
+                                   tu.check_images(), quantization="int8", train_images=x[:200],
+                                   min_top1_agreement=1.01)
+
+    def test_int8_errors_say_whether_one_op_stands_out(self):
+        spread = [quant.OpError("CONV_2D", f"t{i}", 0.3) for i in range(10)]
+        self.assertIn("No op stands out", quant.explain_int8_errors(spread))
+        one = [quant.OpError("LOGISTIC", "se/Sigmoid;x", 5.0)] + spread
+        text = quant.explain_int8_errors(one)
+        self.assertIn("LOGISTIC at se/Sigmoid stands out (the median op: 0.30)", text)
+        self.assertIn("Instead: --quantize=float16", quant.explain_int8_errors([]))
+        errors = smtm_converter.int8_errors_by_op(tu.trained_residual("tf_keras"),
+                                                  tu.train_data()[0][:50])
+        self.assertGreater(len(errors), 3)
+        values = [e.rmse_per_scale for e in errors]
+        self.assertEqual(values, sorted(values, reverse=True))
+        self.assertTrue(all(np.isfinite(v) and v >= 0 for v in values))
+
     def test_a_signature_xnnpack_cannot_prepare_is_refused(self):
         flat, _ = _quantized("dynamic")
         builder = mock.Mock(model=tu.trained_residual("tf_keras"), apply_softmax=False,
