@@ -749,7 +749,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
         embedding_dim=32 if embedding_dim is None else embedding_dim,
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-        seed=seed, key=key, progress=say)
+        seed=seed, key=key, progress=say, preprocessing=preprocessing)
     return memory, True
 
 

@@ -131,7 +131,7 @@ def main(argv):
               f"{len(budgets)} budgets on {len(x_cal)} held-out frames "
               f"({time.time() - t0:.0f} s)", flush=True)
         calibrated = benchmark.calibrate_all(memory, heads, calibration, budgets, model,
-                                             x_cal)
+                                             x_cal, subject.preprocessing)
         contenders = benchmark.make_contenders(flat, calibrated, budgets,
                                                backend_factory=backend)
         input_shape = tuple(int(d) for d in model.inputs[0].shape[1:])

@@ -49,6 +49,28 @@ def assert_memory_equal(test, a, b):
         test.assertEqual(ca.dtype, cb.dtype)
 
 
+class RenderTest(parameterized.TestCase):
+    """Held objects for calibration move, brighten and add noise to pixels."""
+
+    @parameterized.parameters("symmetric", "imagenet")
+    def test_preprocessed_inputs_are_rendered_as_pixels(self, preset):
+        from smtm_tf.fitting import streams  # pylint: disable=import-outside-toplevel
+        from smtm_tf.runtime import preprocessing as prep  # pylint: disable=import-outside-toplevel
+        rng = np.random.default_rng(0)
+        pixels = rng.uniform(0, 255, (30, 8, 8, 3)).astype(np.float32)
+        p = prep.Preprocessing.preset(preset, 3)
+        stream = streams.held_object(rng.integers(0, 3, 30), 60, seed=1)
+        want = p.apply(stream.render(pixels))
+        np.testing.assert_allclose(memory_lib.render(stream, p.apply(pixels), p), want,
+                                   atol=1e-3)
+        # Rendered as they are, the inputs would be clipped to [0, peak]
+        # and get noise at a pixel scale: other frames.
+        self.assertGreater(np.abs(stream.render(p.apply(pixels)) - want).max(), 0.5)
+        self.assertIs(type(memory_lib.render(stream, pixels, None)), np.ndarray)
+        np.testing.assert_array_equal(memory_lib.render(stream, pixels, None),
+                                      stream.render(pixels))
+
+
 class SaveLoadTest(parameterized.TestCase):
 
     def test_round_trip(self):

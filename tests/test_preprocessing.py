@@ -45,6 +45,12 @@ class PresetTest(parameterized.TestCase):
         with self.assertRaisesRegex(prep.PreprocessingError, "raw.*unit.*symmetric.*imagenet"):
             prep.Preprocessing.preset("zero_one", 3)
 
+    @parameterized.parameters("raw", "unit", "symmetric", "imagenet")
+    def test_unapply_gives_back_the_pixels(self, name):
+        p = prep.Preprocessing.preset(name, 3)
+        pixels = np.random.default_rng(0).uniform(0, 255, (4, 5, 5, 3)).astype(np.float32)
+        np.testing.assert_allclose(p.unapply(p.apply(pixels)), pixels, atol=2e-4)
+
     def test_dict_round_trip(self):
         p = prep.Preprocessing((0.5, 0.25, 2.0), (1.0, -1.0, 0.0), "flags")
         self.assertEqual(prep.Preprocessing.from_dict(p.to_dict()), p)

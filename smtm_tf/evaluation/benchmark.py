@@ -186,7 +186,8 @@ class Calibrated:
 
 def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.BaselineHeads,
                   calibration, budgets, model=None,
-                  x_calibration: np.ndarray | None = None) -> Calibrated:
+                  x_calibration: np.ndarray | None = None,
+                  preprocessing=None) -> Calibrated:
     """Calibrates every method at every budget on the same held-out frames.
 
     Args:
@@ -199,6 +200,8 @@ def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.Baseli
         level of the adaptive memory, its short-term tier on held-object
         streams rendered from these images); without them the hot-class
         cache's thresholds are recalibrated from the similarities alone.
+      preprocessing: what was done to the pixels `x_calibration` came from
+        (`memory.recalibrate`); None: they are pixels.
 
     Returns:
       The rules; SMTM adaptive at the memory's own budget is None: the
@@ -227,7 +230,7 @@ def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.Baseli
         elif model is not None and x_calibration is not None and hasattr(
                 memory_lib, "recalibrate"):
             again = memory_lib.recalibrate(model, memory, x_calibration, target, policy,
-                                           features=calibration)
+                                           features=calibration, preprocessing=preprocessing)
             rules[(SMTM_ADAPTIVE, budget)] = (again.exit_rule, again.cache_policy)
         else:
             rules[(SMTM_ADAPTIVE, budget)] = (memory_lib.calibrate_rule(

@@ -24,6 +24,7 @@ from smtm_tf.fitting import encoders as enc
 from smtm_tf.runtime import exit_policy
 from smtm_tf.fitting import streams as streams_lib
 from smtm_tf.runtime import io_utils
+from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.fitting import stages as stages_lib
 
 # Version 2 adds the key and the per-class frame counts.
@@ -343,7 +344,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         batch_size: int = 256, seed: int = 0,
-                        key: MemoryKey | None = None, progress=None) -> SemanticMemory:
+                        key: MemoryKey | None = None, progress=None,
+                        preprocessing: prep.Preprocessing | None = None) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -371,6 +373,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       key: what the memory is valid for; default: the model's weights (the
         data and preprocessing are the caller's and not recorded).
       progress: called with a line of text at each step (None: silent).
+      preprocessing: what was done to the pixels the images came from (as
+        `recalibrate`); None: the images are pixels.
 
     Returns:
       The fitted SemanticMemory. Classes the model assigns no frame of
@@ -439,18 +443,35 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                                        metric_params=params))
     say("calibrating the exit rule and the adaptive memory on the held-out images")
     return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
-                       batch_size, seed, calib)
+                       batch_size, seed, calib, preprocessing)
+
+
+def render(stream: streams_lib.Stream, inputs: np.ndarray,
+           preprocessing: prep.Preprocessing | None = None) -> np.ndarray:
+    """`stream`'s frames as model inputs, from model inputs `inputs`.
+
+    Shifts, exposure and noise act on pixels (0..255 or 0..1), so preprocessed
+    inputs are brought back to their pixels, rendered, and preprocessed again.
+    """
+    if preprocessing is None or preprocessing.is_identity:
+        return stream.render(inputs)
+    return preprocessing.apply(stream.render(preprocessing.unapply(inputs)))
 
 
 def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
                 target_agreement: float = 0.99,
                 cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                 batch_size: int = 256, seed: int = 0,
-                features: enc.StageFeatures | None = None) -> SemanticMemory:
+                features: enc.StageFeatures | None = None,
+                preprocessing: prep.Preprocessing | None = None) -> SemanticMemory:
     """Calibrates the memory's exit rule (same metric) anew, keeping its encoders.
 
     With a cache, every level of the adaptive memory is calibrated, the
     short-term tier on held-object streams rendered from `x_calibration`.
+    A camera shifts, brightens and adds noise to pixels: with `preprocessing`
+    (what was done to the pixels `x_calibration` came from), those streams
+    are rendered from the pixels and preprocessed again; None: `x_calibration`
+    are the pixels.
     """
     stage_models, head = stages_lib.split_model(model, memory.plan)
     if features is None:
@@ -467,7 +488,7 @@ def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
         held_sem = held_full = held_conf = None
         if cache_policy.instance_slots:
             held = [streams_lib.held_object(full, 3000, seed=seed + 100 + k) for k in range(2)]
-            frames = np.concatenate([h.render(x_calibration) for h in held])
+            frames = np.concatenate([render(h, x_calibration, preprocessing) for h in held])
             held_features = enc.extract_features(stage_models, head, frames, memory.pooling,
                                                  batch_size)
             held_sem, held_full = memory.semantics(held_features), held_features.predictions

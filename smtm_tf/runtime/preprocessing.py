@@ -132,6 +132,14 @@ class Preprocessing:
         scale, offset = self.arrays(x.shape[-1])
         return x * scale + offset
 
+    def unapply(self, inputs: np.ndarray) -> np.ndarray:
+        """The pixels that model inputs `[..., C]` came from (`apply`'s inverse, float32)."""
+        x = np.asarray(inputs, np.float32)
+        if self.is_identity:
+            return x
+        scale, offset = self.arrays(x.shape[-1])
+        return (x - offset) / scale
+
     def to_dict(self) -> dict:
         return {"scale": list(self.scale), "offset": list(self.offset), "source": self.source}
 
