@@ -919,6 +919,32 @@ class MemoryArraysTest(parameterized.TestCase):
 
 # --- replay -------------------------------------------------------------------
 
+class StreamBoundTest(absltest.TestCase):
+    """The bound each calibration stream's agreement must keep above the target."""
+
+    def test_errors_in_a_run_weigh_more_than_the_same_errors_spread(self):
+        spread = np.ones(3000, bool)
+        spread[::100] = False  # 30 errors, each on its own.
+        run = np.ones(3000, bool)
+        run[1000:1030] = False  # The same 30 errors on one held object.
+        wilson = ep.wilson_lower_bound(2970, 3000)
+        self.assertAlmostEqual(calibration.stream_lower_bound(spread), wilson, places=9)
+        boot_spread = calibration.block_bootstrap_lower_bound(spread)
+        boot_run = calibration.block_bootstrap_lower_bound(run)
+        self.assertLess(boot_run, boot_spread)
+        self.assertLess(boot_run, wilson)
+        self.assertEqual(calibration.stream_lower_bound(run), boot_run)
+        self.assertLess(boot_run, 0.99)  # Observed 99.0%: the run is not evidence of 99%.
+
+    def test_seeded_and_edge_cases(self):
+        agree = np.random.default_rng(0).random(500) > 0.02
+        self.assertEqual(calibration.block_bootstrap_lower_bound(agree),
+                         calibration.block_bootstrap_lower_bound(agree))
+        self.assertEqual(calibration.block_bootstrap_lower_bound(np.ones(100, bool)), 1.0)
+        self.assertEqual(calibration.block_bootstrap_lower_bound(np.zeros(0, bool)), 0.0)
+        self.assertEqual(calibration.block_bootstrap_lower_bound(np.ones(5, bool)), 1.0)
+
+
 class ReplayTest(absltest.TestCase):
 
     @classmethod

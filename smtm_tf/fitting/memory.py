@@ -299,7 +299,10 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
                      held_semantics: np.ndarray | None = None,
                      held_full: np.ndarray | None = None, seed: int = 0,
                      full_confidence: np.ndarray | None = None,
-                     held_confidence: np.ndarray | None = None):
+                     held_confidence: np.ndarray | None = None,
+                     camera_semantics: np.ndarray | None = None,
+                     camera_full: np.ndarray | None = None,
+                     camera_confidence: np.ndarray | None = None, camera_lengths=()):
     """Calibrates every level of the adaptive memory on held-out frames.
 
     Args:
@@ -314,6 +317,10 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
       seed: seed of the calibration streams.
       full_confidence, held_confidence: the full model's top probability for
         the held-out and held-object frames (gates the short-term tier).
+      camera_semantics, camera_full, camera_confidence, camera_lengths: the
+        same for frames of camera streams (`camera_streams`), in stream order,
+        `camera_lengths` frames each: each is one more calibration stream
+        the rule is fitted on and must meet the target on.
 
     Returns:
       (ExitRule, CachePolicy as calibrated).
@@ -329,6 +336,15 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
             confidence = np.concatenate([confidence, np.asarray(held_confidence)])
         half = held_semantics.shape[1] // 2
         held = [n + np.arange(half), n + np.arange(half, held_semantics.shape[1])]
+    if camera_semantics is not None:
+        start = pool.shape[1]
+        pool = np.concatenate([pool, camera_semantics], axis=1)
+        full = np.concatenate([full, np.asarray(camera_full)])
+        if confidence is not None:
+            confidence = np.concatenate([confidence, np.asarray(camera_confidence)])
+        for length in camera_lengths:
+            streams.append(start + np.arange(length))
+            start += length
     return calibration.calibrate_with_cache(
         pool, centres, full, stage_costs, streams, cache_policy, target_agreement,
         metric=metric, metric_params=metric_params, instance_streams=held,
@@ -446,6 +462,19 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                        batch_size, seed, calib, preprocessing)
 
 
+def camera_streams(full_predictions: np.ndarray, num_frames: int = 2000,
+                   seed: int = 0) -> list[streams_lib.Stream]:
+    """What a handheld camera sends, from held-out frames: `camera` and `camera_pan`.
+
+    Held objects with jitter, brightness and sensor noise (and a pan), whose
+    errors come in runs; rendered (`render`), they are calibration streams
+    like `calibration_streams`' (seeds apart from the benchmark's).
+    """
+    return [streams_lib.make_stream(kind, full_predictions, num_frames, seed=seed + 200 + k)
+            for k, kind in enumerate((streams_lib.StreamKind.CAMERA,
+                                      streams_lib.StreamKind.CAMERA_PAN))]
+
+
 def render(stream: streams_lib.Stream, inputs: np.ndarray,
            preprocessing: prep.Preprocessing | None = None) -> np.ndarray:
     """`stream`'s frames as model inputs, from model inputs `inputs`.
@@ -493,10 +522,16 @@ def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
                                                  batch_size)
             held_sem, held_full = memory.semantics(held_features), held_features.predictions
             held_conf = held_features.probabilities.max(axis=1)
+        cameras = camera_streams(full, seed=seed)
+        frames = np.concatenate([render(c, x_calibration, preprocessing) for c in cameras])
+        camera_features = enc.extract_features(stage_models, head, frames, memory.pooling,
+                                               batch_size)
         rule, cache_policy = calibrate_memory(
             memory.semantics(features), memory.centres, full, costs, target_agreement,
             rule.metric, rule.metric_params, cache_policy, held_sem, held_full, seed,
-            features.probabilities.max(axis=1), held_conf)
+            features.probabilities.max(axis=1), held_conf,
+            memory.semantics(camera_features), camera_features.predictions,
+            camera_features.probabilities.max(axis=1), [len(c) for c in cameras])
     logging.info("%s thresholds %s (cold %s, instance %s).", rule.metric.value,
                  rule.thresholds, rule.cold_thresholds, rule.instance_thresholds)
     return dataclasses.replace(memory, exit_rule=rule,
