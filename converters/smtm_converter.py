@@ -612,7 +612,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
                   gpu_precision: str = "fp32", old_runtime_check: bool = True,
                   require_old_runtime: bool = False, old_runtime_python: str | None = None,
                   preprocessing: prep.Preprocessing | None = None,
-                  accuracy_check: bool = True, progress=None
+                  accuracy_check: bool = True, progress=None, camera_calibration: bool = False
                   ) -> tuple[SemanticMemory, ConversionReport]:
     """Fits a semantic memory unless a matching one exists, then converts and checks.
 
@@ -652,6 +652,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
       accuracy_check: score the Keras model on the labelled data first and
         stop (DataMismatchError) when the data does not look like its own.
       progress: called with a line of text at each step (None: silent).
+      camera_calibration: calibrate the exits on camera streams too
+        (`memory.recalibrate`); a memory file is reused only if it was.
 
     Returns:
       (memory, report); `report.accuracy` holds the accuracy check.
@@ -689,7 +691,7 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
             model, x_fit_in, x_cal_in, class_names, preprocessing, memory_candidates, say,
             num_stages=num_stages, cut_layers=cut_layers, embedding_dim=embedding_dim,
             target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-            seed=seed)
+            seed=seed, camera_calibration=camera_calibration)
     q = quant.parse(quantization)
     say(f"converting ({q.value}) and checking against Keras")
     flat, report = convert(model, memory, x_check, None, quantization=q,
@@ -724,7 +726,8 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
                         embedding_dim: int | None = None, target_agreement: float = 0.99,
                         metric: str = "layer_aware",
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
-                        seed: int = 0) -> tuple[SemanticMemory, bool]:
+                        seed: int = 0, camera_calibration: bool = False
+                        ) -> tuple[SemanticMemory, bool]:
     """The first memory file among `candidates` whose key and choices match, else a new fit.
 
     The key is the model's weights, the preprocessing and the preprocessed
@@ -735,7 +738,8 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
       (memory, fitted): fitted is True for a new fit.
     """
     key = memory_lib.MemoryKey(memory_lib.fingerprint_model(model), preprocessing.to_dict(),
-                               memory_lib.fingerprint_arrays(x_fit_in, x_cal_in))
+                               memory_lib.fingerprint_arrays(x_fit_in, x_cal_in),
+                               memory_lib.CAMERA if camera_calibration else None)
     memory = _matching_memory(candidates, key, say, num_stages=num_stages,
                               cut_layers=cut_layers, embedding_dim=embedding_dim,
                               target_agreement=target_agreement, metric=metric,
@@ -749,7 +753,8 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
         embedding_dim=32 if embedding_dim is None else embedding_dim,
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-        seed=seed, key=key, progress=say, preprocessing=preprocessing)
+        seed=seed, key=key, progress=say, preprocessing=preprocessing,
+        camera_calibration=camera_calibration)
     return memory, True
 
 

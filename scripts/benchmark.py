@@ -304,7 +304,7 @@ def _user_subject(path: str, out_dir: str) -> Subject:
     memory_file = _MEMORY.value or os.path.join(out_dir, stem + ".smtm.npz")
     memory, fitted = smtm_converter.reuse_or_fit_memory(
         model, x_fit, x_cal, smtm_converter.class_names_for(model, data), preprocessing,
-        [memory_file], say, seed=_SEED.value, **model_flags.memory_shape())
+        [memory_file], say, seed=_SEED.value, **model_flags.memory_choices())
     say(f"training the baselines' heads on {len(x_fit)} images")
     heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
     say(heads.summary())

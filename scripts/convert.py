@@ -25,6 +25,7 @@ from absl import flags
 from converters import quantization as quant
 from converters import smtm_converter
 from smtm_tf.runtime import cache as cache_lib
+from smtm_tf.fitting import calibration
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.runtime import exit_policy
 from smtm_tf.fitting import kerascompat
@@ -89,6 +90,9 @@ def main(argv):
 
 
 def _convert(quantization):
+    if model_flags.CAMERA_CALIBRATION.value and not _CACHE.value:
+        raise app.UsageError("--camera_calibration calibrates the hot-class cache's exits: "
+                             "drop --nocache, or drop --camera_calibration.")
     print(f"loading {_MODEL.value}", flush=True)
     model = kerascompat.load_model(_MODEL.value)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
@@ -105,7 +109,7 @@ def _convert(quantization):
         [memory_file, smtm_converter.memory_path_for(_MODEL.value)])
     memory, report = smtm_converter.convert_model(
         model, data, _OUTPUT.value, holdout=_HOLDOUT.value,
-        **model_flags.memory_shape(), target_agreement=target, metric=_METRIC.value,
+        **model_flags.memory_choices(), target_agreement=target, metric=_METRIC.value,
         cache_policy=cache_lib.CachePolicy() if _CACHE.value else None,
         memory_output=memory_file, memory_candidates=candidates, quantization=quantization,
         qat_epochs=_QAT_EPOCHS.value, qat_images=_QAT_IMAGES.value,
@@ -133,6 +137,9 @@ def _convert(quantization):
     if rule.uses_cache:
         print("exit thresholds (cold top-1 class): "
               + ", ".join("never" if t is None else f"{t:.4f}" for t in rule.cold_thresholds))
+    if model_flags.CAMERA_CALIBRATION.value:
+        print("calibrated on camera and camera_pan streams too; each calibration stream's "
+              f"agreement bound: {calibration.RUN_BOUND}")
     print("which classes can exit where (hot top-1 class):")
     for line in exit_policy.format_exit_report(
             exit_policy.exit_report(rule, len(memory.class_names)), memory.class_names):

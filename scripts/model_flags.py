@@ -3,7 +3,8 @@
 Importing this module defines `--preprocessing`, `--input_scale` and
 `--input_offset` (`resolve(model)` turns them, or the model's own first
 layer, into the `Preprocessing` the model expects done to camera pixels), and
-the memory's shape: `--num_stages`, `--cut_layers`, `--embedding_dim`.
+the memory's shape and calibration: `--num_stages`, `--cut_layers`,
+`--embedding_dim`, `--camera_calibration`.
 """
 
 from absl import app
@@ -26,12 +27,17 @@ NUM_STAGES = flags.DEFINE_integer("num_stages", None,
 CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
 EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
                                      "Semantic vector size (default 32).")
+CAMERA_CALIBRATION = flags.DEFINE_bool(
+    "camera_calibration", False, "Calibrate the exits on camera streams too (held objects "
+    "with jitter, brightness, noise, a pan), with a bound that allows for errors in runs: "
+    "the budget holds on what a handheld camera sends, at a cost in early exits.")
 
 
-def memory_shape() -> dict:
-    """The memory's shape as the flags give it (None: the fitting's default)."""
+def memory_choices() -> dict:
+    """The memory's shape and calibration as the flags give them (None: the default)."""
     return {"num_stages": NUM_STAGES.value, "cut_layers": CUT_LAYERS.value,
-            "embedding_dim": EMBEDDING_DIM.value}
+            "embedding_dim": EMBEDDING_DIM.value,
+            "camera_calibration": CAMERA_CALIBRATION.value}
 
 
 def _floats(flag, values):

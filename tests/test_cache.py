@@ -928,12 +928,14 @@ class StreamBoundTest(absltest.TestCase):
         run = np.ones(3000, bool)
         run[1000:1030] = False  # The same 30 errors on one held object.
         wilson = ep.wilson_lower_bound(2970, 3000)
-        self.assertAlmostEqual(calibration.stream_lower_bound(spread), wilson, places=9)
+        self.assertAlmostEqual(calibration.stream_lower_bound(spread, runs=True), wilson,
+                               places=9)
+        self.assertEqual(calibration.stream_lower_bound(run), wilson)  # Per frame only.
         boot_spread = calibration.block_bootstrap_lower_bound(spread)
         boot_run = calibration.block_bootstrap_lower_bound(run)
         self.assertLess(boot_run, boot_spread)
         self.assertLess(boot_run, wilson)
-        self.assertEqual(calibration.stream_lower_bound(run), boot_run)
+        self.assertEqual(calibration.stream_lower_bound(run, runs=True), boot_run)
         self.assertLess(boot_run, 0.99)  # Observed 99.0%: the run is not evidence of 99%.
 
     def test_seeded_and_edge_cases(self):

@@ -156,6 +156,36 @@ class SaveLoadTest(parameterized.TestCase):
         self.assertEqual(loaded.mismatches(memory_lib.MemoryKey("any")),
                          ["it records no key (written by an older smtm_tf)"])
 
+    def test_the_key_records_camera_calibration_and_a_mismatch_says_so(self):
+        plain = memory_lib.MemoryKey("m", {"scale": [1.0]}, "d")
+        camera = dataclasses.replace(plain, calibration=memory_lib.CAMERA)
+        self.assertNotIn("calibration", plain.to_dict())  # As files written before it.
+        for key in (plain, camera):
+            self.assertEqual(memory_lib.MemoryKey.from_dict(key.to_dict()), key)
+        with self.assertRaisesRegex(memory_lib.MemoryFileError, "Malformed memory key"):
+            memory_lib.MemoryKey.from_dict({**plain.to_dict(), "calibration": "fog"})
+        memory = dataclasses.replace(tu.fitted_memory("tf_keras"), key=plain)
+        self.assertEqual(memory.mismatches(plain), [])
+        self.assertEqual(memory.mismatches(camera), [
+            "its exits were calibrated on the standard streams, not camera streams too"])
+
+    def test_camera_calibration_adds_camera_streams_with_a_bound_for_runs(self):
+        model, memory = tu.trained_residual("tf_keras"), tu.fitted_memory("tf_keras")
+        x, _ = tu.calibration_data()
+        seen = []
+        real = memory_lib.calibration.calibrate_with_cache
+
+        def spy(*args, **kwargs):
+            seen.append((len(args[4]), kwargs["runs"]))
+            return real(*args, **kwargs)
+
+        with mock.patch.object(memory_lib.calibration, "calibrate_with_cache", spy):
+            memory_lib.recalibrate(model, memory, x, 0.95)
+            again = memory_lib.recalibrate(model, memory, x, 0.95, camera_calibration=True)
+        # 6 standard streams; camera and camera_pan join them, bounded for runs.
+        self.assertEqual(seen, [(6, False), (8, True)])
+        self.assertTrue(again.exit_rule.uses_cache)
+
     @parameterized.named_parameters(("newer", memory_lib.MEMORY_FORMAT_VERSION + 1),
                                     ("older", 0), ("absent", None))
     def test_wrong_format_version(self, version):

@@ -123,8 +123,8 @@ def replay(rule, policy: CachePolicy | None, semantics, centres, full_prediction
 # as many independent errors' worth of evidence; blocks of this many frames
 # keep the runs whole.
 RUN_BLOCK = 40
-BOUND = (f"the lower of a Wilson bound per frame and a moving-block bootstrap bound "
-         f"({RUN_BLOCK}-frame blocks), each one-sided at 95% (z = 1.645)")
+RUN_BOUND = (f"the lower of a Wilson bound per frame and a moving-block bootstrap bound "
+             f"({RUN_BLOCK}-frame blocks), one-sided at 95%")
 
 
 def block_bootstrap_lower_bound(agree: np.ndarray, z: float = 1.645,
@@ -150,19 +150,23 @@ def block_bootstrap_lower_bound(agree: np.ndarray, z: float = 1.645,
     return float(np.quantile(means, level))
 
 
-def stream_lower_bound(agree: np.ndarray, z: float = 1.645) -> float:
-    """The bound a calibration stream's agreement must keep above the target (`BOUND`)."""
+def stream_lower_bound(agree: np.ndarray, z: float = 1.645, runs: bool = False) -> float:
+    """The bound a calibration stream's agreement must keep above the target.
+
+    Wilson per frame; with `runs`, the lower of that and the block bootstrap
+    (`RUN_BOUND`), for streams whose errors come in runs.
+    """
     agree = np.asarray(agree, bool)
-    return min(exit_policy.wilson_lower_bound(int(agree.sum()), len(agree), z),
-               block_bootstrap_lower_bound(agree, z))
+    wilson = exit_policy.wilson_lower_bound(int(agree.sum()), len(agree), z)
+    return min(wilson, block_bootstrap_lower_bound(agree, z)) if runs else wilson
 
 
-def _stream_bounds(agree: np.ndarray, lengths, z: float) -> list[float]:
+def _stream_bounds(agree: np.ndarray, lengths, z: float, runs: bool) -> list[float]:
     bounds, start = [], 0
     for length in lengths:
         part = agree[start:start + length]
         start += length
-        bounds.append(stream_lower_bound(part, z))
+        bounds.append(stream_lower_bound(part, z, runs))
     return bounds
 
 
@@ -170,7 +174,8 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
                          streams, policy: CachePolicy, target_agreement: float = 0.99,
                          metric="margin", metric_params=None, confidence_z: float = 1.645,
                          rounds: int = 3, instance_target: float = 0.998,
-                         instance_streams=(), similarities=None, full_confidence=None):
+                         instance_streams=(), similarities=None, full_confidence=None,
+                         runs: bool = False):
     """Calibrates hot and cold thresholds with the memory in the loop.
 
     The cache changes the decisions and the decisions change the cache, so
@@ -201,6 +206,8 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
       similarities: instead of `semantics`, per stage `[N, K]` similarities
         (then no short-term tier or adaptation is calibrated).
       full_confidence: the full model's top probability per frame.
+      runs: some streams' errors come in runs (camera streams): each stream's
+        bound is then `stream_lower_bound(..., runs=True)`.
       instance_streams: more streams (e.g. a held object: the same frame
         shifted and noisy) on which the short-term tier is calibrated too.
         Their errors come in runs (one hard object, many frames), so the
@@ -229,7 +236,8 @@ def calibrate_with_cache(semantics, centres, full_predictions: np.ndarray, stage
                                   for f in dataclasses.fields(ReplayResult)))
 
         def worst(result):
-            return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z))
+            return min(_stream_bounds(result.prediction == stream_full, lengths, confidence_z,
+                                      runs))
 
         num_stages = len(stage_costs)
         cumulative = exit_policy.exit_costs(stage_costs)

@@ -69,20 +69,32 @@ class MemoryKey:
         user's own, already preprocessed arrays).
       data: `fingerprint_arrays` of the fitting and calibration images, or
         None when not known (the callback).
+      calibration: None for the standard calibration streams, CAMERA when
+        camera streams were added (`recalibrate`'s `camera_calibration`).
     """
 
     model: str
     preprocessing: dict | None = None
     data: str | None = None
+    calibration: str | None = None
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if d["calibration"] is None:  # As files written before the option.
+            del d["calibration"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "MemoryKey":
-        if not isinstance(d, dict) or set(d) != {"model", "preprocessing", "data"}:
+        required = {"model", "preprocessing", "data"}
+        if not isinstance(d, dict) or not required <= set(d) <= required | {"calibration"} \
+                or d.get("calibration") not in (None, CAMERA):
             raise MemoryFileError(f"Malformed memory key {d!r}.")
         return cls(**d)
+
+
+# MemoryKey.calibration of a memory calibrated on camera streams too.
+CAMERA = "camera"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,6 +153,10 @@ class SemanticMemory:
                        f"{key.preprocessing}")
         if self.key.data is not None and key.data is not None and self.key.data != key.data:
             why.append("it was fitted on other data (or another --holdout)")
+        if self.key.calibration != key.calibration:
+            named = {None: "the standard streams", CAMERA: "camera streams too"}
+            why.append(f"its exits were calibrated on {named[self.key.calibration]}, not "
+                       f"{named[key.calibration]}")
         if cut_layers and tuple(cut_layers) != self.plan.cut_layers:
             why.append(f"its stages end at {list(self.plan.cut_layers)}, not {list(cut_layers)}")
         elif num_stages is not None and not cut_layers and num_stages != self.plan.num_stages:
@@ -320,7 +336,8 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
       camera_semantics, camera_full, camera_confidence, camera_lengths: the
         same for frames of camera streams (`camera_streams`), in stream order,
         `camera_lengths` frames each: each is one more calibration stream
-        the rule is fitted on and must meet the target on.
+        the rule is fitted on and must meet the target on, and every
+        stream's bound then allows for errors in runs.
 
     Returns:
       (ExitRule, CachePolicy as calibrated).
@@ -348,7 +365,7 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
     return calibration.calibrate_with_cache(
         pool, centres, full, stage_costs, streams, cache_policy, target_agreement,
         metric=metric, metric_params=metric_params, instance_streams=held,
-        full_confidence=confidence)
+        full_confidence=confidence, runs=camera_semantics is not None)
 
 
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
@@ -361,7 +378,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         batch_size: int = 256, seed: int = 0,
                         key: MemoryKey | None = None, progress=None,
-                        preprocessing: prep.Preprocessing | None = None) -> SemanticMemory:
+                        preprocessing: prep.Preprocessing | None = None,
+                        camera_calibration: bool = False) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -391,6 +409,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       progress: called with a line of text at each step (None: silent).
       preprocessing: what was done to the pixels the images came from (as
         `recalibrate`); None: the images are pixels.
+      camera_calibration: calibrate on camera streams too (`recalibrate`);
+        recorded in the key.
 
     Returns:
       The fitted SemanticMemory. Classes the model assigns no frame of
@@ -437,7 +457,9 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                             exit_policy.ExitRule(exit_policy.Metric.MARGIN,
                                                  (None,) * plan.num_stages, 1.0),
                             tuple(class_names),
-                            key=key if key is not None else MemoryKey(fingerprint_model(model)),
+                            key=dataclasses.replace(
+                                key if key is not None else MemoryKey(fingerprint_model(model)),
+                                calibration=CAMERA if camera_calibration else None),
                             class_frames=tuple(int(n) for n in class_frames))
     sims = memory.similarities(calib)
     full = calib.predictions
@@ -459,7 +481,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                                        metric_params=params))
     say("calibrating the exit rule and the adaptive memory on the held-out images")
     return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
-                       batch_size, seed, calib, preprocessing)
+                       batch_size, seed, calib, preprocessing, camera_calibration)
 
 
 def camera_streams(full_predictions: np.ndarray, num_frames: int = 2000,
@@ -492,11 +514,17 @@ def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
                 cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                 batch_size: int = 256, seed: int = 0,
                 features: enc.StageFeatures | None = None,
-                preprocessing: prep.Preprocessing | None = None) -> SemanticMemory:
+                preprocessing: prep.Preprocessing | None = None,
+                camera_calibration: bool | None = None) -> SemanticMemory:
     """Calibrates the memory's exit rule (same metric) anew, keeping its encoders.
 
     With a cache, every level of the adaptive memory is calibrated, the
     short-term tier on held-object streams rendered from `x_calibration`.
+    With `camera_calibration` (None: as `memory.key.calibration` says), a
+    `camera` and a `camera_pan` stream rendered from `x_calibration` join the
+    calibration streams, and each stream's bound allows for errors in runs
+    (`calibration.stream_lower_bound`): the budget then holds on what a
+    handheld camera sends, at a cost in exits.
     A camera shifts, brightens and adds noise to pixels: with `preprocessing`
     (what was done to the pixels `x_calibration` came from), those streams
     are rendered from the pixels and preprocessed again; None: `x_calibration`
@@ -522,16 +550,22 @@ def recalibrate(model, memory: SemanticMemory, x_calibration: np.ndarray,
                                                  batch_size)
             held_sem, held_full = memory.semantics(held_features), held_features.predictions
             held_conf = held_features.probabilities.max(axis=1)
-        cameras = camera_streams(full, seed=seed)
-        frames = np.concatenate([render(c, x_calibration, preprocessing) for c in cameras])
-        camera_features = enc.extract_features(stage_models, head, frames, memory.pooling,
-                                               batch_size)
+        camera = {}
+        if camera_calibration is None:
+            camera_calibration = memory.key is not None and memory.key.calibration == CAMERA
+        if camera_calibration:
+            cameras = camera_streams(full, seed=seed)
+            frames = np.concatenate([render(c, x_calibration, preprocessing)
+                                     for c in cameras])
+            seen = enc.extract_features(stage_models, head, frames, memory.pooling, batch_size)
+            camera = {"camera_semantics": memory.semantics(seen),
+                      "camera_full": seen.predictions,
+                      "camera_confidence": seen.probabilities.max(axis=1),
+                      "camera_lengths": [len(c) for c in cameras]}
         rule, cache_policy = calibrate_memory(
             memory.semantics(features), memory.centres, full, costs, target_agreement,
             rule.metric, rule.metric_params, cache_policy, held_sem, held_full, seed,
-            features.probabilities.max(axis=1), held_conf,
-            memory.semantics(camera_features), camera_features.predictions,
-            camera_features.probabilities.max(axis=1), [len(c) for c in cameras])
+            features.probabilities.max(axis=1), held_conf, **camera)
     logging.info("%s thresholds %s (cold %s, instance %s).", rule.metric.value,
                  rule.thresholds, rule.cold_thresholds, rule.instance_thresholds)
     return dataclasses.replace(memory, exit_rule=rule,
