@@ -185,6 +185,9 @@ class SaveLoadTest(parameterized.TestCase):
         # 6 standard streams; camera and camera_pan join them, bounded for runs.
         self.assertEqual(seen, [(6, False), (8, True)])
         self.assertTrue(again.exit_rule.uses_cache)
+        with self.assertRaisesRegex(ValueError, "camera_calibration calibrates the hot-class"):
+            memory_lib.fit_semantic_memory(model, x, x, cache_policy=None,
+                                           camera_calibration=True)
 
     @parameterized.named_parameters(("newer", memory_lib.MEMORY_FORMAT_VERSION + 1),
                                     ("older", 0), ("absent", None))

@@ -417,6 +417,9 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       `x_train` to get zero centres (similarity 0 to every frame) and cannot
       exit; `memory.missing_classes` lists them.
     """
+    if camera_calibration and (cache_policy is None or cache_policy.max_hot == 0):
+        raise ValueError("camera_calibration calibrates the hot-class cache's exits: give a "
+                         "cache_policy, or drop camera_calibration.")
     plan = stages_lib.plan_stages(model, num_stages=num_stages, cut_layers=cut_layers)
     stage_models, head = stages_lib.split_model(model, plan)
     stages_lib.check_chain(model, stage_models, head, x_calibration[:8])
