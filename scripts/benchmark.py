@@ -89,6 +89,9 @@ def main(argv):
     if _STREAMS.value and len(stream_specs) != len(_STREAMS.value):
         raise app.UsageError(f"Known streams: {[s[0] for s in benchmark.STREAMS]}.")
     if _MODEL.value is None:
+        if model_flags.given():
+            raise app.UsageError(f"{', '.join(model_flags.given())} describe a model given "
+                                 "with --model; the demo models (--models) carry their own.")
         unknown = [m for m in _MODELS.value if m not in models_lib.BENCHMARK_MODELS]
         if unknown:
             raise app.UsageError(f"Unknown models {unknown}; known: "

@@ -40,6 +40,13 @@ def memory_choices() -> dict:
             "camera_calibration": CAMERA_CALIBRATION.value}
 
 
+def given() -> list[str]:
+    """The flags of this module set on the command line (as --name)."""
+    return [f"--{f.name}" for f in (PREPROCESSING, INPUT_SCALE, INPUT_OFFSET, NUM_STAGES,
+                                    CUT_LAYERS, EMBEDDING_DIM, CAMERA_CALIBRATION)
+            if flags.FLAGS[f.name].present]
+
+
 def _floats(flag, values):
     if values is None:
         return None
