@@ -10,6 +10,7 @@ embedded in the metadata table under `descriptor.METADATA_NAME`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -196,15 +197,19 @@ class SignatureBuilder:
                                cache=self.memory.cache_policy, preprocessing=preprocessing)
 
 
-def convert_keras(model) -> bytes:
-    """A plain single-signature conversion of `model` (the size baseline)."""
+def _plain_signature(model):
+    """(module, signatures) of `model` alone: one signature, `image` -> `output`."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    module = _module_tracking(model)
     shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
     fn = tf.function(lambda image: {"output": model(image, training=False)},
                      input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
-    return convert_module(module, {"serving_default": fn})
+    return _module_tracking(model), {"serving_default": fn}
+
+
+def convert_keras(model) -> bytes:
+    """A plain single-signature conversion of `model` (the size baseline)."""
+    return convert_module(*_plain_signature(model))
 
 
 def int8_errors_by_op(model, images: np.ndarray) -> list[quant.OpError]:
@@ -217,19 +222,13 @@ def int8_errors_by_op(model, images: np.ndarray) -> list[quant.OpError]:
     """
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-    module = _module_tracking(model)
-    shape = (1,) + tuple(int(d) for d in model.inputs[0].shape[1:])
-    fn = tf.function(lambda image: {"output": model(image, training=False)},
-                     input_signature=[tf.TensorSpec(shape, tf.float32, name="image")])
     images = np.asarray(images, np.float32)
 
     def dataset():
         for i in range(len(images)):
             yield [images[i:i + 1]]
 
-    with temp_files.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
-        tf.saved_model.save(module, tmp, signatures={"serving_default": fn.get_concrete_function()})
-        converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
+    with _saved_model_converter(*_plain_signature(model)) as converter:
         quant.configure(converter, quant.Quantization.INT8, dataset)
         debugger = tf.lite.experimental.QuantizationDebugger(converter=converter,
                                                              debug_dataset=dataset)
@@ -252,16 +251,21 @@ def remove_leftovers(*outputs: str | None) -> None:
     temp_files.remove_orphans(old_runtime.TEMP_PREFIX)
 
 
-def convert_module(module, signatures: dict,
-                    quantization: quant.Quantization = quant.Quantization.FLOAT32,
-                    representative_dataset=None) -> bytes:
+@contextlib.contextmanager
+def _saved_model_converter(module, signatures: dict):
+    """A TFLiteConverter of `module`'s `signatures`, through a SavedModel in a temp folder."""
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
     with temp_files.process_temp_dir(SAVED_MODEL_PREFIX) as tmp:
         concrete = {k: f.get_concrete_function() for k, f in signatures.items()}
         tf.saved_model.save(module, tmp, signatures=concrete)
-        converter = tf.lite.TFLiteConverter.from_saved_model(
-            tmp, signature_keys=list(signatures))
+        yield tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=list(signatures))
+
+
+def convert_module(module, signatures: dict,
+                   quantization: quant.Quantization = quant.Quantization.FLOAT32,
+                   representative_dataset=None) -> bytes:
+    with _saved_model_converter(module, signatures) as converter:
         quant.configure(converter, quantization, representative_dataset)
         return converter.convert()
 
@@ -322,8 +326,9 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
     if q == quant.Quantization.INT8:
         rng = np.random.default_rng(seed)
         pick = rng.choice(len(train_images), size=min(200, len(train_images)), replace=False)
+        rep_images = train_images[np.sort(pick)]
         rep_data = quant.representative_dataset(builder.stage_models, memory.centres,
-                                                train_images[np.sort(pick)])
+                                                rep_images)
     flat = convert_module(builder.module, sigs, q, rep_data)
     flat = metadata.add_digest(
         metadata.add_metadata(flat, desc.METADATA_NAME, descriptor.to_json().encode()))
@@ -337,8 +342,7 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
             if q != quant.Quantization.INT8:
                 raise
             try:
-                why = quant.explain_int8_errors(
-                    int8_errors_by_op(model, train_images[np.sort(pick)]))
+                why = quant.explain_int8_errors(int8_errors_by_op(model, rep_images))
             except Exception as diagnosis:  # pylint: disable=broad-except
                 # The refusal stands; only its explanation is missing.
                 why = f"(The per-op int8 diagnosis failed: {diagnosis}.)"

@@ -22,6 +22,7 @@ Example:
 from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -262,10 +263,13 @@ class Subject:
     heads: baselines.BaselineHeads
     preprocessing: prep.Preprocessing
     pixels_test: object
-    x_test: object
     y_test: object
     x_cal: object
     save_memory_to: str | None = None
+
+    @functools.cached_property
+    def x_test(self):
+        return self.preprocessing.apply(self.pixels_test)
 
 
 def _demo_subject(name: str, data: data_lib.LabelledData) -> Subject:
@@ -282,7 +286,7 @@ def _demo_subject(name: str, data: data_lib.LabelledData) -> Subject:
     return Subject(name, stem, keras_path, kerascompat.load_model(keras_path),
                    memory_lib.SemanticMemory.load(memory_path),
                    baselines.BaselineHeads.load(heads_path), prep.Preprocessing.raw(),
-                   data.x_test, data.x_test, data.y_test, x_cal)
+                   data.x_test, data.y_test, x_cal)
 
 
 def _user_subject(path: str, out_dir: str) -> Subject:
@@ -295,7 +299,6 @@ def _user_subject(path: str, out_dir: str) -> Subject:
     model = kerascompat.load_model(path)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
     preprocessing = model_flags.resolve(model)
-    preprocessing.check_channels(shape[2])
     data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
     say(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images, "
         f"brought to the model's input {shape}; preprocessing: {preprocessing.describe()}")
@@ -312,8 +315,7 @@ def _user_subject(path: str, out_dir: str) -> Subject:
     heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
     say(heads.summary())
     return Subject(stem, stem, path, model, memory, heads, preprocessing, data.x_test,
-                   preprocessing.apply(data.x_test), data.y_test, x_cal,
-                   memory_file if fitted else None)
+                   data.y_test, x_cal, memory_file if fitted else None)
 
 
 def run():

@@ -42,9 +42,7 @@ def memory_choices() -> dict:
 
 def given() -> list[str]:
     """The flags of this module set on the command line (as --name)."""
-    return [f"--{f.name}" for f in (PREPROCESSING, INPUT_SCALE, INPUT_OFFSET, NUM_STAGES,
-                                    CUT_LAYERS, EMBEDDING_DIM, CAMERA_CALIBRATION)
-            if flags.FLAGS[f.name].present]
+    return [f"--{f.name}" for f in flags.FLAGS.get_flags_for_module(__name__) if f.present]
 
 
 def _floats(flag, values):

@@ -484,7 +484,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                                        metric_params=params))
     say("calibrating the exit rule and the adaptive memory on the held-out images")
     return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
-                       batch_size, seed, calib, preprocessing, camera_calibration)
+                       batch_size, seed, calib, preprocessing)  # The key says which streams.
 
 
 def camera_streams(full_predictions: np.ndarray, num_frames: int = 2000,
