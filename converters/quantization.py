@@ -213,10 +213,11 @@ def xnnpack_refusal(model_content: bytes, signature: str, encoder=None) -> str:
     if not problems:
         return advice
     text = "XNNPACK refuses the int8 scales of " + "; ".join(p.format() for p in problems)
-    if encoder is not None and any(p.weight_shape == encoder.kernel.T.shape
-                                   for p in problems):
+    if encoder is not None and any(p.weight_shape == k.T.shape
+                                   for p in problems for k in encoder.kernels):
+        largest = max(float(np.max(np.abs(k))) for k in encoder.kernels)
         text += (f". That op is the stage's semantic encoder, whose largest weight is "
-                 f"{np.max(np.abs(encoder.kernel)):.3g}: memories fitted before the "
+                 f"{largest:.3g}: memories fitted before the "
                  "encoders bounded their weights (zero rows for dead channels, a relative "
                  "std floor) have huge weights on near-constant features. Refit the "
                  "semantic memory to get bounded weights")

@@ -120,8 +120,7 @@ class SignatureBuilder:
         # turn default arguments or captured eager tensors into extra inputs.
         def fn(activation, centres):
             a = stage(activation, training=False)
-            v = enc.l2_normalize(
-                tf.matmul(enc.pool(a, self.memory.pooling), encoder.kernel) + encoder.bias)
+            v = encoder.tf_encode(enc.pool(a, self.memory.pooling))
             sims = tf.matmul(v, centres, transpose_b=True)
             return {"next_activation": a, "semantic": tf.reshape(v, [-1]),
                     "similarities": tf.reshape(sims, [-1])}
@@ -606,8 +605,8 @@ def class_names_for(model, data) -> tuple[str, ...]:
 
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
                   holdout: float = 0.1, num_stages: int | None = None, cut_layers=None,
-                  embedding_dim: int | None = None, target_agreement: float = 0.99,
-                  metric: str = "layer_aware",
+                  embedding_dim: int | None = None, encoder_hidden: int | None = None,
+                  target_agreement: float = 0.99, metric: str = "layer_aware",
                   cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                   num_check_images: int = 64, memory_output: str | None = None,
                   memory_candidates=(), seed: int = 0, quantization: str = "float32",
@@ -631,8 +630,9 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         the encoders, and test images serve the checks.
       output_path: where the .tflite goes.
       memory: an already fitted memory to use as it is, or None.
-      num_stages, cut_layers, embedding_dim: the stages and semantic size to
-        fit (None: 4 stages, 32 dimensions; a reused memory keeps its own).
+      num_stages, cut_layers, embedding_dim, encoder_hidden: the stages,
+        semantic size and encoders' hidden units to fit (None: 4 stages, 32
+        dimensions, `memory.ENCODER_HIDDEN`; a reused memory keeps its own).
       memory_output: where to save a newly fitted memory (None: do not save).
       memory_candidates: memory files to reuse, in order; one is used only
         when its key and choices match this conversion (`SemanticMemory.mismatches`).
@@ -694,8 +694,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         memory, fitted = reuse_or_fit_memory(
             model, x_fit_in, x_cal_in, class_names, preprocessing, memory_candidates, say,
             num_stages=num_stages, cut_layers=cut_layers, embedding_dim=embedding_dim,
-            target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
-            seed=seed, camera_calibration=camera_calibration)
+            encoder_hidden=encoder_hidden, target_agreement=target_agreement, metric=metric,
+            cache_policy=cache_policy, seed=seed, camera_calibration=camera_calibration)
     q = quant.parse(quantization)
     say(f"converting ({q.value}) and checking against Keras")
     flat, report = convert(model, memory, x_check, None, quantization=q,
@@ -727,8 +727,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
 def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class_names,
                         preprocessing: prep.Preprocessing, candidates, say,
                         num_stages: int | None = None, cut_layers=None,
-                        embedding_dim: int | None = None, target_agreement: float = 0.99,
-                        metric: str = "layer_aware",
+                        embedding_dim: int | None = None, encoder_hidden: int | None = None,
+                        target_agreement: float = 0.99, metric: str = "layer_aware",
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         seed: int = 0, camera_calibration: bool = False
                         ) -> tuple[SemanticMemory, bool]:
@@ -746,7 +746,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
                                memory_lib.CAMERA if camera_calibration else None)
     memory = _matching_memory(candidates, key, say, num_stages=num_stages,
                               cut_layers=cut_layers, embedding_dim=embedding_dim,
-                              target_agreement=target_agreement, metric=metric,
+                              encoder_hidden=encoder_hidden, target_agreement=target_agreement, metric=metric,
                               cache=cache_policy is not None)
     if memory is not None:
         return memory, False
@@ -756,6 +756,8 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         model, x_fit_in, x_cal_in, class_names=class_names,
         num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
         embedding_dim=32 if embedding_dim is None else embedding_dim,
+        encoder_hidden=(memory_lib.ENCODER_HIDDEN if encoder_hidden is None
+                        else encoder_hidden),
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
         seed=seed, key=key, progress=say, preprocessing=preprocessing,
         camera_calibration=camera_calibration)

@@ -4,12 +4,13 @@ Importing this module defines `--preprocessing`, `--input_scale` and
 `--input_offset` (`resolve(model)` turns them, or the model's own first
 layer, into the `Preprocessing` the model expects done to camera pixels), and
 the memory's shape and calibration: `--num_stages`, `--cut_layers`,
-`--embedding_dim`, `--camera_calibration`.
+`--embedding_dim`, `--encoder_hidden`, `--camera_calibration`.
 """
 
 from absl import app
 from absl import flags
 
+from smtm_tf.fitting import memory as memory_lib
 from smtm_tf.runtime import preprocessing as prep
 
 PREPROCESSING = flags.DEFINE_enum(
@@ -27,6 +28,9 @@ NUM_STAGES = flags.DEFINE_integer("num_stages", None,
 CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
 EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
                                      "Semantic vector size (default 32).")
+ENCODER_HIDDEN = flags.DEFINE_integer(
+    "encoder_hidden", None, "Hidden ReLU units in each stage's semantic encoder, 0 for a "
+    f"linear projection (default {memory_lib.ENCODER_HIDDEN}).", lower_bound=0)
 CAMERA_CALIBRATION = flags.DEFINE_bool(
     "camera_calibration", False, "Calibrate the exits on camera streams too (held objects "
     "with jitter, brightness, noise, a pan), with a bound that allows for errors in runs: "
@@ -36,7 +40,7 @@ CAMERA_CALIBRATION = flags.DEFINE_bool(
 def memory_choices() -> dict:
     """The memory's shape and calibration as the flags give them (None: the default)."""
     return {"num_stages": NUM_STAGES.value, "cut_layers": CUT_LAYERS.value,
-            "embedding_dim": EMBEDDING_DIM.value,
+            "embedding_dim": EMBEDDING_DIM.value, "encoder_hidden": ENCODER_HIDDEN.value,
             "camera_calibration": CAMERA_CALIBRATION.value}
 
 

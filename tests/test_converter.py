@@ -190,6 +190,32 @@ class ConvertTest(parameterized.TestCase):
             smtm_converter.convert(self.model, self.memory, self.images[:0])
 
 
+class HiddenEncoderTest(absltest.TestCase):
+    """Encoders with a hidden layer convert to the stage signatures they compute."""
+
+    def test_stage_signatures_compute_the_hidden_encoders(self):
+        model = tu.trained_residual("tf_keras")
+        x, _ = tu.train_data()
+        xc, _ = tu.calibration_data()
+        mem = memory_lib.fit_semantic_memory(model, x[:300], xc[:100], num_stages=2,
+                                             embedding_dim=4, encoder_hidden=8,
+                                             encoder_epochs=2, cache_policy=None)
+        self.assertEqual([e.hidden_units for e in mem.encoders], [8, 8])
+        images = tu.check_images()
+        flat, report = smtm_converter.convert(model, mem, images)
+        self.assertLessEqual(report.similarity_max_abs_diff, 1e-4)
+        interp = _interpreter(flat)
+        stage_models, _ = stages.split_model(model, mem.plan)
+        a_lite = a_keras = images[:1]
+        for s, stage_model in enumerate(stage_models):
+            out = interp.get_signature_runner(f"stage_{s}")(activation=a_lite,
+                                                            centres=mem.centres[s])
+            a_keras = np.asarray(stage_model(a_keras, training=False))
+            want = mem.encoders[s].encode(np.asarray(enc.pool(a_keras, mem.pooling)))[0]
+            np.testing.assert_allclose(out["semantic"], want, atol=1e-4)
+            a_lite = out["next_activation"]
+
+
 class ConvertKeras3Test(absltest.TestCase):
     """Keras 3 models: the converter must track their variables explicitly."""
 
@@ -357,7 +383,10 @@ class ConvertModelTest(absltest.TestCase):
                 (dict(target_agreement=0.9), "calibrated for 99.00% agreement, not 90.00%"),
                 (dict(data=tu.labelled_stripes(300, 40, train_seed=30, test_seed=21)),
                  "fitted on other data"),
-                (dict(model=_nudged(self.model)), "fitted to other model weights")):
+                (dict(model=_nudged(self.model)), "fitted to other model weights"),
+                (dict(encoder_hidden=memory_lib.ENCODER_HIDDEN + 4),
+                 f"its encoders have {memory_lib.ENCODER_HIDDEN} hidden units, not "
+                 f"{memory_lib.ENCODER_HIDDEN + 4}")):
             lines.clear()
             args = dict(kwargs, model=self.model, data=self.data,
                         output_path=os.path.join(directory, "c.tflite"))

@@ -44,6 +44,10 @@ def assert_memory_equal(test, a, b):
     for ea, eb in zip(a.encoders, b.encoders):
         np.testing.assert_array_equal(ea.kernel, eb.kernel)
         np.testing.assert_array_equal(ea.bias, eb.bias)
+        test.assertEqual(ea.hidden_units, eb.hidden_units)
+        if ea.hidden_units:
+            np.testing.assert_array_equal(ea.hidden_kernel, eb.hidden_kernel)
+            np.testing.assert_array_equal(ea.hidden_bias, eb.hidden_bias)
     for ca, cb in zip(a.centres, b.centres):
         np.testing.assert_array_equal(ca, cb)
         test.assertEqual(ca.dtype, cb.dtype)
@@ -78,6 +82,29 @@ class SaveLoadTest(parameterized.TestCase):
         path = os.path.join(self.create_tempdir().full_path, "m.smtm.npz")
         mem.save(path)
         assert_memory_equal(self, memory_lib.SemanticMemory.load(path), mem)
+
+    def test_round_trip_with_hidden_layers(self):
+        mem = make_memory()
+        rng = np.random.default_rng(5)
+        mem = dataclasses.replace(mem, encoders=tuple(
+            enc.Encoder(rng.normal(size=(7, e.dim)).astype(np.float32), e.bias,
+                        rng.normal(size=(10, 7)).astype(np.float32),
+                        rng.normal(size=7).astype(np.float32)) for e in mem.encoders))
+        path = os.path.join(self.create_tempdir().full_path, "m.smtm.npz")
+        mem.save(path)
+        back = memory_lib.SemanticMemory.load(path)
+        assert_memory_equal(self, back, mem)
+        self.assertEqual(back.encoders[0].hidden_units, 7)
+
+    def test_version_2_files_still_load(self):
+        # Written before hidden layers: the same arrays, version 2.
+        with np.load(io.BytesIO(self._valid_bytes())) as f:
+            arrays = {k: f[k] for k in f.files}
+        arrays["meta"] = np.array(json.dumps(dict(json.loads(str(arrays["meta"])),
+                                                  format_version=2)))
+        path = self._write(self._npz_bytes(**arrays))
+        back = memory_lib.SemanticMemory.load(path)
+        self.assertEqual([e.hidden_units for e in back.encoders], [0, 0])
 
     def test_save_leaves_only_the_file(self):
         directory = self.create_tempdir().full_path
@@ -374,6 +401,46 @@ class EncodersTest(parameterized.TestCase):
         np.testing.assert_array_equal(encoder.kernel, 0.0)
         self.assertTrue(np.all(np.isfinite(encoder.encode(np.ones((2, 5))))))
         self.assertEqual(weights.shape, (2, 3))
+
+    def test_hidden_layer_learns_what_a_projection_cannot(self):
+        # Classes by the signs of two features (XOR): no direction of a linear
+        # projection of these features separates them by angle.
+        rng = np.random.default_rng(6)
+        x = rng.normal(size=(1200, 4)).astype(np.float32)
+        labels = ((x[:, 0] > 0) ^ (x[:, 1] > 0)).astype(np.int64)
+        x += 5.0  # Standardised away; folded into the first layer.
+        linear, linear_w = enc.train_encoder(x, labels, 2, dim=4, epochs=15, batch_size=64)
+        deep, deep_w = enc.train_encoder(x, labels, 2, dim=4, hidden=16, epochs=15,
+                                         batch_size=64)
+        self.assertEqual((deep.hidden_units, linear.hidden_units), (16, 0))
+        self.assertEqual(deep.hidden_kernel.shape, (4, 16))
+        self.assertEqual(deep.kernel.shape, (16, 4))
+
+        def accuracy(e, w):
+            return float(((e.encode(x) @ w.T).argmax(axis=1) == labels).mean())
+        self.assertLess(accuracy(linear, linear_w), 0.8)
+        self.assertGreater(accuracy(deep, deep_w), 0.9)
+        np.testing.assert_allclose(np.asarray(deep.tf_encode(tf.constant(x[:16]))),
+                                   deep.encode(x[:16]), atol=1e-5)
+
+    def test_hidden_layer_gets_zero_rows_for_dead_channels(self):
+        pooled, labels = _separable_features()
+        x = np.concatenate([pooled, np.zeros((len(pooled), 1))], axis=1).astype(np.float32)
+        encoder, _ = enc.train_encoder(x, labels, 3, dim=4, hidden=8, epochs=3, batch_size=32)
+        np.testing.assert_array_equal(encoder.hidden_kernel[-1], 0.0)
+        self.assertLess(np.max(np.abs(encoder.hidden_kernel)), 100.0)
+        dead, _ = enc.train_encoder(np.ones((40, 5), np.float32), np.arange(40) % 2, 2,
+                                    dim=3, hidden=6, epochs=1)
+        self.assertEqual(dead.hidden_units, 6)
+        np.testing.assert_array_equal(dead.encode(np.ones((2, 5))), 0.0)
+
+    def test_encoder_rejects_a_broken_hidden_layer(self):
+        k = np.zeros((6, 3), np.float32)
+        with self.assertRaisesRegex(ValueError, "needs both a kernel and a bias"):
+            enc.Encoder(k, np.zeros(3, np.float32), np.zeros((4, 6), np.float32))
+        with self.assertRaisesRegex(ValueError, "does not feed a kernel"):
+            enc.Encoder(k, np.zeros(3, np.float32), np.zeros((4, 5), np.float32),
+                        np.zeros(5, np.float32))
 
     def test_train_encoder_rejects_bad_inputs(self):
         with self.assertRaisesRegex(ValueError, "3 feature rows for 2 labels"):

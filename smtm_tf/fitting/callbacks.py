@@ -39,6 +39,7 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
       num_stages: stages to plan when `cut_layers` is not given.
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size of the semantic vectors.
+      encoder_hidden: hidden ReLU units in each encoder (0: a linear projection).
       pooling: pooling before each encoder ("avg" or "avg_max").
       target_agreement: share of all frames whose answer must agree with the full
         model (frames that run the whole model agree): 1 - budget / 100.
@@ -48,7 +49,8 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
 
     def __init__(self, x_train: np.ndarray, x_calibration: np.ndarray,
                  class_names=None, num_stages: int = 4, cut_layers=None,
-                 embedding_dim: int = 32, pooling: str = enc.Pooling.AVG_MAX.value,
+                 embedding_dim: int = 32, encoder_hidden: int = memory_lib.ENCODER_HIDDEN,
+                 pooling: str = enc.Pooling.AVG_MAX.value,
                  target_agreement: float = 0.99, every_n_epochs: int = 0,
                  output_path: str | None = None):
         super().__init__()
@@ -62,6 +64,7 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
         self.num_stages = num_stages
         self.cut_layers = cut_layers
         self.embedding_dim = embedding_dim
+        self.encoder_hidden = encoder_hidden
         self.pooling = enc.Pooling(pooling)
         self.target_agreement = target_agreement
         self.every_n_epochs = every_n_epochs
@@ -97,7 +100,8 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
         self.memory = memory_lib.fit_semantic_memory(
             self.model, self.x_train, self.x_calibration, class_names=self.class_names,
             num_stages=self.num_stages, cut_layers=self.cut_layers,
-            embedding_dim=self.embedding_dim, pooling=self.pooling,
+            embedding_dim=self.embedding_dim, encoder_hidden=self.encoder_hidden,
+            pooling=self.pooling,
             target_agreement=self.target_agreement)
         self._fits += 1
         if self.output_path:

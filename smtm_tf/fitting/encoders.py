@@ -1,11 +1,12 @@
 """Semantic encoders: pooled stage features -> low-dimensional unit vectors.
 
-Each stage's encoder is `pool -> Dense(D) -> L2 normalise`. The pooling has no
-weights, so the features it yields are extracted once, streaming the data
-through the frozen backbone in batches, and the Dense projection is trained on
-them with a cosine-margin (CosFace) loss. A class's semantic centre at a stage
-is the normalised mean of its training vectors there, or the class's weight
-vector in that cosine classifier (the default).
+Each stage's encoder is `pool -> [Dense(H) -> ReLU] -> Dense(D) -> L2 normalise`
+(the hidden layer optional). The pooling has no weights, so the features it
+yields are extracted once, streaming the data through the frozen backbone in
+batches, and the dense layers are trained on them with a cosine-margin
+(CosFace) loss. A class's semantic centre at a stage is the normalised mean of
+its training vectors there, or the class's weight vector in that cosine
+classifier (the default).
 """
 
 from __future__ import annotations
@@ -139,17 +140,56 @@ def extract_features(stage_models, head_model, images: np.ndarray,
 
 @dataclasses.dataclass(frozen=True)
 class Encoder:
-    """One stage's trained projection: semantic = normalise(pool(a) @ kernel + bias)."""
+    """One stage's trained encoder: semantic = normalise(h @ kernel + bias).
 
-    kernel: np.ndarray  # [F, D]
+    `h` is the pooled features, or with a hidden layer
+    `relu(pool(a) @ hidden_kernel + hidden_bias)`.
+    """
+
+    kernel: np.ndarray  # [F, D], or [H, D] after a hidden layer.
     bias: np.ndarray  # [D]
+    hidden_kernel: np.ndarray | None = None  # [F, H]
+    hidden_bias: np.ndarray | None = None  # [H]
+
+    def __post_init__(self):
+        if (self.hidden_kernel is None) != (self.hidden_bias is None):
+            raise ValueError("An encoder's hidden layer needs both a kernel and a bias.")
+        if self.hidden_kernel is not None and not (
+                self.hidden_kernel.ndim == 2 and self.hidden_bias.shape == (
+                    self.hidden_kernel.shape[1],) and self.kernel.shape[0]
+                == self.hidden_kernel.shape[1]):
+            raise ValueError(f"Encoder hidden layer {self.hidden_kernel.shape} + "
+                             f"{self.hidden_bias.shape} does not feed a kernel of shape "
+                             f"{self.kernel.shape}.")
 
     @property
     def dim(self) -> int:
         return int(self.kernel.shape[1])
 
+    @property
+    def hidden_units(self) -> int:
+        """Units of the hidden layer (0: a linear projection)."""
+        return 0 if self.hidden_kernel is None else int(self.hidden_kernel.shape[1])
+
+    @property
+    def kernels(self) -> tuple[np.ndarray, ...]:
+        """The weight matrices in the order they apply."""
+        return (self.kernel,) if self.hidden_kernel is None else (self.hidden_kernel,
+                                                                  self.kernel)
+
     def encode(self, pooled: np.ndarray) -> np.ndarray:
-        return l2_normalize_np(pooled @ self.kernel + self.bias)
+        h = pooled
+        if self.hidden_kernel is not None:
+            h = np.maximum(pooled @ self.hidden_kernel + self.hidden_bias, 0.0)
+        return l2_normalize_np(h @ self.kernel + self.bias)
+
+    def tf_encode(self, pooled):
+        """`encode` as TensorFlow ops, the weights as graph constants."""
+        import tensorflow as tf  # pylint: disable=import-outside-toplevel
+        h = pooled
+        if self.hidden_kernel is not None:
+            h = tf.nn.relu(tf.matmul(h, self.hidden_kernel) + self.hidden_bias)
+        return l2_normalize(tf.matmul(h, self.kernel) + self.bias)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +216,8 @@ class Standardisation:
         x = np.asarray(pooled, np.float64)[:, self.live]
         return ((x - self.mean[self.live]) / self.scale[self.live]).astype(np.float32)
 
-    def fold(self, kernel: np.ndarray, bias: np.ndarray) -> Encoder:
-        """The Encoder on raw pooled features equal to `kernel`, `bias` on standardised ones.
+    def fold(self, kernel: np.ndarray, bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The layer on raw pooled features equal to `kernel`, `bias` on standardised ones.
 
         `kernel` has one row per live channel; dead channels get zero rows.
         """
@@ -185,23 +225,26 @@ class Standardisation:
         folded = np.zeros((self.live.size, kernel.shape[1]))
         folded[self.live] = kernel / self.scale[self.live, None]
         b = np.asarray(bias, np.float64) - (self.mean[self.live] / self.scale[self.live]) @ kernel
-        return Encoder(folded.astype(np.float32), b.astype(np.float32))
+        return folded.astype(np.float32), b.astype(np.float32)
 
 
 def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
-                  dim: int = 32, epochs: int = 30, scale: float = 16.0,
+                  dim: int = 32, hidden: int = 0, epochs: int = 30, scale: float = 16.0,
                   margin: float = 0.2, batch_size: int = 256,
                   learning_rate: float = 3e-3, seed: int = 0) -> tuple[Encoder, np.ndarray]:
-    """Trains a projection with the CosFace loss on pooled features.
+    """Trains an encoder with the CosFace loss on pooled features.
 
     CosFace: logits = scale * (cos(v, w_y) - margin) for the true class and
     scale * cos(v, w_j) otherwise, with v and the class weights w normalised,
     so classes separate by angle: what the nearest-centre lookup relies on.
 
-    The projection is trained on standardised live channels
-    (`Standardisation`) and the standardisation folded into the kernel:
+    The encoder is trained on standardised live channels
+    (`Standardisation`) and the standardisation folded into its first kernel:
     dead channels get zero rows, and no weight exceeds the trained one by
     more than 1 / (STD_FLOOR * the largest channel std).
+
+    Args:
+      hidden: units of a ReLU layer before the projection (0: none).
 
     Returns:
       (encoder, class weights): the weights are unit vectors `[C, D]`, the
@@ -214,31 +257,47 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
         raise ValueError(f"{pooled.shape[0]} feature rows for {labels.shape[0]} labels.")
     if dim < 2:
         raise ValueError(f"embedding dim must be >= 2, got {dim}.")
+    if hidden < 0:
+        raise ValueError(f"hidden units must be >= 0, got {hidden}.")
     tf.random.set_seed(seed)
     rng = np.random.default_rng(seed)
     standardisation = Standardisation.fit(pooled)
     x_std = standardisation.apply(pooled)
     feat_dim = x_std.shape[1]
+    widths = [feat_dim] + ([hidden] if hidden else []) + [dim]
     if feat_dim == 0:
         # Every channel is constant: nothing to learn. A zero semantic vector
         # is similar to no class (0 to every centre), so the stage never exits.
         logging.warning("All %d pooled channels are constant on the training images; "
                         "the stage's encoder is zero.", pooled.shape[1])
-        return (Encoder(np.zeros((pooled.shape[1], dim), np.float32), np.zeros(dim, np.float32)),
+        zeros = [np.zeros((pooled.shape[1] if i == 0 else widths[i], widths[i + 1]), np.float32)
+                 for i in range(len(widths) - 1)]
+        return (Encoder(zeros[-1], np.zeros(dim, np.float32),
+                        *((zeros[0], np.zeros(hidden, np.float32)) if hidden else ())),
                 l2_normalize_np(rng.normal(size=(num_classes, dim))))
-    glorot = np.sqrt(6.0 / (feat_dim + dim))
-    kernel0 = rng.uniform(-glorot, glorot, (feat_dim, dim)).astype(np.float32)
+    layers = []  # (kernel, bias) variables, first to last.
+    for fan_in, fan_out in zip(widths[:-1], widths[1:]):
+        glorot = np.sqrt(6.0 / (fan_in + fan_out))
+        layers.append((tf.Variable(rng.uniform(-glorot, glorot, (fan_in, fan_out))
+                                   .astype(np.float32)),
+                       tf.Variable(np.zeros(fan_out, np.float32))))
+
+    def embed(x):
+        for i, (k, b) in enumerate(layers):
+            x = tf.matmul(x, k) + b
+            if i < len(layers) - 1:
+                x = tf.nn.relu(x)
+        return l2_normalize(x)
+
     weights0 = rng.normal(size=(dim, num_classes)).astype(np.float32)
     # Class weights start at the classes' mean initial embeddings (the
-    # nearest-centre classifier of the random projection), not at random
+    # nearest-centre classifier of the random encoder), not at random
     # directions that a short training may not untangle.
-    means = class_centres(l2_normalize_np(x_std @ kernel0), labels, num_classes)
+    means = class_centres(embed(x_std).numpy(), labels, num_classes)
     present = np.linalg.norm(means, axis=1) > 0
     weights0[:, present] = means[present].T
-    kernel = tf.Variable(kernel0)
-    bias = tf.Variable(np.zeros(dim, np.float32))
     weights = tf.Variable(weights0)
-    variables = [kernel, bias, weights]
+    variables = [v for layer in layers for v in layer] + [weights]
     steps = epochs * int(np.ceil(len(pooled) / batch_size))
     schedule = tf_keras.optimizers.schedules.CosineDecay(learning_rate, steps)
     optimizer = tf_keras.optimizers.Adam(schedule)
@@ -246,7 +305,7 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
     @tf.function
     def step(x, y):
         with tf.GradientTape() as tape:
-            v = l2_normalize(tf.matmul(x, kernel) + bias)
+            v = embed(x)
             w = weights * tf.math.rsqrt(
                 tf.reduce_sum(tf.square(weights), axis=0, keepdims=True) + EPSILON)
             cos = tf.matmul(v, w)
@@ -265,7 +324,10 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
                 step(xb, yb)
                 bar.update()
     class_weights = l2_normalize_np(weights.numpy().T)
-    return standardisation.fold(kernel.numpy(), bias.numpy()), class_weights
+    first = standardisation.fold(layers[0][0].numpy(), layers[0][1].numpy())
+    if not hidden:
+        return Encoder(*first), class_weights
+    return Encoder(layers[1][0].numpy(), layers[1][1].numpy(), *first), class_weights
 
 
 def class_centres(semantic: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

@@ -27,11 +27,15 @@ from smtm_tf.runtime import io_utils
 from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.fitting import stages as stages_lib
 
-# Version 2 adds the key and the per-class frame counts.
-MEMORY_FORMAT_VERSION = 2
+# Version 2 adds the key and the per-class frame counts; version 3 the
+# encoders' optional hidden layers (an older reader would apply their second
+# kernel to the pooled features). Versions 1 and 2 still load.
+MEMORY_FORMAT_VERSION = 3
 # Layer-aware (intercept, slope) of a class that must never exit: a score of
 # -100 whatever the margin, where thresholds are log-odds of a few units.
 NO_EXIT_PARAMS = (-100.0, 0.0)
+# Hidden ReLU units of each stage's encoder by default (0: a linear projection).
+ENCODER_HIDDEN = 0
 
 
 class MemoryFileError(ValueError):
@@ -135,7 +139,7 @@ class SemanticMemory:
 
     def mismatches(self, key: MemoryKey, num_stages: int | None = None,
                    cut_layers=None, embedding_dim: int | None = None,
-                   target_agreement: float | None = None, metric=None,
+                   encoder_hidden: int | None = None, target_agreement: float | None = None, metric=None,
                    cache: bool | None = None) -> list[str]:
         """Why this memory does not fit a conversion (empty when it does).
 
@@ -164,6 +168,10 @@ class SemanticMemory:
         if embedding_dim is not None and any(d != embedding_dim for d in self.embedding_dims):
             why.append(f"its semantic vectors have {self.embedding_dims[0]} dimensions, not "
                        f"{embedding_dim}")
+        if encoder_hidden is not None and any(e.hidden_units != encoder_hidden
+                                              for e in self.encoders):
+            why.append(f"its encoders have {self.encoders[0].hidden_units} hidden units, not "
+                       f"{encoder_hidden}")
         if target_agreement is not None and abs(
                 self.exit_rule.target_agreement - target_agreement) > 1e-9:
             why.append(f"its exits were calibrated for {100 * self.exit_rule.target_agreement:.2f}%"
@@ -220,6 +228,9 @@ class SemanticMemory:
         arrays = {"meta": np.array(json.dumps(meta))}
         for s, (e, c) in enumerate(zip(self.encoders, self.centres)):
             arrays[f"kernel_{s}"], arrays[f"bias_{s}"] = e.kernel, e.bias
+            if e.hidden_units:
+                arrays[f"hidden_kernel_{s}"] = e.hidden_kernel
+                arrays[f"hidden_bias_{s}"] = e.hidden_bias
             arrays[f"centres_{s}"] = c
         io_utils.write_npz_atomic(path, arrays)
 
@@ -236,9 +247,8 @@ class SemanticMemory:
                 arrays = {k: f[k] for k in f.files}
             meta = json.loads(str(arrays["meta"]))
             if meta.get("format_version") == 1:  # No key: loads, but is never reused.
-                meta = dict(meta, format_version=MEMORY_FORMAT_VERSION, key=None,
-                            class_frames=[])
-            if meta.get("format_version") != MEMORY_FORMAT_VERSION:
+                meta = dict(meta, format_version=2, key=None, class_frames=[])
+            if meta.get("format_version") not in (2, MEMORY_FORMAT_VERSION):
                 raise MemoryFileError(
                     f"{path} has memory format version {meta.get('format_version')!r}; this "
                     f"smtm_tf reads version {MEMORY_FORMAT_VERSION}. Recreate the file.")
@@ -246,7 +256,9 @@ class SemanticMemory:
             n = plan.num_stages
             return cls(
                 plan=plan, pooling=enc.Pooling(meta["pooling"]),
-                encoders=tuple(enc.Encoder(arrays[f"kernel_{s}"], arrays[f"bias_{s}"])
+                encoders=tuple(enc.Encoder(arrays[f"kernel_{s}"], arrays[f"bias_{s}"],
+                                           arrays.get(f"hidden_kernel_{s}"),
+                                           arrays.get(f"hidden_bias_{s}"))
                                for s in range(n)),
                 centres=tuple(arrays[f"centres_{s}"] for s in range(n)),
                 exit_rule=exit_policy.ExitRule.from_dict(meta["exit_rule"]),
@@ -371,7 +383,7 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         class_names: tuple[str, ...] | None = None,
                         num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
-                        pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
+                        encoder_hidden: int = ENCODER_HIDDEN, pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
@@ -395,6 +407,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       num_stages: stages to plan when `cut_layers` is not given.
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size D of the semantic vectors.
+      encoder_hidden: units of a ReLU layer in each encoder before its
+        projection (0: a linear projection).
       pooling: pooling before each encoder.
       centres: class weights of the cosine classifier, or class means.
       target_agreement: share of all frames whose answer must agree with the
@@ -448,6 +462,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     encoders, centres = [], []
     for s, pooled in enumerate(train.pooled):
         e, weights = enc.train_encoder(pooled, targets, num_classes, dim=embedding_dim,
+                                       hidden=encoder_hidden,
                                        epochs=encoder_epochs, batch_size=batch_size,
                                        seed=seed + s)
         encoders.append(e)
