@@ -174,6 +174,10 @@ class EndToEndTest(absltest.TestCase):
         calibrated = benchmark.calibrate_all(memory, heads, calib, budgets)
         self.assertIsNone(calibrated.rules[(benchmark.SMTM_ADAPTIVE, own)])
         self.assertIsNone(calibrated.rules[(benchmark.SMTM_STATIC, own)][0].cold_thresholds)
+        # The oracle exits bound what any rule on each lookup gets.
+        self.assertEqual(set(calibrated.oracle_speedup), {"smtm", *benchmark.BASELINES})
+        for method, ceiling in calibrated.oracle_speedup.items():
+            self.assertGreater(ceiling, 1.0, method)
         contenders = benchmark.make_contenders(flat, calibrated, budgets)
         self.assertLen(contenders, 1 + 4 * len(budgets))
         adaptive = [c for c in contenders if c.method == benchmark.SMTM_ADAPTIVE]

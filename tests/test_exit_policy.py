@@ -114,6 +114,23 @@ class SimulateTest(absltest.TestCase):
         self.assertEqual(stage[0], 0)
 
 
+class OracleTest(absltest.TestCase):
+
+    def test_each_frame_stops_at_its_first_right_stage(self):
+        full = np.array([0, 1, 2, 3])
+        answers = [np.array([0, 0, 0, 0]),  # Frame 0 is right at stage 0.
+                   np.array([1, 1, 0, 0]),  # Frame 1 first at stage 1.
+                   np.array([0, 0, 2, 3])]  # Frames 2 and 3 at stage 2.
+        costs = (0.2, 0.3, 0.1)  # Exits cost 0.2, 0.5, 0.6; the head 1.
+        want = 1.0 / np.mean([0.2, 0.5, 0.6, 0.6])
+        self.assertAlmostEqual(ep.oracle_speedup(answers, full, costs), want)
+        # A frame no stage gets right runs the head.
+        answers[2] = np.array([0, 0, 2, 0])
+        want = 1.0 / np.mean([0.2, 0.5, 0.6, 1.0])
+        self.assertAlmostEqual(ep.oracle_speedup(answers, full, costs), want)
+        self.assertEqual(ep.oracle_speedup([full * 0 + 9], full, (0.5,)), 1.0)
+
+
 class WilsonTest(absltest.TestCase):
 
     def test_known_values(self):

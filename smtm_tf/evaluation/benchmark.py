@@ -182,6 +182,10 @@ class Calibrated:
     # {method: per stage, share of calibration frames whose top-1 there is
     # the full model's}: how good each method's lookup is, before any rule.
     stage_agreement: dict = dataclasses.field(default_factory=dict)
+    # {method: compute speed-up of oracle exits on those frames}: each frame
+    # stops at the first stage whose top-1 is the full model's
+    # (`exit_policy.oracle_speedup`), the ceiling of any rule on that lookup.
+    oracle_speedup: dict = dataclasses.field(default_factory=dict)
 
 
 def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.BaselineHeads,
@@ -236,11 +240,11 @@ def calibrate_all(memory: memory_lib.SemanticMemory, heads: baselines_lib.Baseli
             rules[(SMTM_ADAPTIVE, budget)] = (memory_lib.calibrate_rule(
                 sims, full, costs, target, exit_policy.Metric.LAYER_AWARE,
                 rule.metric_params, cache_policy=policy), policy)
-    agreement = {m: tuple(float((t == full).mean())
-                          for t, _ in heads.stage_tops(m, calibration.pooled))
-                 for m in BASELINES}
-    agreement["smtm"] = tuple(float((x.argmax(axis=1) == full).mean()) for x in sims)
-    return Calibrated(rules, memory_budget, agreement)
+    answers = {m: [t for t, _ in heads.stage_tops(m, calibration.pooled)] for m in BASELINES}
+    answers["smtm"] = [x.argmax(axis=1) for x in sims]
+    agreement = {m: tuple(float((t == full).mean()) for t in a) for m, a in answers.items()}
+    oracle = {m: exit_policy.oracle_speedup(a, full, costs) for m, a in answers.items()}
+    return Calibrated(rules, memory_budget, agreement, oracle)
 
 
 def make_contenders(model_bytes: bytes, calibrated: Calibrated, budgets,

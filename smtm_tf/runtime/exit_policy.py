@@ -567,6 +567,20 @@ def exit_costs(stage_costs) -> np.ndarray:
     return np.append(np.cumsum(stage_costs), 1.0)
 
 
+def oracle_speedup(stage_answers, full_predictions, stage_costs) -> float:
+    """The compute speed-up of exits that are never wrong and never late.
+
+    Each frame stops at the first stage whose answer (`stage_answers[s]`,
+    `[N]` classes) is the full model's, else runs the head: the bound that no
+    exit rule over these answers can pass at 100% agreement.
+    """
+    full = np.asarray(full_predictions)
+    stage = np.full(len(full), len(stage_answers))
+    for s in reversed(range(len(stage_answers))):
+        stage = np.where(np.asarray(stage_answers[s]) == full, s, stage)
+    return float(1.0 / exit_costs(stage_costs)[stage].mean())
+
+
 def compute_speedup(exit_shares, stage_costs, checked: float = 0.0) -> float:
     """1 / the expected share of full's multiply-adds, given where frames exited.
 
