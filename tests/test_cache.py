@@ -1320,7 +1320,11 @@ _CONVERTED = {}
 
 def small_converted():
     """A small converted model, faster to build than tu.exiting_converted (no
-    cache calibration, few encoder epochs); shared by the runtime tests."""
+    cache calibration, few encoder epochs); shared by the runtime tests.
+
+    Its encoders are linear projections: with hidden layers the stage-0 lookup
+    of this tiny model leaves the short-term tier 1 decision of 300 to change
+    (RuntimeMemoryTest asks for more than 5, to see the tier replayed)."""
     if "flat" not in _CONVERTED:
         from converters import smtm_converter  # pylint: disable=import-outside-toplevel
         model = tu.trained_residual("tf_keras")
@@ -1328,8 +1332,8 @@ def small_converted():
         xc, _ = tu.calibration_data()
         mem = memory_lib.fit_semantic_memory(
             model, x[:600], xc[:200], class_names=tu.CLASS_NAMES, num_stages=3,
-            embedding_dim=8, encoder_epochs=4, metric="margin", cache_policy=None,
-            target_agreement=0.95)
+            embedding_dim=8, encoder_hidden=0, encoder_epochs=4, metric="margin",
+            cache_policy=None, target_agreement=0.95)
         _CONVERTED["flat"] = smtm_converter.convert(model, mem, tu.check_images())[0]
     return _CONVERTED["flat"]
 

@@ -34,7 +34,7 @@ def _interpreter(flat):
 
 def _with_other_encoders(mem):
     return dataclasses.replace(mem, encoders=tuple(
-        enc.Encoder(e.kernel * 1.5 + 0.05, e.bias) for e in mem.encoders))
+        dataclasses.replace(e, kernel=e.kernel * 1.5 + 0.05) for e in mem.encoders))
 
 
 def _with_other_centres(mem):

@@ -105,7 +105,8 @@ def _tiny_vgg_memory(feed: float):
 
 
 def _dead_rows(encoder) -> np.ndarray:
-    return np.flatnonzero(np.all(encoder.kernel == 0, axis=1))
+    """Rows of the encoder's first kernel (the one on pooled features) that are zero."""
+    return np.flatnonzero(np.all(encoder.kernels[0] == 0, axis=1))
 
 
 class _WrongSignature:
@@ -345,9 +346,11 @@ class QuantizationTest(parameterized.TestCase):
             for details in (sig.input_details, sig.output_details):
                 self.assertEqual({np.dtype(d["dtype"]) for d in details.values()},
                                  {np.dtype(np.float32)})
-        # Similarities of the fitted encoders survive quantization.
+        # Similarities of the fitted encoders survive quantization. Dynamic
+        # range quantizes both of an encoder's matmuls (hidden layer and
+        # projection): 0.052 measured here, against < 0.05 with one.
         self.assertLess(report.similarity_max_abs_diff,
-                        {"float16": 1e-2, "dynamic": 5e-2, "int8": 0.3}[variant])
+                        {"float16": 1e-2, "dynamic": 8e-2, "int8": 0.3}[variant])
         # The harness runs it unchanged, early exits included.
         rt = runtime.SmtmRuntime(flat)
         images, labels = tu.stripes(64, seed=3)
@@ -427,7 +430,8 @@ class QuantizationTest(parameterized.TestCase):
         # the input units (they were ~5e5 here, and XNNPACK refused int8).
         self.assertTrue(any(len(_dead_rows(e)) for e in memory.encoders))
         for e in memory.encoders:
-            self.assertLess(feed * np.max(np.abs(e.kernel)), 100.0)
+            self.assertLess(feed * np.max(np.abs(e.kernels[0])), 100.0)
+            self.assertLess(np.max(np.abs(e.kernels[-1])), 100.0)
         x, _ = tu.stripes(200, seed=0, size=_VGG_SIZE)
         images, labels = tu.stripes(64, seed=2, size=_VGG_SIZE)
         _, report = smtm_converter.convert(model, memory, feed * images)
@@ -450,10 +454,12 @@ class QuantizationTest(parameterized.TestCase):
         # An encoder as the old fit made them: a huge row on a dead channel.
         memory = _tiny_vgg_memory(1.0)
         s = next(i for i, e in enumerate(memory.encoders) if len(_dead_rows(e)))
-        kernel = memory.encoders[s].kernel.copy()
-        kernel[_dead_rows(memory.encoders[s])[0]] = 1e5
+        e = memory.encoders[s]
+        kernel = e.kernels[0].copy()
+        kernel[_dead_rows(e)[0]] = 1e5
         encoders = list(memory.encoders)
-        encoders[s] = enc.Encoder(kernel, memory.encoders[s].bias)
+        encoders[s] = dataclasses.replace(
+            e, **{"hidden_kernel" if e.hidden_units else "kernel": kernel})
         x, _ = tu.stripes(200, seed=0, size=_VGG_SIZE)
         with self.assertRaisesRegex(
                 smtm_converter.ConversionError,

@@ -467,7 +467,9 @@ class FitSemanticMemoryTest(absltest.TestCase):
             self.assertEqual(c.shape, (tu.NUM_CLASSES, 8))
             np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
         for e in mem.encoders:
-            self.assertEqual(e.kernel.shape, (16 if e is not mem.encoders[2] else 32, 8))
+            self.assertEqual(e.hidden_units, memory_lib.ENCODER_HIDDEN)
+            self.assertEqual(e.kernels[0].shape[0], 16 if e is not mem.encoders[2] else 32)
+            self.assertEqual(e.kernel.shape[1], 8)
         self.assertLen(mem.stage_accuracy, 3)
         # The last stage is the whole backbone: its nearest centre is (almost)
         # always the model's class.
@@ -492,7 +494,8 @@ class FitSemanticMemoryTest(absltest.TestCase):
                                              encoder_epochs=2, pooling="avg")
         self.assertEqual(mem.class_names, ("0", "1", "2", "3"))
         self.assertIs(mem.pooling, enc.Pooling.AVG)
-        self.assertEqual(mem.encoders[0].kernel.shape, (8, 4))
+        self.assertEqual(mem.encoders[0].kernels[0].shape[0], 8)
+        self.assertEqual(mem.encoders[0].dim, 4)
         for c in mem.centres:
             np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
         with self.assertRaisesRegex(ValueError, "2 class names for a model with 4 outputs"):

@@ -35,7 +35,7 @@ MEMORY_FORMAT_VERSION = 3
 # -100 whatever the margin, where thresholds are log-odds of a few units.
 NO_EXIT_PARAMS = (-100.0, 0.0)
 # Hidden ReLU units of each stage's encoder by default (0: a linear projection).
-ENCODER_HIDDEN = 0
+ENCODER_HIDDEN = 128
 
 
 class MemoryFileError(ValueError):
