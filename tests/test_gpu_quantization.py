@@ -29,7 +29,6 @@ from delegates import gpu
 from delegates import model_utils
 from converters import old_runtime
 from smtm_tf.runtime import descriptor as desc
-from smtm_tf.fitting import encoders as enc
 from smtm_tf.fitting import memory as memory_lib
 from smtm_tf.runtime import host as runtime
 import testing_utils as tu
