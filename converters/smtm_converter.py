@@ -746,7 +746,8 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
                                memory_lib.CAMERA if camera_calibration else None)
     memory = _matching_memory(candidates, key, say, num_stages=num_stages,
                               cut_layers=cut_layers, embedding_dim=embedding_dim,
-                              encoder_hidden=encoder_hidden, target_agreement=target_agreement, metric=metric,
+                              encoder_hidden=encoder_hidden,
+                              target_agreement=target_agreement, metric=metric,
                               cache=cache_policy is not None)
     if memory is not None:
         return memory, False

@@ -438,7 +438,7 @@ class EncodersTest(parameterized.TestCase):
         k = np.zeros((6, 3), np.float32)
         with self.assertRaisesRegex(ValueError, "needs both a kernel and a bias"):
             enc.Encoder(k, np.zeros(3, np.float32), np.zeros((4, 6), np.float32))
-        with self.assertRaisesRegex(ValueError, "does not feed a kernel"):
+        with self.assertRaisesRegex(ValueError, "Layer 1 takes 6 inputs, the layer before gives 5"):
             enc.Encoder(k, np.zeros(3, np.float32), np.zeros((4, 5), np.float32),
                         np.zeros(5, np.float32))
 

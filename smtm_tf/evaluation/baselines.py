@@ -71,23 +71,11 @@ class Head:
     biases: tuple[np.ndarray, ...]
 
     def __post_init__(self):
-        if not self.kernels or len(self.kernels) != len(self.biases):
-            raise ValueError(f"A head needs one bias per kernel, got {len(self.kernels)} "
-                             f"kernels and {len(self.biases)} biases.")
-        for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
-            if k.ndim != 2 or b.shape != (k.shape[1],):
-                raise ValueError(f"Layer {i}: kernel {k.shape} and bias {b.shape} do not fit.")
-            if i and k.shape[0] != self.kernels[i - 1].shape[1]:
-                raise ValueError(f"Layer {i} takes {k.shape[0]} inputs, the layer before "
-                                 f"gives {self.kernels[i - 1].shape[1]}.")
+        enc.check_dense_layers(self.kernels, self.biases)
 
     def probabilities(self, pooled: np.ndarray) -> np.ndarray:
         """Softmax outputs `[N, C]` for pooled features `[N, F]` (numpy, float32)."""
-        x = np.asarray(pooled, np.float32)
-        for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
-            x = x @ k + b
-            if i < len(self.kernels) - 1:
-                x = np.maximum(x, 0.0)
+        x = enc.dense_relu(np.asarray(pooled, np.float32), self.kernels, self.biases)
         x = x - x.max(axis=-1, keepdims=True)
         e = np.exp(x)
         return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
@@ -96,12 +84,7 @@ class Head:
         """The same computation with TensorFlow ops (weights become constants)."""
         import tensorflow as tf  # pylint: disable=import-outside-toplevel
 
-        x = pooled
-        for i, (k, b) in enumerate(zip(self.kernels, self.biases)):
-            x = tf.matmul(x, k) + b
-            if i < len(self.kernels) - 1:
-                x = tf.nn.relu(x)
-        return tf.nn.softmax(x)
+        return tf.nn.softmax(enc.tf_dense_relu(pooled, self.kernels, self.biases))
 
     @property
     def macs(self) -> int:

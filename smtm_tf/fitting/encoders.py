@@ -94,6 +94,39 @@ def l2_normalize_np(v: np.ndarray) -> np.ndarray:
     return v / np.sqrt(np.sum(v * v, axis=-1, keepdims=True) + EPSILON)
 
 
+def check_dense_layers(kernels, biases) -> None:
+    """Raises ValueError unless `kernels[i]` `[in, out]` and `biases[i]` `[out]` chain."""
+    if not kernels or len(kernels) != len(biases):
+        raise ValueError(f"Dense layers need one bias per kernel, got {len(kernels)} "
+                         f"kernels and {len(biases)} biases.")
+    for i, (k, b) in enumerate(zip(kernels, biases)):
+        if k.ndim != 2 or b.shape != (k.shape[1],):
+            raise ValueError(f"Layer {i}: kernel {k.shape} and bias {b.shape} do not fit.")
+        if i and k.shape[0] != kernels[i - 1].shape[1]:
+            raise ValueError(f"Layer {i} takes {k.shape[0]} inputs, the layer before "
+                             f"gives {kernels[i - 1].shape[1]}.")
+
+
+def dense_relu(x: np.ndarray, kernels, biases) -> np.ndarray:
+    """Dense layers with ReLU between them (none after the last), in numpy."""
+    for i, (k, b) in enumerate(zip(kernels, biases)):
+        x = x @ k + b
+        if i < len(kernels) - 1:
+            x = np.maximum(x, 0.0)
+    return x
+
+
+def tf_dense_relu(x, kernels, biases):
+    """`dense_relu` with TensorFlow ops (numpy weights become graph constants)."""
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+
+    for i, (k, b) in enumerate(zip(kernels, biases)):
+        x = tf.matmul(x, k) + b
+        if i < len(kernels) - 1:
+            x = tf.nn.relu(x)
+    return x
+
+
 @dataclasses.dataclass(frozen=True)
 class StageFeatures:
     """Pooled features of every stage for a set of images, and the model's answer."""
@@ -154,13 +187,13 @@ class Encoder:
     def __post_init__(self):
         if (self.hidden_kernel is None) != (self.hidden_bias is None):
             raise ValueError("An encoder's hidden layer needs both a kernel and a bias.")
-        if self.hidden_kernel is not None and not (
-                self.hidden_kernel.ndim == 2 and self.hidden_bias.shape == (
-                    self.hidden_kernel.shape[1],) and self.kernel.shape[0]
-                == self.hidden_kernel.shape[1]):
-            raise ValueError(f"Encoder hidden layer {self.hidden_kernel.shape} + "
-                             f"{self.hidden_bias.shape} does not feed a kernel of shape "
-                             f"{self.kernel.shape}.")
+        check_dense_layers(self.kernels, self.biases)
+
+    @classmethod
+    def from_layers(cls, layers) -> "Encoder":
+        """The encoder of one or two (kernel, bias) layers, first to last."""
+        (kernel, bias), hidden = layers[-1], tuple(layers[:-1])
+        return cls(kernel, bias, *(hidden[0] if hidden else ()))
 
     @property
     def dim(self) -> int:
@@ -177,19 +210,16 @@ class Encoder:
         return (self.kernel,) if self.hidden_kernel is None else (self.hidden_kernel,
                                                                   self.kernel)
 
+    @property
+    def biases(self) -> tuple[np.ndarray, ...]:
+        return (self.bias,) if self.hidden_bias is None else (self.hidden_bias, self.bias)
+
     def encode(self, pooled: np.ndarray) -> np.ndarray:
-        h = pooled
-        if self.hidden_kernel is not None:
-            h = np.maximum(pooled @ self.hidden_kernel + self.hidden_bias, 0.0)
-        return l2_normalize_np(h @ self.kernel + self.bias)
+        return l2_normalize_np(dense_relu(pooled, self.kernels, self.biases))
 
     def tf_encode(self, pooled):
         """`encode` as TensorFlow ops, the weights as graph constants."""
-        import tensorflow as tf  # pylint: disable=import-outside-toplevel
-        h = pooled
-        if self.hidden_kernel is not None:
-            h = tf.nn.relu(tf.matmul(h, self.hidden_kernel) + self.hidden_bias)
-        return l2_normalize(tf.matmul(h, self.kernel) + self.bias)
+        return l2_normalize(tf_dense_relu(pooled, self.kernels, self.biases))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,24 +300,19 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
         # is similar to no class (0 to every centre), so the stage never exits.
         logging.warning("All %d pooled channels are constant on the training images; "
                         "the stage's encoder is zero.", pooled.shape[1])
-        zeros = [np.zeros((pooled.shape[1] if i == 0 else widths[i], widths[i + 1]), np.float32)
-                 for i in range(len(widths) - 1)]
-        return (Encoder(zeros[-1], np.zeros(dim, np.float32),
-                        *((zeros[0], np.zeros(hidden, np.float32)) if hidden else ())),
+        widths[0] = pooled.shape[1]
+        return (Encoder.from_layers([(np.zeros((i, o), np.float32), np.zeros(o, np.float32))
+                                     for i, o in zip(widths[:-1], widths[1:])]),
                 l2_normalize_np(rng.normal(size=(num_classes, dim))))
-    layers = []  # (kernel, bias) variables, first to last.
+    kernels, biases = [], []  # Variables, first layer to last.
     for fan_in, fan_out in zip(widths[:-1], widths[1:]):
         glorot = np.sqrt(6.0 / (fan_in + fan_out))
-        layers.append((tf.Variable(rng.uniform(-glorot, glorot, (fan_in, fan_out))
-                                   .astype(np.float32)),
-                       tf.Variable(np.zeros(fan_out, np.float32))))
+        kernels.append(tf.Variable(rng.uniform(-glorot, glorot, (fan_in, fan_out))
+                                   .astype(np.float32)))
+        biases.append(tf.Variable(np.zeros(fan_out, np.float32)))
 
     def embed(x):
-        for i, (k, b) in enumerate(layers):
-            x = tf.matmul(x, k) + b
-            if i < len(layers) - 1:
-                x = tf.nn.relu(x)
-        return l2_normalize(x)
+        return l2_normalize(tf_dense_relu(x, kernels, biases))
 
     weights0 = rng.normal(size=(dim, num_classes)).astype(np.float32)
     # Class weights start at the classes' mean initial embeddings (the
@@ -297,7 +322,7 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
     present = np.linalg.norm(means, axis=1) > 0
     weights0[:, present] = means[present].T
     weights = tf.Variable(weights0)
-    variables = [v for layer in layers for v in layer] + [weights]
+    variables = [v for layer in zip(kernels, biases) for v in layer] + [weights]
     steps = epochs * int(np.ceil(len(pooled) / batch_size))
     schedule = tf_keras.optimizers.schedules.CosineDecay(learning_rate, steps)
     optimizer = tf_keras.optimizers.Adam(schedule)
@@ -324,10 +349,9 @@ def train_encoder(pooled: np.ndarray, labels: np.ndarray, num_classes: int,
                 step(xb, yb)
                 bar.update()
     class_weights = l2_normalize_np(weights.numpy().T)
-    first = standardisation.fold(layers[0][0].numpy(), layers[0][1].numpy())
-    if not hidden:
-        return Encoder(*first), class_weights
-    return Encoder(layers[1][0].numpy(), layers[1][1].numpy(), *first), class_weights
+    layers = [(k.numpy(), b.numpy()) for k, b in zip(kernels, biases)]
+    layers[0] = standardisation.fold(*layers[0])
+    return Encoder.from_layers(layers), class_weights
 
 
 def class_centres(semantic: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:

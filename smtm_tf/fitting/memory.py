@@ -139,7 +139,8 @@ class SemanticMemory:
 
     def mismatches(self, key: MemoryKey, num_stages: int | None = None,
                    cut_layers=None, embedding_dim: int | None = None,
-                   encoder_hidden: int | None = None, target_agreement: float | None = None, metric=None,
+                   encoder_hidden: int | None = None,
+                   target_agreement: float | None = None, metric=None,
                    cache: bool | None = None) -> list[str]:
         """Why this memory does not fit a conversion (empty when it does).
 
@@ -383,7 +384,8 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         class_names: tuple[str, ...] | None = None,
                         num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
-                        encoder_hidden: int = ENCODER_HIDDEN, pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
+                        encoder_hidden: int = ENCODER_HIDDEN,
+                        pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
