@@ -16,6 +16,7 @@ from smtm_tf.fitting import models
 from smtm_tf.runtime import preprocessing
 from smtm_tf.fitting import stages
 from smtm_tf.fitting import zoo
+from smtm_tf.evaluation import zoo_benchmark
 
 pytestmark = pytest.mark.slow
 
@@ -237,6 +238,29 @@ class BuildZooTest(absltest.TestCase):
         with open(os.path.join(out, "zoo.json"), encoding="utf-8") as f:
             names = [m["name"] for m in json.load(f)["models"]]
         self.assertEqual(names, ["densenet_concat", "vgg_sequential"])
+
+
+class TableTest(absltest.TestCase):
+
+    def test_rows_show_the_compute_speedup_and_host_work_beside_the_measured(self):
+        row = zoo_benchmark.ZooRow(
+            "vgg_sequential", "", keras_accuracy=0.85, convert_seconds=70.0,
+            stage_shares=(0.25, 0.11, 0.32, 0.32), full_vs_keras=1e-6,
+            streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94)},
+            full_us=264.0, host_us=41.8)
+        failed = zoo_benchmark.ZooRow("densenet_concat", "--preprocessing=imagenet",
+                                      error="ConversionError: no")
+        lines = zoo_benchmark.format_markdown([row, failed]).splitlines()
+        head = [c.strip() for c in lines[0].strip("|").split("|")]
+        cells = [c.strip() for c in lines[2].strip("|").split("|")]
+        self.assertLen(cells, len(head))
+        by_column = dict(zip(head, cells))
+        self.assertEqual(by_column["video speed-up / agree"], "1.51x / 98.67%")
+        self.assertEqual(by_column["video compute speed-up"], "1.94x")
+        self.assertEqual(by_column["video host work / full us"], "41.8 / 264")
+        self.assertEqual(by_column["uniform speed-up / agree"], "-")
+        self.assertEqual(lines[3].count("|"), lines[0].count("|"))
+        self.assertIn("FAILED: ConversionError: no", lines[3])
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from converters import quantization as quant
 from converters import smtm_converter
 from delegates import cpu
 from smtm_tf.fitting import data as data_lib
+from smtm_tf.runtime import exit_policy
 from smtm_tf.runtime import io_utils
 from smtm_tf.fitting import kerascompat
 from smtm_tf.runtime import preprocessing as prep
@@ -37,6 +38,9 @@ class StreamFigures:
     speedup: float
     agreement: float  # Share of frames answered as `full` answers them.
     accuracy_drop: float  # Top-1 points lost against `full` (labels).
+    # The same exits in multiply-adds (exit_policy.compute_speedup): what the
+    # speed-up would be if host work and per-signature calls cost nothing.
+    compute_speedup: float | None = None
 
 
 @dataclasses.dataclass
@@ -50,6 +54,10 @@ class ZooRow:
     stage_shares: tuple[float, ...] = ()
     full_vs_keras: float | None = None
     streams: dict = dataclasses.field(default_factory=dict)  # kind -> StreamFigures
+    # On the video stream: `full` per frame, and the runtime's host work per
+    # frame (validation.host_work_us), in microseconds.
+    full_us: float | None = None
+    host_us: float | None = None
     variants: dict = dataclasses.field(default_factory=dict)  # name -> "ok ..." / "FAILED ..."
     old_runtime: str = "not checked"
     gpu: str = "not checked"
@@ -114,8 +122,14 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
         for kind in STREAMS:
             stream = streams_lib.make_stream(kind, data.y_test, frames, seed=seed)
             say(f"{kind}: {frames} frames, full and SMTM interleaved")
-            c = validation.compare(runtime, stream.render(data.x_test), stream.labels)
-            row.streams[kind] = StreamFigures(c.speedup, c.smtm.agreement, c.accuracy_drop)
+            images = stream.render(data.x_test)
+            c = validation.compare(runtime, images, stream.labels)
+            row.streams[kind] = StreamFigures(
+                c.speedup, c.smtm.agreement, c.accuracy_drop, exit_policy.compute_speedup(
+                    c.smtm.exit_shares, memory.plan.stage_costs, float(c.checked.mean())))
+            if kind == "video":
+                row.full_us = c.full.mean_us
+                row.host_us = validation.host_work_us(runtime, images)
         for variant in variants:
             vout = os.path.join(out_dir, f"{name}.{variant}.smtm.tflite")
             say(f"converting the {variant} variant")
@@ -216,6 +230,7 @@ def format_markdown(rows: list[ZooRow]) -> str:
     """The zoo table as markdown."""
     head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
     head += [f"{k} speed-up / agree" for k in STREAMS]
+    head += ["video compute speed-up", "video host work / full us"]
     head += list(VARIANTS) + ["tflite-runtime 2.14", "GPU strict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -231,6 +246,11 @@ def format_markdown(rows: list[ZooRow]) -> str:
         for k in STREAMS:
             f = r.streams.get(k)
             cells.append("-" if f is None else f"{f.speedup:.2f}x / {100 * f.agreement:.2f}%")
+        video = r.streams.get("video")
+        cells.append("-" if video is None or video.compute_speedup is None
+                     else f"{video.compute_speedup:.2f}x")
+        cells.append("-" if r.host_us is None or r.full_us is None
+                     else f"{r.host_us:.1f} / {r.full_us:.0f}")
         cells += [r.variants.get(v, "-") for v in VARIANTS]
         cells += [r.old_runtime, r.gpu]
         lines.append("| " + " | ".join(cells) + " |")
