@@ -54,6 +54,23 @@ class RecoveryFramesTest(absltest.TestCase):
         self.assertLess(loose, strict)
 
 
+class SteadyShareTest(absltest.TestCase):
+
+    def test_counts_each_scenes_most_frequent_answer(self):
+        # Scene 0: 3 of 4 frames say 2; scene 1 (from frame 4): 2 of 2 say 5.
+        predictions = [2, 2, 7, 2, 5, 5]
+        self.assertAlmostEqual(validation.steady_share(predictions, [0, 4]), 5 / 6)
+
+    def test_an_answer_that_never_changes_within_a_scene_is_steady(self):
+        self.assertEqual(validation.steady_share([1, 1, 3, 3], [0, 2]), 1.0)
+        # Without scene starts the whole stream is one scene.
+        self.assertEqual(validation.steady_share([1, 1, 3, 3], []), 0.5)
+
+    def test_no_frames(self):
+        with self.assertRaisesRegex(ValueError, "no frames"):
+            validation.steady_share([], [0])
+
+
 class HarnessMeasurementTest(absltest.TestCase):
 
     @classmethod

@@ -246,7 +246,8 @@ class TableTest(absltest.TestCase):
         row = zoo_benchmark.ZooRow(
             "vgg_sequential", "", keras_accuracy=0.85, convert_seconds=70.0,
             stage_shares=(0.25, 0.11, 0.32, 0.32), full_vs_keras=1e-6,
-            streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94)},
+            streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94, 0.99),
+                     "object": zoo_benchmark.StreamFigures(1.18, 0.9733, -1.26, 2.2, 0.8727)},
             full_us=264.0, host_us=41.8)
         failed = zoo_benchmark.ZooRow("densenet_concat", "--preprocessing=imagenet",
                                       error="ConversionError: no")
@@ -259,6 +260,8 @@ class TableTest(absltest.TestCase):
         self.assertEqual(by_column["video compute speed-up"], "1.94x")
         self.assertEqual(by_column["video host work / full us"], "41.8 / 264")
         self.assertEqual(by_column["uniform speed-up / agree"], "-")
+        # SMTM 1.26 points more accurate than full; full kept its answer on 87.3%.
+        self.assertEqual(by_column["object top-1 vs full / full steady"], "+1.26 pts / 87.3%")
         self.assertEqual(lines[3].count("|"), lines[0].count("|"))
         self.assertIn("FAILED: ConversionError: no", lines[3])
 

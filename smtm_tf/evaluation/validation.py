@@ -45,6 +45,7 @@ class Comparison:
       smtm_us, full_us: per-frame latencies in microseconds.
       checked: per frame, whether SMTM's early exit was also checked against
         the full model (a sampled or exit-run check; its time is in smtm_us).
+      full_predictions: per frame, the full model's class.
     """
 
     full: RunStats
@@ -53,6 +54,7 @@ class Comparison:
     smtm_us: np.ndarray | None = None
     full_us: np.ndarray | None = None
     checked: np.ndarray | None = None
+    full_predictions: np.ndarray | None = None
 
     @property
     def speedup(self) -> float:
@@ -109,7 +111,8 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
     return Comparison(
         full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
         smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares),
-        hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3, checked=checked)
+        hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3, checked=checked,
+        full_predictions=np.asarray(full_pred))
 
 
 class FullOf:
@@ -217,6 +220,23 @@ def recovery_frames(hits: np.ndarray, scene_starts, level: float = 0.8, before: 
                 break
         out.append(frames)
     return out
+
+
+def steady_share(predictions: np.ndarray, scene_starts) -> float:
+    """Share of frames answered with their scene's most frequent answer.
+
+    On a held object (each scene one image, shifted and noisy frame to frame)
+    it says how steady a classifier is: an answer that never changed within a
+    hold scores 1, and any method that answers a hold with one class agrees
+    with these predictions on at most this share of frames.
+    """
+    predictions = np.asarray(predictions, np.int64)
+    if not len(predictions):
+        raise ValueError("steady_share: no frames.")
+    bounds = sorted({0, *(int(s) for s in scene_starts)} | {len(predictions)})
+    steady = sum(int(np.bincount(predictions[a:b]).max())
+                 for a, b in zip(bounds[:-1], bounds[1:]) if b > a)
+    return steady / len(predictions)
 
 
 def plot_stream(path: str, comparison: Comparison, scene_starts=(), title: str = "",

@@ -41,6 +41,9 @@ class StreamFigures:
     # The same exits in multiply-adds (exit_policy.compute_speedup): what the
     # speed-up would be if host work and per-signature calls cost nothing.
     compute_speedup: float | None = None
+    # validation.steady_share of `full`'s answers (how often it keeps its
+    # answer within a scene; on `object` a held image).
+    full_steady: float | None = None
 
 
 @dataclasses.dataclass
@@ -126,7 +129,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
             c = validation.compare(runtime, images, stream.labels)
             row.streams[kind] = StreamFigures(
                 c.speedup, c.smtm.agreement, c.accuracy_drop, exit_policy.compute_speedup(
-                    c.smtm.exit_shares, memory.plan.stage_costs, float(c.checked.mean())))
+                    c.smtm.exit_shares, memory.plan.stage_costs, float(c.checked.mean())),
+                validation.steady_share(c.full_predictions, stream.scene_starts))
             if kind == "video":
                 row.full_us = c.full.mean_us
                 row.host_us = validation.host_work_us(runtime, images)
@@ -230,7 +234,8 @@ def format_markdown(rows: list[ZooRow]) -> str:
     """The zoo table as markdown."""
     head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
     head += [f"{k} speed-up / agree" for k in STREAMS]
-    head += ["video compute speed-up", "video host work / full us"]
+    head += ["video compute speed-up", "video host work / full us",
+             "object top-1 vs full / full steady"]
     head += list(VARIANTS) + ["tflite-runtime 2.14", "GPU strict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -251,6 +256,9 @@ def format_markdown(rows: list[ZooRow]) -> str:
                      else f"{video.compute_speedup:.2f}x")
         cells.append("-" if r.host_us is None or r.full_us is None
                      else f"{r.host_us:.1f} / {r.full_us:.0f}")
+        held = r.streams.get("object")
+        cells.append("-" if held is None or held.full_steady is None
+                     else f"{-held.accuracy_drop:+.2f} pts / {100 * held.full_steady:.1f}%")
         cells += [r.variants.get(v, "-") for v in VARIANTS]
         cells += [r.old_runtime, r.gpu]
         lines.append("| " + " | ".join(cells) + " |")
