@@ -603,6 +603,48 @@ def class_names_for(model, data) -> tuple[str, ...]:
     return names + tuple(str(i) for i in range(len(names), k))
 
 
+def check_data(model, data, preprocessing: prep.Preprocessing | None = None, say=None,
+               accuracy_check: bool = True):
+    """What every use of a user's model and data checks before fitting anything.
+
+    Brings the images to the model's input (`data.adapt`), resolves the
+    preprocessing (None: `preprocessing.resolve`) and checks its channels,
+    names the model's classes, needs labelled images of at least 2 classes,
+    reports classes without any, and (with `accuracy_check`) scores the
+    model on the data and stops when it looks like another model's data.
+
+    Returns:
+      (data, preprocessing, class_names, accuracy check or None).
+
+    Raises:
+      DataMismatchError, ValueError: saying what is wrong and how to fix it.
+    """
+    say = say or (lambda _: None)
+    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
+    data = data_lib.adapt(data, shape[:2], shape[2])
+    if preprocessing is None:
+        preprocessing = prep.resolve(model)
+    preprocessing.check_channels(shape[2])
+    say(f"preprocessing: {preprocessing.describe()}")
+    class_names = class_names_for(model, data)
+    present = np.unique(data.y_train)
+    if len(present) < 2:
+        raise DataMismatchError(
+            f"The data's train split holds images of {len(present)} class"
+            f"{'' if len(present) == 1 else 'es'}: fitting and calibrating the exits needs "
+            "labelled images of at least 2 classes.")
+    absent = len(class_names) - len(present)
+    if absent:
+        say(f"{absent} of the model's {len(class_names)} classes have no labelled training "
+            "image; unless the model answers them anyway, they cannot exit")
+    accuracy = None
+    if accuracy_check:
+        accuracy = check_accuracy(model, data, preprocessing)
+        say(accuracy.format())
+        judge_accuracy(accuracy)
+    return data, preprocessing, class_names, accuracy
+
+
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
                   holdout: float = 0.1, num_stages: int | None = None, cut_layers=None,
                   embedding_dim: int | None = None, encoder_hidden: int | None = None,
@@ -664,28 +706,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
     """
     say = progress or (lambda _: None)
     remove_leftovers(output_path, memory_output)
-    shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    data = data_lib.adapt(data, shape[:2], shape[2])
-    if preprocessing is None:
-        preprocessing = prep.resolve(model)
-    preprocessing.check_channels(shape[2])
-    say(f"preprocessing: {preprocessing.describe()}")
-    class_names = class_names_for(model, data)
-    present = np.unique(data.y_train)
-    if len(present) < 2:
-        raise DataMismatchError(
-            f"The data's train split holds images of {len(present)} class"
-            f"{'' if len(present) == 1 else 'es'}: fitting and calibrating the exits needs "
-            "labelled images of at least 2 classes.")
-    absent = len(class_names) - len(np.unique(data.y_train))
-    if absent:
-        say(f"{absent} of the model's {len(class_names)} classes have no labelled training "
-            "image; unless the model answers them anyway, they cannot exit")
-    accuracy = None
-    if accuracy_check:
-        accuracy = check_accuracy(model, data, preprocessing)
-        say(accuracy.format())
-        judge_accuracy(accuracy)
+    data, preprocessing, class_names, accuracy = check_data(
+        model, data, preprocessing, say, accuracy_check)
     (x_fit, y_fit), (x_cal, _) = data.holdout(holdout)
     x_fit_in, x_cal_in = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
     x_check = preprocessing.apply(data.x_test[:num_check_images])

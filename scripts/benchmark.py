@@ -302,19 +302,16 @@ def _user_subject(path: str, out_dir: str) -> Subject:
     say(f"loading {path}")
     model = kerascompat.load_model(path)
     shape = tuple(int(d) for d in model.inputs[0].shape[1:])
-    preprocessing = model_flags.resolve(model)
     data = data_lib.load_data(_DATA.value, image_size=shape[:2], channels=shape[2])
     say(f"data {_DATA.value}: {len(data.x_train)} train, {len(data.x_test)} test images, "
-        f"brought to the model's input {shape}; preprocessing: {preprocessing.describe()}")
-    accuracy = smtm_converter.check_accuracy(model, data, preprocessing)
-    say(accuracy.format())
-    smtm_converter.judge_accuracy(accuracy)
+        f"brought to the model's input {shape}")
+    data, preprocessing, class_names, _ = smtm_converter.check_data(
+        model, data, model_flags.resolve(model), say)
     (x_fit, y_fit), (x_cal, _) = data.holdout(_HOLDOUT.value)
     x_fit, x_cal = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
     memory_file = _MEMORY.value or os.path.join(out_dir, stem + ".smtm.npz")
     memory, fitted = smtm_converter.reuse_or_fit_memory(
-        model, x_fit, x_cal, smtm_converter.class_names_for(model, data), preprocessing,
-        [memory_file], say, seed=_SEED.value, **model_flags.memory_choices())
+        model, x_fit, x_cal, class_names, preprocessing, [memory_file], say, seed=_SEED.value, **model_flags.memory_choices())
     say(f"training the baselines' heads on {len(x_fit)} images")
     heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
     say(heads.summary())

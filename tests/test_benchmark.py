@@ -262,6 +262,28 @@ class UserModelTest(absltest.TestCase):
         self.assertIn("using the semantic memory", second.stdout)
         self.assertNotIn("fitting the semantic memory", second.stdout)
 
+    def test_data_of_one_class_is_refused_before_anything_is_fitted(self):
+        tmp = tempfile.mkdtemp(prefix="smtm-bench-one-class-")
+        self.addCleanup(shutil.rmtree, tmp, ignore_errors=True)
+        model_path = os.path.join(tmp, "stripes.keras")
+        tu.trained_residual("keras").save(model_path)
+        data = tu.labelled_stripes(200, 50, 0, 3)
+        np.savez(os.path.join(tmp, "one.npz"), x_train=data.x_train,
+                 y_train=0 * data.y_train, x_test=data.x_test, y_test=0 * data.y_test)
+        out_dir = os.path.join(tmp, "out")
+        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        done = subprocess.run(
+            [sys.executable, os.path.join(repo, "scripts", "benchmark.py"), "--quick",
+             f"--model={model_path}", f"--data={os.path.join(tmp, 'one.npz')}",
+             f"--output_dir={out_dir}", "--noprogress"],
+            cwd=repo, capture_output=True, text=True, timeout=600, check=False,
+            env={**os.environ, "PYTHONPATH": repo, "CUDA_VISIBLE_DEVICES": ""})
+        self.assertEqual(done.returncode, 1, done.stderr[-3000:])
+        self.assertIn("error: The data's train split holds images of 1 class", done.stderr)
+        self.assertIn("at least 2 classes", done.stderr)
+        self.assertNotIn("fitting the semantic memory", done.stdout)
+        self.assertFalse(os.path.exists(os.path.join(out_dir, "stripes.smtm.npz")))
+
 
 if __name__ == "__main__":
     absltest.main()
