@@ -111,7 +111,14 @@ def run(main) -> None:
         debug = DEBUG.value or logging.get_verbosity() >= logging.DEBUG
         try:
             return main(argv)
-        except (app.UsageError, SystemExit):
+        except app.UsageError as e:
+            # absl would print the whole usage text; one line says what is wrong.
+            if debug:
+                raise
+            print(f"error: {' '.join(str(e).split())} (--helpshort lists the flags)",
+                  file=sys.stderr, flush=True)
+            sys.exit(e.exitcode)
+        except SystemExit:
             raise
         except KeyboardInterrupt:
             if debug:

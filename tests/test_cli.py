@@ -177,6 +177,13 @@ class RunTest(absltest.TestCase):
         self.assertEqual(proc.stderr,
                          "error: TypeError: bad thing (--debug shows the traceback)\n")
 
+    def test_a_usage_error_is_one_line_not_the_usage_text(self):
+        body = "from absl import app; raise app.UsageError('--a and --b exclude each other.')"
+        proc = self._run(body)
+        self.assertEqual(proc.returncode, 1)
+        self.assertEqual(proc.stderr, "error: --a and --b exclude each other. "
+                                      "(--helpshort lists the flags)\n")
+
     def test_tensorflows_interpreter_deprecation_is_not_shown(self):
         # What TensorFlow's int8 calibration warns on every conversion.
         warn = ("import warnings; warnings.warn('    Warning: tf.lite.Interpreter is "
