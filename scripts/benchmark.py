@@ -311,7 +311,8 @@ def _user_subject(path: str, out_dir: str) -> Subject:
     x_fit, x_cal = preprocessing.apply(x_fit), preprocessing.apply(x_cal)
     memory_file = _MEMORY.value or os.path.join(out_dir, stem + ".smtm.npz")
     memory, fitted = smtm_converter.reuse_or_fit_memory(
-        model, x_fit, x_cal, class_names, preprocessing, [memory_file], say, seed=_SEED.value, **model_flags.memory_choices())
+        model, x_fit, x_cal, class_names, preprocessing, [memory_file], say, seed=_SEED.value,
+        **model_flags.memory_choices())
     say(f"training the baselines' heads on {len(x_fit)} images")
     heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
     say(heads.summary())
