@@ -648,6 +648,7 @@ def check_data(model, data, preprocessing: prep.Preprocessing | None = None, say
 def convert_model(model, data, output_path: str, memory: SemanticMemory | None = None,
                   holdout: float = 0.1, num_stages: int | None = None, cut_layers=None,
                   embedding_dim: int | None = None, encoder_hidden: int | None = None,
+                  pooling: str | None = None,
                   target_agreement: float = 0.99, metric: str = "layer_aware",
                   cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                   num_check_images: int = 64, memory_output: str | None = None,
@@ -672,9 +673,10 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         the encoders, and test images serve the checks.
       output_path: where the .tflite goes.
       memory: an already fitted memory to use as it is, or None.
-      num_stages, cut_layers, embedding_dim, encoder_hidden: the stages,
-        semantic size and encoders' hidden units to fit (None: 4 stages, 32
-        dimensions, `memory.ENCODER_HIDDEN`; a reused memory keeps its own).
+      num_stages, cut_layers, embedding_dim, encoder_hidden, pooling: the
+        stages, semantic size, encoders' hidden units and pooling to fit
+        (None: 4 stages, 32 dimensions, `memory.ENCODER_HIDDEN`,
+        `memory.POOLING`; a reused memory keeps its own).
       memory_output: where to save a newly fitted memory (None: do not save).
       memory_candidates: memory files to reuse, in order; one is used only
         when its key and choices match this conversion (`SemanticMemory.mismatches`).
@@ -716,8 +718,9 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         memory, fitted = reuse_or_fit_memory(
             model, x_fit_in, x_cal_in, class_names, preprocessing, memory_candidates, say,
             num_stages=num_stages, cut_layers=cut_layers, embedding_dim=embedding_dim,
-            encoder_hidden=encoder_hidden, target_agreement=target_agreement, metric=metric,
-            cache_policy=cache_policy, seed=seed, camera_calibration=camera_calibration)
+            encoder_hidden=encoder_hidden, pooling=pooling, target_agreement=target_agreement,
+            metric=metric, cache_policy=cache_policy, seed=seed,
+            camera_calibration=camera_calibration)
     q = quant.parse(quantization)
     say(f"converting ({q.value}) and checking against Keras")
     flat, report = convert(model, memory, x_check, None, quantization=q,
@@ -750,6 +753,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
                         preprocessing: prep.Preprocessing, candidates, say,
                         num_stages: int | None = None, cut_layers=None,
                         embedding_dim: int | None = None, encoder_hidden: int | None = None,
+                        pooling: str | None = None,
                         target_agreement: float = 0.99, metric: str = "layer_aware",
                         cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                         seed: int = 0, camera_calibration: bool = False
@@ -768,7 +772,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
                                memory_lib.CAMERA if camera_calibration else None)
     memory = _matching_memory(candidates, key, say, num_stages=num_stages,
                               cut_layers=cut_layers, embedding_dim=embedding_dim,
-                              encoder_hidden=encoder_hidden,
+                              encoder_hidden=encoder_hidden, pooling=pooling,
                               target_agreement=target_agreement, metric=metric,
                               cache=cache_policy is not None)
     if memory is not None:
@@ -781,6 +785,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         embedding_dim=32 if embedding_dim is None else embedding_dim,
         encoder_hidden=(memory_lib.ENCODER_HIDDEN if encoder_hidden is None
                         else encoder_hidden),
+        pooling=memory_lib.POOLING if pooling is None else pooling,
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
         seed=seed, key=key, progress=say, preprocessing=preprocessing,
         camera_calibration=camera_calibration)

@@ -4,12 +4,13 @@ Importing this module defines `--preprocessing`, `--input_scale` and
 `--input_offset` (`resolve(model)` turns them, or the model's own first
 layer, into the `Preprocessing` the model expects done to camera pixels), and
 the memory's shape and calibration: `--num_stages`, `--cut_layers`,
-`--embedding_dim`, `--encoder_hidden`, `--camera_calibration`.
+`--embedding_dim`, `--encoder_hidden`, `--pooling`, `--camera_calibration`.
 """
 
 from absl import app
 from absl import flags
 
+from smtm_tf.fitting import encoders as enc
 from smtm_tf.fitting import memory as memory_lib
 from smtm_tf.runtime import preprocessing as prep
 
@@ -31,6 +32,11 @@ EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
 ENCODER_HIDDEN = flags.DEFINE_integer(
     "encoder_hidden", None, "Hidden ReLU units in each stage's semantic encoder, 0 for a "
     f"linear projection (default {memory_lib.ENCODER_HIDDEN}).", lower_bound=0)
+POOLING = flags.DEFINE_enum(
+    "pooling", None, [p.value for p in enc.Pooling],
+    "How each stage's feature map is pooled before its encoder: avg (global mean), avg_max "
+    "(global mean and max), grid (the means of its four quadrants and the global max) "
+    f"(default {memory_lib.POOLING.value}).")
 CAMERA_CALIBRATION = flags.DEFINE_bool(
     "camera_calibration", False, "Calibrate the exits on camera streams too (held objects "
     "with jitter, brightness, noise, a pan), with a bound that allows for errors in runs: "
@@ -41,6 +47,7 @@ def memory_choices() -> dict:
     """The memory's shape and calibration as the flags give them (None: the default)."""
     return {"num_stages": NUM_STAGES.value, "cut_layers": CUT_LAYERS.value,
             "embedding_dim": EMBEDDING_DIM.value, "encoder_hidden": ENCODER_HIDDEN.value,
+            "pooling": POOLING.value,
             "camera_calibration": CAMERA_CALIBRATION.value}
 
 

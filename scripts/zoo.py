@@ -6,7 +6,7 @@ Example:
       --json=out/zoo/results.json
 
 Each model is converted the default way plus the preprocessing flag its zoo
-entry states, then measured on `video`, `uniform` and `object` streams of
+entry states (and the memory flags given here, e.g. --pooling, for an ablation), then measured on `video`, `uniform` and `object` streams of
 Fashion-MNIST test images (speed-up and agreement with `full`), converted to
 int8 and float16, checked on tflite-runtime 2.14 (when its virtualenv exists)
 and through the strict GPU gate (when a GPU or software Vulkan is present).
@@ -25,6 +25,7 @@ from absl import flags
 
 from smtm_tf.fitting import data as data_lib
 from smtm_tf.evaluation import zoo_benchmark
+from scripts import model_flags
 
 _ZOO_DIR = flags.DEFINE_string("zoo_dir", None, "Folder written by scripts/build_zoo.py "
                                "(zoo.json and the .keras files).", required=True)
@@ -38,6 +39,11 @@ _JSON = flags.DEFINE_string("json", None, "Write the figures here (JSON).")
 
 def main(argv):
     del argv
+    stated = [f for f in model_flags.given()
+              if f in ("--preprocessing", "--input_scale", "--input_offset")]
+    if stated:
+        raise app.UsageError(f"{', '.join(stated)}: each zoo entry states its own "
+                             "preprocessing in zoo.json; drop the flag.")
     index_path = os.path.join(_ZOO_DIR.value, "zoo.json")
     if not os.path.isfile(index_path):
         print(f"error: {index_path} not found; build the zoo first: python3 "
@@ -65,7 +71,8 @@ def main(argv):
             rows.append(zoo_benchmark.evaluate(
                 entry["name"], path, entry["preprocessing"], data, out_dir,
                 frames=_FRAMES.value, progress=say,
-                old_runtime_python=command_line.OLD_RUNTIME_PYTHON.value))
+                old_runtime_python=command_line.OLD_RUNTIME_PYTHON.value,
+                memory_choices=model_flags.memory_choices()))
         else:  # An untrained many-class model: the scale check.
             scale.append(zoo_benchmark.evaluate_scale(
                 entry["name"], path, entry["preprocessing"], data, out_dir, progress=say))
@@ -73,8 +80,8 @@ def main(argv):
     print(zoo_benchmark.format_markdown(rows))
     for row in scale:
         print(row.format())
-    header = (f"Produced by `python3 scripts/zoo.py --zoo_dir={_ZOO_DIR.value} "
-              f"--frames={_FRAMES.value}` on {platform.machine()}, {os.cpu_count()} CPUs, "
+    header = (f"Produced by `python3 scripts/zoo.py {' '.join(sys.argv[1:])}` on "
+              f"{platform.machine()}, {os.cpu_count()} CPUs, "
               f"XNNPACK 1 thread, in {time.time() - t0:.0f} s. Speed-up and agreement with "
               "`full` at the default budget (1 point), streams of Fashion-MNIST test "
               "images brought to each model's input.\n\n")

@@ -216,6 +216,34 @@ class HiddenEncoderTest(absltest.TestCase):
             a_lite = out["next_activation"]
 
 
+class PoolingTest(parameterized.TestCase):
+    """Every pooling converts to stage signatures that compute it."""
+
+    @parameterized.parameters(*enc.Pooling)
+    def test_stage_signatures_compute_the_pooling(self, pooling):
+        model = tu.trained_residual("tf_keras")
+        x, _ = tu.train_data()
+        xc, _ = tu.calibration_data()
+        mem = memory_lib.fit_semantic_memory(model, x[:300], xc[:100], num_stages=2,
+                                             embedding_dim=4, pooling=pooling,
+                                             encoder_epochs=2, cache_policy=None)
+        self.assertIs(mem.pooling, pooling)
+        images = tu.check_images()
+        flat, report = smtm_converter.convert(model, mem, images)
+        self.assertLessEqual(report.similarity_max_abs_diff, 1e-4)
+        self.assertEqual(runtime.read_descriptor(flat).pooling, pooling.value)
+        interp = _interpreter(flat)
+        stage_models, _ = stages.split_model(model, mem.plan)
+        a = images[:1]
+        for s, stage_model in enumerate(stage_models):
+            out = interp.get_signature_runner(f"stage_{s}")(activation=a,
+                                                            centres=mem.centres[s])
+            a = np.asarray(stage_model(a, training=False))
+            features = np.asarray(enc.pool(a, pooling))
+            np.testing.assert_allclose(out["semantic"], mem.encoders[s].encode(features)[0],
+                                       atol=1e-4)
+
+
 class ConvertKeras3Test(absltest.TestCase):
     """Keras 3 models: the converter must track their variables explicitly."""
 

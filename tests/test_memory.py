@@ -195,6 +195,10 @@ class SaveLoadTest(parameterized.TestCase):
         self.assertEqual(memory.mismatches(plain), [])
         self.assertEqual(memory.mismatches(camera), [
             "its exits were calibrated on the standard streams, not camera streams too"])
+        self.assertEqual(memory.mismatches(plain, pooling=memory.pooling.value), [])
+        other = next(p for p in enc.Pooling if p is not memory.pooling)
+        self.assertEqual(memory.mismatches(plain, pooling=other), [
+            f"its stage features are pooled {memory.pooling.value}, not {other.value}"])
 
     def test_camera_calibration_adds_camera_streams_with_a_bound_for_runs(self):
         model, memory = tu.trained_residual("tf_keras"), tu.fitted_memory("tf_keras")
@@ -300,6 +304,20 @@ class EncodersTest(parameterized.TestCase):
                                                          a.max(axis=(1, 2))], axis=1))
         with self.assertRaises(ValueError):
             enc.pool(a, "median")
+
+    def test_grid_pool_is_the_quadrant_means_and_the_max(self):
+        rng = np.random.default_rng(0)
+        a = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)  # An odd height.
+        got = np.asarray(enc.pool(a, enc.Pooling.GRID))
+        # The middle row of an odd height goes to the bottom quadrants.
+        want = [a[:, :2, :2], a[:, :2, 2:], a[:, 2:, :2], a[:, 2:, 2:]]
+        np.testing.assert_allclose(got, np.concatenate(
+            [q.mean(axis=(1, 2)) for q in want] + [a.max(axis=(1, 2))], axis=1), rtol=1e-5,
+            atol=1e-6)
+        # A map with one row (or column) has no quadrants: it is pooled avg_max.
+        for thin in (a[:, :1], a[:, :, :1]):
+            np.testing.assert_allclose(np.asarray(enc.pool(thin, "grid")),
+                                       np.asarray(enc.pool(thin, "avg_max")))
 
     def test_encoder_encode(self):
         rng = np.random.default_rng(1)

@@ -83,7 +83,8 @@ def _short(e: BaseException) -> str:
 
 def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.LabelledData,
              out_dir: str, frames: int = 1500, variants=VARIANTS, seed: int = 0,
-             progress=print, old_runtime_python: str | None = None) -> ZooRow:
+             progress=print, old_runtime_python: str | None = None,
+             memory_choices: dict | None = None) -> ZooRow:
     """Converts one zoo model the default way and measures it.
 
     Args:
@@ -97,6 +98,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
       variants: quantized variants to convert too.
       old_runtime_python: the tflite-runtime 2.14 Python
         (`converters.old_runtime.find_python`).
+      memory_choices: `convert_model`'s memory arguments (num_stages,
+        pooling, ...) instead of its defaults.
     """
     row = ZooRow(name, preprocessing_flag(preset))
     say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
@@ -110,7 +113,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
         memory, report = smtm_converter.convert_model(
             model, data, out, memory_output=smtm_converter.memory_path_for(out),
             memory_candidates=[smtm_converter.memory_path_for(out)],
-            preprocessing=preprocessing, progress=say, old_runtime_python=old_runtime_python)
+            preprocessing=preprocessing, progress=say, old_runtime_python=old_runtime_python,
+            **(memory_choices or {}))
         row.convert_seconds = time.time() - t0
         row.keras_accuracy = report.accuracy.accuracy if report.accuracy else None
         row.stage_shares = tuple(memory.plan.stage_costs)

@@ -40,7 +40,7 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size of the semantic vectors.
       encoder_hidden: hidden ReLU units in each encoder (0: a linear projection).
-      pooling: pooling before each encoder ("avg" or "avg_max").
+      pooling: pooling before each encoder (an `encoders.Pooling` value).
       target_agreement: share of all frames whose answer must agree with the full
         model (frames that run the whole model agree): 1 - budget / 100.
       every_n_epochs: also refit every this many epochs (0: only at the end).
@@ -50,7 +50,7 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
     def __init__(self, x_train: np.ndarray, x_calibration: np.ndarray,
                  class_names=None, num_stages: int = 4, cut_layers=None,
                  embedding_dim: int = 32, encoder_hidden: int = memory_lib.ENCODER_HIDDEN,
-                 pooling: str = enc.Pooling.AVG_MAX.value,
+                 pooling: str = memory_lib.POOLING.value,
                  target_agreement: float = 0.99, every_n_epochs: int = 0,
                  output_path: str | None = None):
         super().__init__()

@@ -45,6 +45,13 @@ class Pooling(str, enum.Enum):
 
     AVG = "avg"  # Global average: [C].
     AVG_MAX = "avg_max"  # Global average and max, concatenated: [2C].
+    # The means of the map's four quadrants (top left, top right, bottom left,
+    # bottom right; the middle row/column of an odd size goes to the bottom/
+    # right) and the global max: [5C]. Where an object sits and what is next
+    # to it is what tells early feature maps apart: with it, stage-0 nearest-
+    # centre agreement with the full model rose from 76.4 to 89.8% on the zoo
+    # VGG (docs/model_zoo.md). A map smaller than 2x2 is pooled as AVG_MAX.
+    GRID = "grid"
 
 
 class Centres(str, enum.Enum):
@@ -67,6 +74,14 @@ def pool(activation, pooling: Pooling | str):
     # of 784 values in sequence (TFLite's CPU kernels) is off by ~1e-5 in the
     # stage-0 similarities from a tree reduction (the GPU's); two sums of 28
     # keep every backend within 1e-6 of float64 (docs/gpu_and_quantization.md).
+    height, width = activation.shape[1], activation.shape[2]
+    if pooling is Pooling.GRID and height >= 2 and width >= 2:
+        rows, cols = height // 2, width // 2
+        left = tf.reduce_mean(activation[:, :, :cols], axis=2)  # [B, H, C]
+        right = tf.reduce_mean(activation[:, :, cols:], axis=2)
+        quadrants = [tf.reduce_mean(half[:, r], axis=1)
+                     for r in (slice(None, rows), slice(rows, None)) for half in (left, right)]
+        return tf.concat(quadrants + [tf.reduce_max(activation, axis=[1, 2])], axis=-1)
     avg = tf.reduce_mean(tf.reduce_mean(activation, axis=2), axis=1)
     if pooling is Pooling.AVG:
         return avg

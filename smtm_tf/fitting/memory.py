@@ -36,6 +36,8 @@ MEMORY_FORMAT_VERSION = 3
 NO_EXIT_PARAMS = (-100.0, 0.0)
 # Hidden ReLU units of each stage's encoder by default (0: a linear projection).
 ENCODER_HIDDEN = 128
+# How stage feature maps are pooled before the encoders by default.
+POOLING = enc.Pooling.AVG_MAX
 
 
 class MemoryFileError(ValueError):
@@ -139,7 +141,7 @@ class SemanticMemory:
 
     def mismatches(self, key: MemoryKey, num_stages: int | None = None,
                    cut_layers=None, embedding_dim: int | None = None,
-                   encoder_hidden: int | None = None,
+                   encoder_hidden: int | None = None, pooling=None,
                    target_agreement: float | None = None, metric=None,
                    cache: bool | None = None) -> list[str]:
         """Why this memory does not fit a conversion (empty when it does).
@@ -173,6 +175,9 @@ class SemanticMemory:
                                               for e in self.encoders):
             why.append(f"its encoders have {self.encoders[0].hidden_units} hidden units, not "
                        f"{encoder_hidden}")
+        if pooling is not None and enc.Pooling(pooling) is not self.pooling:
+            why.append(f"its stage features are pooled {self.pooling.value}, not "
+                       f"{enc.Pooling(pooling).value}")
         if target_agreement is not None and abs(
                 self.exit_rule.target_agreement - target_agreement) > 1e-9:
             why.append(f"its exits were calibrated for {100 * self.exit_rule.target_agreement:.2f}%"
@@ -385,7 +390,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         class_names: tuple[str, ...] | None = None,
                         num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
                         encoder_hidden: int = ENCODER_HIDDEN,
-                        pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
+                        pooling: enc.Pooling | str = POOLING,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
                         target_agreement: float = 0.99, encoder_epochs: int = 30,
                         metric: exit_policy.Metric | str = exit_policy.Metric.LAYER_AWARE,
