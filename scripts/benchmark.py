@@ -314,7 +314,8 @@ def _user_subject(path: str, out_dir: str) -> Subject:
         model, x_fit, x_cal, class_names, preprocessing, [memory_file], say, seed=_SEED.value,
         **model_flags.memory_choices())
     say(f"training the baselines' heads on {len(x_fit)} images")
-    heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, seed=_SEED.value)
+    heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit, pooling=memory.pooling,
+                                      seed=_SEED.value)
     say(heads.summary())
     return Subject(stem, stem, path, model, memory, heads, preprocessing, data.x_test,
                    data.y_test, x_cal, memory_file if fitted else None)

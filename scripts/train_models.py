@@ -90,7 +90,7 @@ def main(argv):
             memory = memory_lib.SemanticMemory.load(memory_path)
             print(f"[{name}] training the baseline heads", flush=True)
             heads = baselines.train_baselines(model, memory.plan, x_fit, y_fit,
-                                              seed=_SEED.value)
+                                              pooling=memory.pooling, seed=_SEED.value)
             heads_path = os.path.join(_DIR.value, stem + ".baselines.npz")
             heads.save(heads_path)
             print(f"[{name}] {heads_path}: " + heads.summary(), flush=True)

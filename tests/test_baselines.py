@@ -18,8 +18,9 @@ import testing_utils as tu
 @functools.cache
 def trained_heads():
     x, y = tu.train_data()
-    return baselines.train_baselines(tu.trained_residual("tf_keras"),
-                                     tu.fitted_memory("tf_keras").plan, x, y, epochs=5)
+    memory = tu.fitted_memory("tf_keras")
+    return baselines.train_baselines(tu.trained_residual("tf_keras"), memory.plan, x, y,
+                                     pooling=memory.pooling, epochs=5)
 
 
 @functools.cache

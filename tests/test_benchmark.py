@@ -158,7 +158,8 @@ class FiguresTest(absltest.TestCase):
 def tiny_setup():
     model, memory = tu.trained_residual("tf_keras"), tu.fitted_memory("tf_keras")
     x, y = tu.train_data()
-    heads = baselines.train_baselines(model, memory.plan, x, y, epochs=3)
+    heads = baselines.train_baselines(model, memory.plan, x, y, pooling=memory.pooling,
+                                      epochs=3)
     flat = baselines.convert(model, memory, heads, tu.check_images()[:2])
     stage_models, head = stages.split_model(model, memory.plan)
     calib = enc.extract_features(stage_models, head, tu.calibration_data()[0], memory.pooling)

@@ -79,7 +79,7 @@ class ConvertTest(parameterized.TestCase):
         mem = self.memory
         self.assertEqual(d.model_name, self.model.name)
         self.assertEqual(d.class_names, tu.CLASS_NAMES)
-        self.assertEqual(d.pooling, "avg_max")
+        self.assertEqual(d.pooling, memory_lib.POOLING.value)
         self.assertEqual(tuple(s.cut_layer for s in d.stages), mem.plan.cut_layers)
         self.assertEqual(tuple(s.cost for s in d.stages), mem.plan.stage_costs)
         for s, stage in enumerate(d.stages):

@@ -480,13 +480,14 @@ class FitSemanticMemoryTest(absltest.TestCase):
         self.assertEqual(mem.plan.cut_layers, ("r0", "out1", "r2"))
         self.assertEqual(mem.class_names, tu.CLASS_NAMES)
         self.assertEqual(mem.embedding_dims, (8, 8, 8))
-        self.assertIs(mem.pooling, enc.Pooling.AVG_MAX)
+        self.assertIs(mem.pooling, memory_lib.POOLING)
         for c in mem.centres:
             self.assertEqual(c.shape, (tu.NUM_CLASSES, 8))
             np.testing.assert_allclose(np.linalg.norm(c, axis=1), 1.0, rtol=1e-5)
         for e in mem.encoders:
             self.assertEqual(e.hidden_units, memory_lib.ENCODER_HIDDEN)
-            self.assertEqual(e.kernels[0].shape[0], 16 if e is not mem.encoders[2] else 32)
+            # The grid's four quadrant means and the max of 8, 8 and 16 channels.
+            self.assertEqual(e.kernels[0].shape[0], 40 if e is not mem.encoders[2] else 80)
             self.assertEqual(e.kernel.shape[1], 8)
         self.assertLen(mem.stage_accuracy, 3)
         # The last stage is the whole backbone: its nearest centre is (almost)

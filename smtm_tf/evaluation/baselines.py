@@ -34,6 +34,7 @@ import json
 import numpy as np
 
 from smtm_tf.fitting import encoders as enc
+from smtm_tf.fitting import memory as memory_lib
 from smtm_tf.runtime import exit_policy
 from smtm_tf.runtime import io_utils
 from smtm_tf.runtime import preprocessing as prep
@@ -230,7 +231,7 @@ def train_head(pooled: np.ndarray, targets: np.ndarray, num_classes: int,
 
 
 def train_baselines(model, plan, x_train: np.ndarray, y_train: np.ndarray,
-                    pooling: enc.Pooling | str = enc.Pooling.AVG_MAX,
+                    pooling: enc.Pooling | str = memory_lib.POOLING,
                     learned_cache_hidden: int = 128, epochs: int = 10,
                     batch_size: int = 256, seed: int = 0) -> BaselineHeads:
     """Trains both baselines' heads on the stages of `plan`.
