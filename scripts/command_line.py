@@ -44,6 +44,10 @@ OLD_RUNTIME_PYTHON = flags.DEFINE_string(
     "old_runtime_python", None, "Python of a virtualenv with tflite-runtime==2.14.0 and "
     "numpy<2 for the old-runtime check (default $SMTM_OLD_RUNTIME_PYTHON, else "
     ".venv-tflite214/bin/python in the repository).")
+NATIVE_CLI = flags.DEFINE_string(
+    "native_cli", None, "Also measure the native runtime on the same frames: the path of "
+    "smtm_cli (built by cmake in native/, e.g. native/build/smtm_cli). Its figures print "
+    "beside the Python harness's.")
 
 
 def is_command_line(argv0: str) -> bool:

@@ -39,10 +39,6 @@ _PLOT_DIR = flags.DEFINE_string(
 _STATE = flags.DEFINE_string(
     "state", None, "Memory state file: restored before the first stream if it exists "
     "(a corrupted or mismatched one is reported and ignored) and saved after the last.")
-_NATIVE_CLI = flags.DEFINE_string(
-    "native_cli", None, "Also measure the native runtime on the same frames: the path of "
-    "smtm_cli (built by cmake in native/, e.g. native/build/smtm_cli). Its figures print "
-    "beside the Python harness's.")
 
 
 def _native_backend() -> str:
@@ -58,7 +54,10 @@ def _native_backend() -> str:
 
 def main(argv):
     del argv
-    native_backend = _native_backend() if _NATIVE_CLI.value else None
+    native_backend = None
+    if command_line.NATIVE_CLI.value:
+        native_backend = _native_backend()
+        native_bench.require_cli(command_line.NATIVE_CLI.value)  # Before the long run.
     if _STATE.value:
         # Fail now, not after the whole run, if the state cannot be saved.
         check_state_path(_STATE.value)
@@ -90,11 +89,12 @@ def main(argv):
         comparison = validation.compare(runtime, frames, stream.labels,
                                         keep_state=bool(_STATE.value))
         rows.append((kind, comparison))
-        if _NATIVE_CLI.value:
-            print(f"running {kind} on the native runtime ({_NATIVE_CLI.value} bench) ...",
-                  flush=True)
+        if command_line.NATIVE_CLI.value:
+            print(f"running {kind} on the native runtime "
+                  f"({command_line.NATIVE_CLI.value} bench) ...", flush=True)
             native_rows.append((kind, comparison, native_bench.bench(
-                _NATIVE_CLI.value, _MODEL.value, frames, threads=backend_flags.THREADS.value, backend=native_backend)))
+                command_line.NATIVE_CLI.value, _MODEL.value, frames,
+                threads=backend_flags.THREADS.value, backend=native_backend)))
         if len(stream.scene_starts) > 1 and runtime.cache_policy is not None:
             recoveries[kind] = validation.recovery_frames(comparison.hits, stream.scene_starts)
         if _PLOT_DIR.value:

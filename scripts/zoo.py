@@ -10,6 +10,8 @@ entry states (and the memory flags given here, e.g. --pooling, for an ablation),
 Fashion-MNIST test images (speed-up and agreement with `full`), converted to
 int8 and float16, checked on tflite-runtime 2.14 (when its virtualenv exists)
 and through the strict GPU gate (when a GPU or software Vulkan is present).
+With --native_cli=native/build/smtm_cli the native runtime runs the same video
+frames (`smtm_cli bench`) and its speed-up and host work get a column.
 """
 
 from scripts import command_line  # First: quiets native logs before TensorFlow loads.
@@ -24,6 +26,7 @@ from absl import app
 from absl import flags
 
 from smtm_tf.fitting import data as data_lib
+from smtm_tf.evaluation import native_bench
 from smtm_tf.evaluation import zoo_benchmark
 from scripts import model_flags
 
@@ -44,6 +47,8 @@ def main(argv):
     if stated:
         raise app.UsageError(f"{', '.join(stated)}: each zoo entry states its own "
                              "preprocessing in zoo.json; drop the flag.")
+    if command_line.NATIVE_CLI.value:
+        native_bench.require_cli(command_line.NATIVE_CLI.value)  # Before the long run.
     index_path = os.path.join(_ZOO_DIR.value, "zoo.json")
     if not os.path.isfile(index_path):
         print(f"error: {index_path} not found; build the zoo first: python3 "
@@ -72,7 +77,8 @@ def main(argv):
                 entry["name"], path, entry["preprocessing"], data, out_dir,
                 frames=_FRAMES.value, progress=say,
                 old_runtime_python=command_line.OLD_RUNTIME_PYTHON.value,
-                memory_choices=model_flags.memory_choices()))
+                memory_choices=model_flags.memory_choices(),
+                native_cli=command_line.NATIVE_CLI.value))
         else:  # An untrained many-class model: the scale check.
             scale.append(zoo_benchmark.evaluate_scale(
                 entry["name"], path, entry["preprocessing"], data, out_dir, progress=say))

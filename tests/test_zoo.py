@@ -16,6 +16,7 @@ from smtm_tf.fitting import models
 from smtm_tf.runtime import preprocessing
 from smtm_tf.fitting import stages
 from smtm_tf.fitting import zoo
+from smtm_tf.evaluation import native_bench
 from smtm_tf.evaluation import zoo_benchmark
 
 pytestmark = pytest.mark.slow
@@ -248,7 +249,9 @@ class TableTest(absltest.TestCase):
             stage_shares=(0.25, 0.11, 0.32, 0.32), full_vs_keras=1e-6,
             streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94, 0.99),
                      "object": zoo_benchmark.StreamFigures(1.18, 0.9733, -1.26, 2.2, 0.8727)},
-            full_us=264.0, host_us=41.8)
+            full_us=264.0, host_us=41.8,
+            native_video=native_bench.NativeBench(300, 264.0, 148.0, 1.79, 2.0, 2.2, 0.9867,
+                                                  (0.5, 0.2, 0.1, 0.1, 0.1)))
         failed = zoo_benchmark.ZooRow("densenet_concat", "--preprocessing=imagenet",
                                       error="ConversionError: no")
         lines = zoo_benchmark.format_markdown([row, failed]).splitlines()
@@ -259,11 +262,19 @@ class TableTest(absltest.TestCase):
         self.assertEqual(by_column["video speed-up / agree"], "1.51x / 98.67%")
         self.assertEqual(by_column["video compute speed-up"], "1.94x")
         self.assertEqual(by_column["video host work / full us"], "41.8 / 264")
+        self.assertEqual(by_column["video native speed-up / host us"], "1.79x / 2.2")
         self.assertEqual(by_column["uniform speed-up / agree"], "-")
         # SMTM 1.26 points more accurate than full; full kept its answer on 87.3%.
         self.assertEqual(by_column["object top-1 vs full / full steady"], "+1.26 pts / 87.3%")
         self.assertEqual(lines[3].count("|"), lines[0].count("|"))
         self.assertIn("FAILED: ConversionError: no", lines[3])
+        self.assertEqual(row.to_dict()["native_video"]["speedup"], 1.79)
+
+    def test_native_column_says_why_it_is_missing(self):
+        row = zoo_benchmark.ZooRow("vgg_sequential", "")
+        self.assertEqual(row.native_cell(), "-")
+        row.native_error = "NativeBenchError: smtm_cli bench exited with 1"
+        self.assertEqual(row.native_cell(), "FAILED NativeBenchError: smtm_cli bench exited with 1")
 
 
 if __name__ == "__main__":

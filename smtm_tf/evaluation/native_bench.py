@@ -61,17 +61,22 @@ def parse(output: str) -> NativeBench:
                                f"its output was:\n{output.strip()}") from e
 
 
+def require_cli(cli: str) -> None:
+    """Raises NativeBenchError, saying how to build it, unless `cli` is executable."""
+    if not os.path.isfile(cli) or not os.access(cli, os.X_OK):
+        raise NativeBenchError(
+            f"{cli} is not an executable smtm_cli: build it with `cmake -S native -B "
+            "native/build -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build native/build` "
+            "and pass native/build/smtm_cli.")
+
+
 def bench(cli: str, model_path: str, frames: np.ndarray, *, warmup: int = 50,
           block: int = 100, threads: int = 1, backend: str = "cpu") -> NativeBench:
     """Runs `smtm_cli bench` on `frames` (camera pixels, [N, H, W, C]).
 
     The frames go to a temporary .npy that is removed afterwards.
     """
-    if not os.path.isfile(cli) or not os.access(cli, os.X_OK):
-        raise NativeBenchError(
-            f"{cli} is not an executable smtm_cli: build it with `cmake -S native -B "
-            "native/build -DCMAKE_BUILD_TYPE=RelWithDebInfo && cmake --build native/build` "
-            "and pass native/build/smtm_cli.")
+    require_cli(cli)
     with tempfile.TemporaryDirectory(prefix="smtm-native-bench-") as tmp:
         path = os.path.join(tmp, "frames.npy")
         np.save(path, np.ascontiguousarray(frames, np.float32))

@@ -4,7 +4,8 @@ Per model: the default conversion (float32, the model's own preprocessing
 flag), `full` against Keras, the planned compute shares, speed-up and
 agreement with `full` on `video`, `uniform` and `object` streams (both methods
 interleaved in one process: `validation.compare`), the int8 and float16
-conversions, the tflite-runtime 2.14 check and the strict GPU gate.
+conversions, the tflite-runtime 2.14 check and the strict GPU gate; given
+smtm_cli, the native runtime on the same video frames (`native_bench`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from smtm_tf.runtime import io_utils
 from smtm_tf.fitting import kerascompat
 from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.fitting import streams as streams_lib
+from smtm_tf.evaluation import native_bench
 from smtm_tf.evaluation import validation
 from smtm_tf.runtime import SmtmRuntime
 
@@ -61,6 +63,10 @@ class ZooRow:
     # frame (validation.host_work_us), in microseconds.
     full_us: float | None = None
     host_us: float | None = None
+    # `smtm_cli bench` on the same video frames (None when not asked for or
+    # failed; then `native_error` says why).
+    native_video: native_bench.NativeBench | None = None
+    native_error: str | None = None
     variants: dict = dataclasses.field(default_factory=dict)  # name -> "ok ..." / "FAILED ..."
     old_runtime: str = "not checked"
     gpu: str = "not checked"
@@ -70,6 +76,12 @@ class ZooRow:
         d = dataclasses.asdict(self)
         d["streams"] = {k: dataclasses.asdict(v) for k, v in self.streams.items()}
         return d
+
+    def native_cell(self) -> str:
+        if self.native_video is not None:
+            n = self.native_video
+            return f"{n.speedup:.2f}x / {n.host_self_us:.1f}"
+        return f"FAILED {self.native_error}" if self.native_error else "-"
 
 
 def preprocessing_flag(preset: str | None) -> str:
@@ -84,7 +96,7 @@ def _short(e: BaseException) -> str:
 def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.LabelledData,
              out_dir: str, frames: int = 1500, variants=VARIANTS, seed: int = 0,
              progress=print, old_runtime_python: str | None = None,
-             memory_choices: dict | None = None) -> ZooRow:
+             memory_choices: dict | None = None, native_cli: str | None = None) -> ZooRow:
     """Converts one zoo model the default way and measures it.
 
     Args:
@@ -100,6 +112,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
         (`converters.old_runtime.find_python`).
       memory_choices: `convert_model`'s memory arguments (num_stages,
         pooling, ...) instead of its defaults.
+      native_cli: smtm_cli, to measure the native runtime on the video
+        frames too (CPU, 1 thread, as the Python harness).
     """
     row = ZooRow(name, preprocessing_flag(preset))
     say = lambda line: progress(f"[{name}] {line}")  # noqa: E731
@@ -138,6 +152,13 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
             if kind == "video":
                 row.full_us = c.full.mean_us
                 row.host_us = validation.host_work_us(runtime, images)
+                if native_cli:
+                    say(f"video: {frames} frames on the native runtime ({native_cli} bench)")
+                    try:
+                        row.native_video = native_bench.bench(native_cli, out, images)
+                    except native_bench.NativeBenchError as e:
+                        row.native_error = _short(e)
+                        say("native runtime FAILED: " + row.native_error)
         for variant in variants:
             vout = os.path.join(out_dir, f"{name}.{variant}.smtm.tflite")
             say(f"converting the {variant} variant")
@@ -239,6 +260,7 @@ def format_markdown(rows: list[ZooRow]) -> str:
     head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
     head += [f"{k} speed-up / agree" for k in STREAMS]
     head += ["video compute speed-up", "video host work / full us",
+             "video native speed-up / host us",
              "object top-1 vs full / full steady"]
     head += list(VARIANTS) + ["tflite-runtime 2.14", "GPU strict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -260,6 +282,7 @@ def format_markdown(rows: list[ZooRow]) -> str:
                      else f"{video.compute_speedup:.2f}x")
         cells.append("-" if r.host_us is None or r.full_us is None
                      else f"{r.host_us:.1f} / {r.full_us:.0f}")
+        cells.append(r.native_cell())
         held = r.streams.get("object")
         cells.append("-" if held is None or held.full_steady is None
                      else f"{-held.accuracy_drop:+.2f} pts / {100 * held.full_steady:.1f}%")
