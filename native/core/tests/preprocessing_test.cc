@@ -28,6 +28,32 @@ TEST(PreprocessingTest, RoundsAfterTheMultiplyAndAfterTheAdd) {
   }
 }
 
+TEST(PreprocessingTest, EveryChannelCountSizeAndInPlaceRoundAsNumpy) {
+  // The vectorised blocks (1-4 channels, 8 pixels each), the pixels after
+  // the last whole block, the generic loop (5 channels) and in place.
+  for (int channels = 1; channels <= 5; ++channels) {
+    std::vector<float> scale, offset;
+    for (int c = 0; c < channels; ++c) {
+      scale.push_back(1.0f / (57.0f + float(c)));
+      offset.push_back(-1.75f + 0.3f * float(c));
+    }
+    for (size_t pixels_n : {1u, 7u, 8u, 9u, 33u, 1024u}) {
+      const size_t n = pixels_n * size_t(channels);
+      std::vector<float> pixels(n);
+      for (size_t i = 0; i < n; ++i) pixels[i] = float(i % 256) + 0.125f * float(i % 7);
+      std::vector<float> out(n, -7.0f), in_place = pixels;
+      Preprocess(pixels.data(), out.data(), n, scale.data(), offset.data(), channels);
+      Preprocess(in_place.data(), in_place.data(), n, scale.data(), offset.data(), channels);
+      for (size_t i = 0; i < n; ++i) {
+        volatile float product = pixels[i] * scale[i % size_t(channels)];
+        float want = product + offset[i % size_t(channels)];
+        ASSERT_EQ(out[i], want) << channels << " " << n << " " << i;
+        ASSERT_EQ(in_place[i], want) << channels << " " << n << " " << i;
+      }
+    }
+  }
+}
+
 TEST(PreprocessingTest, OneValueForAllChannelsAndIdentity) {
   Preprocessing p;
   EXPECT_TRUE(p.IsIdentity());

@@ -25,7 +25,8 @@ struct Preprocessing {
 // float32 after the multiply and after the add exactly as numpy's
 // `multiply(frame, scale, out=dst); add(dst, offset, out=dst)` does.
 // `n` is the number of values (a multiple of `channels`); `scale` and
-// `offset` hold `channels` float32 values each. dst may equal pixels.
+// `offset` hold `channels` float32 values each. dst equals pixels or does
+// not overlap them.
 void Preprocess(const float* pixels, float* dst, size_t n, const float* scale,
                 const float* offset, int channels);
 
