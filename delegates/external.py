@@ -46,7 +46,7 @@ class DelegateBackend:
 
     def _interpreter(self, model_content: bytes):
         from ai_edge_litert import interpreter as litert  # pylint: disable=import-outside-toplevel
-        with gpu.captured_native_stderr() as log:  # pylint: disable=protected-access
+        with gpu.captured_native_output() as log:
             interp = litert.Interpreter(model_content=model_content,
                                         num_threads=self.num_threads,
                                         experimental_delegates=[self._delegate()])

@@ -26,6 +26,7 @@ import glob
 import json
 import os
 import re
+import sys
 import tempfile
 import weakref
 
@@ -67,20 +68,25 @@ _NO_GPU_MARKERS = ("Failed to initialize WebGPU environment", "No adapters found
 
 
 @contextlib.contextmanager
-def captured_native_stderr():
-    """Captures what native code writes to fd 2 (the accelerator's messages).
+def captured_native_output():
+    """Captures what native code writes to fds 1 and 2 (the accelerator's
+    messages; the OpenCL loader's goes to stdout, into a command line's results).
 
     Yields a list that holds the captured text after the block.
     """
     captured: list[str] = []
+    sys.stdout.flush()
+    sys.stderr.flush()
     with tempfile.TemporaryFile(mode="w+b") as tmp:
-        saved = os.dup(2)
+        saved = [os.dup(1), os.dup(2)]
         try:
+            os.dup2(tmp.fileno(), 1)
             os.dup2(tmp.fileno(), 2)
             yield captured
         finally:
-            os.dup2(saved, 2)
-            os.close(saved)
+            for fd, old in zip((1, 2), saved):
+                os.dup2(old, fd)
+                os.close(old)
             tmp.seek(0)
             captured.append(tmp.read().decode(errors="replace"))
 
@@ -157,7 +163,7 @@ def compile_model(model_content: bytes, strict: bool = True,
     _bind_software_vulkan()
     path = temp_files.model_file(model_content)
     error = None
-    with captured_native_stderr() as log:
+    with captured_native_output() as log:
         try:
             model = compiled_model.CompiledModel.from_file(
                 path, options=_options(strict, precision))

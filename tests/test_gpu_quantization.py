@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from unittest import mock
 
 from absl.testing import absltest
@@ -210,6 +211,29 @@ class FallbackTest(absltest.TestCase):
                "L2_NORMALIZATION: Operation is not supported.\n")
         self.assertEqual(gpu.parse_fallback_ops(log), ("L2_NORMALIZATION", "CUMSUM"))
         self.assertEqual(gpu.parse_fallback_ops("INFO: all fine\n"), ())
+
+    def test_native_output_on_both_streams_is_captured_and_the_streams_restored(self):
+        # The OpenCL loader writes to fd 1: it must not reach a command
+        # line's results. What is written after the block goes out again.
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            saved = os.dup(1), os.dup(2)
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            try:
+                with gpu.captured_native_output() as log:
+                    os.write(1, b"INFO: Failed to load OpenCL library\n")
+                    os.write(2, b"ERROR: CUMSUM: Operation is not supported.\n")
+                os.write(1, b"after\n")
+            finally:
+                for fd, old in zip((1, 2), saved):
+                    os.dup2(old, fd)
+                    os.close(old)
+            out.seek(0)
+            err.seek(0)
+            self.assertEqual(out.read(), b"after\n")
+            self.assertEqual(err.read(), b"")
+        self.assertIn("Failed to load OpenCL library", log[0])
+        self.assertIn("CUMSUM", log[0])
 
     def test_require_gpu_without_a_gpu_is_an_error_and_otherwise_reported(self):
         flat, _ = tu.converted("tf_keras")
