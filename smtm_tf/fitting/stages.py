@@ -5,8 +5,11 @@ from the layers before it to the layers after it (e.g. the output of a
 residual stage, but not a point inside a block, where the shortcut is also
 live). Stages are chosen among the spatial (rank-4) cut points before global
 pooling, as evenly over the model's compute as those points allow; what
-follows the last stage is the classifier head. `explain_plan` says what each
-stage holds and why one stays larger than the others.
+follows the last stage (the rest of the backbone, then the classifier) is the
+head, and it counts as one more share: an exit after the whole backbone would
+save only the classifier (about 1% of a ResNet or MobileNet) while its stage
+still pays for an encoder. `explain_plan` says what each stage holds and why
+one stays larger than the others.
 """
 
 from __future__ import annotations
@@ -315,11 +318,13 @@ def plan_stages(model, num_stages: int = 4,
                 cut_layers: list[str] | tuple[str, ...] | None = None) -> StagePlan:
     """Chooses where each stage ends.
 
-    Without `cut_layers`, the last stage ends at the last spatial cut point
-    (what follows is the classifier head), and the others among all spatial
-    cut points so that the largest stage is as small as it can be, then the
-    shares are as even as they can be. `explain_plan` says why a stage stays
-    larger than the others.
+    Without `cut_layers`, the stages end among all spatial cut points so that
+    of the num_stages + 1 shares (the stages, then the head: what follows the
+    last stage) the largest is as small as it can be, then the shares are as
+    even as they can be. Where the classifier alone outweighs an even share
+    (MobileNetV3's 1x1 convolutions after pooling), the last stage ends at the
+    last spatial cut point. `explain_plan` says why a stage stays larger than
+    the others.
 
     Args:
       model: a Sequential or functional Keras model (Keras 3 or tf_keras).
@@ -369,8 +374,10 @@ def plan_stages(model, num_stages: int = 4,
                 f"The model has {len(distinct)} spatial cut points "
                 f"({[c.layer for c in distinct]}), fewer than num_stages="
                 f"{num_stages}. Ask for fewer stages or name cut_layers.")
-        ends = _balanced_ends(np.array([c.cumulative_cost for c in distinct]), num_stages)
-        chosen = [distinct[e] for e in ends]
+        # The whole model (1.0) ends the last share, the head's.
+        ends = _balanced_ends(np.array([c.cumulative_cost for c in distinct] + [1.0]),
+                              num_stages + 1)
+        chosen = [distinct[e] for e in ends[:-1]]
     cum = [c.cumulative_cost for c in chosen]
     stage_costs = tuple(float(b - a) for a, b in zip([0.0] + cum[:-1], cum))
     return StagePlan(tuple(c.layer for c in chosen), stage_costs, float(1.0 - cum[-1]))
@@ -407,9 +414,11 @@ def explain_plan(model, plan: StagePlan) -> list[str]:
       with no single-tensor point (and the tensor that spans it), or that no
       other choice of cut points does better; where `plan_stages` would make
       a smaller largest stage, a line saying so; and a line when the head
-      (not staged) holds a large share.
+      holds over 1.2x the even share although the last stage ends at the last
+      spatial cut point (what is left cannot be staged).
     """
     graph = _analyse(model)
+    candidates = _stage_candidates(model, graph.cuts)
     lines = [f"stage {s}: {100 * share:.1f}% of the compute, ends at {name!r}"
              for s, (share, name) in enumerate(zip(plan.stage_costs, plan.cut_layers))]
     lines.append(f"head: {100 * plan.head_cost:.1f}% of the compute, after "
@@ -453,7 +462,7 @@ def explain_plan(model, plan: StagePlan) -> list[str]:
             lines.append(f"{head}: {stretch}")
         elif auto is None:
             lines.append(f"{head}: no choice of {plan.num_stages} among the "
-                         f"{len(_stage_candidates(model, graph.cuts))} spatial cut points "
+                         f"{len(candidates)} spatial cut points "
                          f"makes the largest stage smaller; its longest stretch: {stretch}")
         else:
             lines.append(f"{head}: its ends were chosen by hand; its longest stretch: "
@@ -463,7 +472,7 @@ def explain_plan(model, plan: StagePlan) -> list[str]:
             f"plan_stages(num_stages={plan.num_stages}) makes the largest stage "
             f"{100 * max(auto.stage_costs):.1f}% instead, ending at "
             + ", ".join(repr(n) for n in auto.cut_layers))
-    if plan.head_cost > (_UNBALANCED - 1.0) * even:
+    if plan.head_cost > _UNBALANCED * even and plan.cut_layers[-1] == candidates[-1].layer:
         lines.append(
             f"head holds {100 * plan.head_cost:.1f}%: it is not staged, as no spatial "
             f"[H, W, C] cut point before global pooling follows {plan.cut_layers[-1]!r}")
