@@ -50,10 +50,11 @@ void Preprocessing::Arrays(int channels, std::vector<float>* scale_out,
 namespace {
 
 // dst = src * scale + offset over whole blocks of kPixels pixels of C
-// channels; returns how many values it wrote (Preprocess does the rest). A block's scale and offset are laid
-// out as the block's values are, so the inner loop has a fixed length over
-// contiguous floats, which the compiler vectorises (the per-pixel loop over
-// three channels it does not: 1.3 us -> 0.3 us for a 32x32x3 frame).
+// channels; returns how many values it wrote (Preprocess does the rest). A
+// block's scale and offset are laid out as the block's values are, so the
+// inner loop has a fixed length over contiguous floats, which the compiler
+// vectorises (the per-pixel loop over three channels it does not: 1.3 us ->
+// 0.3 us for a 32x32x3 frame).
 // `src` and `dst` do not overlap (restrict).
 template <size_t C>
 inline __attribute__((always_inline)) size_t AffineBlocks(
