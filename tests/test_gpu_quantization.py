@@ -473,6 +473,31 @@ class QuantizationTest(parameterized.TestCase):
             answers = np.array([rt.classify(feed * im).class_id for im in images])
             self.assertGreater(np.mean(answers == labels), 0.9)
 
+    def test_int8_stage_ends_keep_their_range_when_linear(self):
+        # Stages ending at a linear conv and at a residual add (negative
+        # values). The encoder's max pooling once gave the map the range of
+        # its pooled values, clipping the negative tail of what the next
+        # stage reads.
+        model = tu.trained_residual("tf_keras")
+        x, _ = tu.train_data()
+        memory = memory_lib.fit_semantic_memory(
+            model, x, tu.calibration_data()[0], class_names=tu.CLASS_NAMES,
+            cut_layers=("c0", "add"), embedding_dim=8, encoder_epochs=2)
+        flat, report = smtm_converter.convert(model, memory, tu.check_images(),
+                                              quantization="int8", train_images=x[:200])
+        self.assertGreaterEqual(report.chain_top1_agreement, 0.9)
+        session = cpu.CpuBackend().load(flat)
+        a = tu.check_images()[:16]
+        for s, stage in enumerate(smtm_converter.SignatureBuilder(model, memory).stage_models):
+            want = np.asarray(stage(a), np.float32)
+            self.assertLess(want.min(), -0.2 * want.max())  # a negative tail to keep
+            run = session.signature(f"stage_{s}")
+            got = np.stack([run(activation=a[i:i + 1], centres=memory.centres[s])
+                            ["next_activation"][0] for i in range(len(a))])
+            self.assertLess(np.sqrt(np.mean((got - want) ** 2)), 0.05 * np.std(want),
+                            f"stage_{s}")
+            a = want
+
     def test_an_encoder_xnnpack_refuses_is_named(self):
         # An encoder as the old fit made them: a huge row on a dead channel.
         memory = _tiny_vgg_memory(1.0)
