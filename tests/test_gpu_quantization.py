@@ -31,6 +31,7 @@ from delegates import model_utils
 from converters import old_runtime
 from smtm_tf.runtime import descriptor as desc
 from smtm_tf.fitting import memory as memory_lib
+from smtm_tf.fitting import stages as stages_lib
 from smtm_tf.runtime import host as runtime
 import testing_utils as tu
 
@@ -488,7 +489,7 @@ class QuantizationTest(parameterized.TestCase):
         self.assertGreaterEqual(report.chain_top1_agreement, 0.9)
         session = cpu.CpuBackend().load(flat)
         a = tu.check_images()[:16]
-        for s, stage in enumerate(smtm_converter.SignatureBuilder(model, memory).stage_models):
+        for s, stage in enumerate(stages_lib.split_model(model, memory.plan)[0]):
             want = np.asarray(stage(a), np.float32)
             self.assertLess(want.min(), -0.2 * want.max())  # a negative tail to keep
             run = session.signature(f"stage_{s}")
