@@ -307,13 +307,17 @@ class EncodersTest(parameterized.TestCase):
 
     def test_grid_pool_is_the_quadrant_means_and_the_max(self):
         rng = np.random.default_rng(0)
-        a = rng.normal(size=(2, 5, 4, 3)).astype(np.float32)  # An odd height.
-        got = np.asarray(enc.pool(a, enc.Pooling.GRID))
-        # The middle row of an odd height goes to the bottom quadrants.
-        want = [a[:, :2, :2], a[:, :2, 2:], a[:, 2:, :2], a[:, 2:, 2:]]
-        np.testing.assert_allclose(got, np.concatenate(
-            [q.mean(axis=(1, 2)) for q in want] + [a.max(axis=(1, 2))], axis=1), rtol=1e-5,
-            atol=1e-6)
+        # An odd height (the middle row goes to the bottom quadrants) and
+        # even sizes (pooled by one average pooling) alike.
+        for shape in ((2, 5, 4, 3), (2, 6, 4, 3), (1, 28, 28, 8)):
+            a = rng.normal(size=shape).astype(np.float32)
+            got = np.asarray(enc.pool(a, enc.Pooling.GRID))
+            rows, cols = shape[1] // 2, shape[2] // 2
+            want = [a[:, :rows, :cols], a[:, :rows, cols:], a[:, rows:, :cols],
+                    a[:, rows:, cols:]]
+            np.testing.assert_allclose(got, np.concatenate(
+                [q.mean(axis=(1, 2)) for q in want] + [a.max(axis=(1, 2))], axis=1),
+                rtol=1e-5, atol=1e-6, err_msg=str(shape))
         # A map with one row (or column) has no quadrants: it is pooled avg_max.
         for thin in (a[:, :1], a[:, :, :1]):
             np.testing.assert_allclose(np.asarray(enc.pool(thin, "grid")),
