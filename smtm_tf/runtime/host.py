@@ -186,6 +186,7 @@ class SmtmRuntime:
         self._full = self.session.signature(self.descriptor.full.key)
         self.num_stages = len(self._stages)
         self._input_shape = self.descriptor.full.inputs[0].shape
+        self._zero_frame = np.zeros(self._input_shape, np.float32)
         # Graph inputs keep their values between invocations, so the centres
         # are copied in once here, not per frame.
         for stage, spec in zip(self._stages, self.descriptor.stages):
@@ -378,9 +379,13 @@ class SmtmRuntime:
         Raises:
           ValueError, FrameError: as `classify`.
         """
-        # 1.6 us on a 28x28 frame. (A sum of squares takes 0.9 us but warns
-        # of overflow on huge finite pixels, frame after frame.)
-        if frame.shape != self._input_shape or not np.isfinite(frame).all():
+        # The dot product with zeros is NaN exactly when a pixel is NaN or
+        # infinite (0 * inf is NaN), and 0 for any finite frame: one BLAS call
+        # and no temporary. Right after a model run it costs 2.3 us on a
+        # 32x32x3 frame against 4.1 us for `isfinite(frame).all()` (a sum
+        # would warn of overflow on huge finite pixels, frame after frame).
+        if frame.shape != self._input_shape or not math.isfinite(
+                np.vdot(frame, self._zero_frame)):
             self._check_frame(frame)  # Raises, saying what is wrong.
         activation = None
         memory = self.memory
