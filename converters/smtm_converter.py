@@ -802,7 +802,11 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         pooling=memory_lib.POOLING if pooling is None else pooling,
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
         seed=seed, key=key, progress=say, preprocessing=preprocessing,
-        camera_calibration=camera_calibration)
+        camera_calibration=camera_calibration,
+        # Stages the user did not ask for by number or name are the
+        # planner's: those whose exits do not pay for themselves go.
+        stage_overhead=(memory_lib.STAGE_OVERHEAD if num_stages is None and not cut_layers
+                        else 0.0))
     return memory, True
 
 

@@ -525,6 +525,36 @@ class FitSemanticMemoryTest(absltest.TestCase):
             memory_lib.fit_semantic_memory(self.model, x[:64], xc[:16], class_names=("a", "b"),
                                            num_stages=1, embedding_dim=2, encoder_epochs=1)
 
+    def test_dropping_stages_whose_exits_do_not_pay(self):
+        xc, _ = tu.calibration_data()
+        mem = tu.exiting_memory("tf_keras")  # Frames exit at every stage.
+        stage_models, head = stages.split_model(self.model, mem.plan)
+        features = enc.extract_features(stage_models, head, xc, mem.pooling)
+        shares = memory_lib.calibration_exit_shares(mem, features)
+        self.assertLen(shares, mem.plan.num_stages + 1)
+        self.assertAlmostEqual(float(shares.sum()), 1.0)
+        self.assertGreater(float(shares[:-1].min()), 0.1)
+        # No overhead: an exit never costs more than it saves; nothing goes.
+        self.assertIs(memory_lib.drop_unpaid_stages(
+            self.model, mem, xc, features, 0.0, target_agreement=0.95), mem)
+        # A stage as dear as the whole model: one stage is all that pays.
+        said = []
+        kept = memory_lib.drop_unpaid_stages(self.model, mem, xc, features, 1.0,
+                                             target_agreement=0.95, say=said.append)
+        self.assertEqual(kept.plan.num_stages, 1)
+        k = mem.plan.cut_layers.index(kept.plan.cut_layers[0])
+        self.assertEqual(kept.plan, stages.keep_stages(mem.plan, [k]))
+        self.assertIs(kept.encoders[0], mem.encoders[k])
+        np.testing.assert_array_equal(kept.centres[0], mem.centres[k])
+        self.assertEqual(kept.stage_accuracy, (mem.stage_accuracy[k],))
+        self.assertLen(kept.exit_rule.thresholds, 1)
+        self.assertLen([line for line in said if line.startswith("dropping stage")], 2)
+        # The rule was calibrated anew for the kept stage and meets its target.
+        sims = kept.similarities(enc.StageFeatures((features.pooled[k],),
+                                                   features.probabilities))
+        _, pred = exit_policy.simulate(kept.exit_rule, sims, features.predictions)
+        self.assertGreaterEqual((pred == features.predictions).mean(), 0.95)
+
     def test_saved_fitted_memory_round_trips(self):
         path = os.path.join(self.create_tempdir().full_path, "fitted.smtm.npz")
         self.memory.save(path)

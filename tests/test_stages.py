@@ -9,6 +9,7 @@ from absl.testing import parameterized
 import numpy as np
 
 from smtm_tf.fitting import stages
+from smtm_tf.runtime import exit_policy
 import testing_utils as tu
 
 FLAVOURS = (("keras3", "keras"), ("tf_keras", "tf_keras"))
@@ -458,6 +459,46 @@ class ExplainPlanTest(parameterized.TestCase):
         model = _dense(tu.keras_module("keras"))
         plan = stages.plan_stages(model, num_stages=4)
         self.assertLen(stages.explain_plan(model, plan), 5)
+
+
+class KeepStagesTest(absltest.TestCase):
+    # The zoo's inception-style net: its plan and where its rule exited on
+    # 1,500 video frames (docs/model_zoo.md).
+    PLAN = stages.StagePlan(("a", "b", "c", "d"), (0.242, 0.198, 0.166, 0.177), 0.217)
+    EXITS = (0.775, 0.014, 0.002, 0.019)
+
+    def test_a_dropped_stage_joins_the_next_or_the_head(self):
+        kept = stages.keep_stages(self.PLAN, [0, 2])
+        self.assertEqual(kept.cut_layers, ("a", "c"))
+        np.testing.assert_allclose(kept.stage_costs, (0.242, 0.364))
+        self.assertAlmostEqual(kept.head_cost, 0.394)
+        self.assertEqual(stages.keep_stages(self.PLAN, range(4)), self.PLAN)
+        for bad in ([], [4], [-1]):
+            with self.assertRaises(stages.StagePlanError):
+                stages.keep_stages(self.PLAN, bad)
+
+    def test_expected_cost_without_overhead_is_the_compute_share(self):
+        shares = list(self.EXITS) + [1 - sum(self.EXITS)]
+        self.assertAlmostEqual(
+            stages.expected_cost(self.EXITS, self.PLAN, 0.0),
+            1 / exit_policy.compute_speedup(shares, self.PLAN.stage_costs))
+        # Dropping stage 1 moves its exits to stage 2 and its overhead away.
+        self.assertAlmostEqual(
+            stages.expected_cost(self.EXITS, self.PLAN, 0.1, keep=[0, 2, 3]),
+            (0.242 + 0.1) + 0.225 * (0.364 + 0.1) + 0.209 * (0.177 + 0.1) + 0.19 * 0.217)
+
+    def test_stages_worth_keeping(self):
+        # Without overhead every exit saves compute: all stay.
+        self.assertEqual(stages.stages_worth_keeping(self.EXITS, self.PLAN, 0.0),
+                         (0, 1, 2, 3))
+        # At 5% of the model per stage, the three stages that 3.5% of the
+        # frames leave at cost more than they save.
+        self.assertEqual(stages.stages_worth_keeping(self.EXITS, self.PLAN, 0.05), (0,))
+        # Where frames exit at every stage, the stages stay.
+        self.assertEqual(stages.stages_worth_keeping((0.3, 0.2, 0.2, 0.1), self.PLAN, 0.05),
+                         (0, 1, 2, 3))
+        # No exits at all: one stage stays.
+        self.assertLen(stages.stages_worth_keeping((0, 0, 0, 0), self.PLAN, 0.05), 1)
 
 
 class SavedPlansTest(absltest.TestCase):

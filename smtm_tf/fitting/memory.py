@@ -41,6 +41,14 @@ ENCODER_HIDDEN = 128
 # raised the video compute speed-up on six (1.83-4.32x with avg_max, 2.10-4.66x
 # with grid; docs/model_zoo.md).
 POOLING = enc.Pooling.GRID
+# What running a stage costs besides its layers, as a share of the full
+# model's time: its encoder, handing its activation to the next signature and
+# the runtime's lookup. The converter drops planned stages whose exits do not
+# pay for it (`drop_unpaid_stages`). On the zoo's inception-style net (`full`
+# 223 us on the CPU) a stage signature's encoder took 5-13 us and each cut
+# 3-14 us on top of the layers' own time; on a 1.4 ms model the same work is
+# under 2%. 5% keeps the stages whose exits are more than a few percent.
+STAGE_OVERHEAD = 0.05
 
 
 class MemoryFileError(ValueError):
@@ -401,7 +409,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         batch_size: int = 256, seed: int = 0,
                         key: MemoryKey | None = None, progress=None,
                         preprocessing: prep.Preprocessing | None = None,
-                        camera_calibration: bool = False) -> SemanticMemory:
+                        camera_calibration: bool = False,
+                        stage_overhead: float = 0.0) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -435,6 +444,9 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         `recalibrate`); None: the images are pixels.
       camera_calibration: calibrate on camera streams too (`recalibrate`);
         recorded in the key.
+      stage_overhead: with a value above 0, planned stages whose exits do
+        not pay for this overhead are dropped after calibration
+        (`drop_unpaid_stages`); 0 keeps them all.
 
     Returns:
       The fitted SemanticMemory. Classes the model assigns no frame of
@@ -508,8 +520,75 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         exit_rule=exit_policy.ExitRule(metric, (None,) * plan.num_stages, 1.0,
                                        metric_params=params))
     say("calibrating the exit rule and the adaptive memory on the held-out images")
-    return recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
-                       batch_size, seed, calib, preprocessing)  # The key says which streams.
+    memory = recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
+                         batch_size, seed, calib, preprocessing)  # The key says which streams.
+    if stage_overhead > 0 and plan.num_stages > 1:
+        memory = drop_unpaid_stages(model, memory, x_calibration, calib, stage_overhead,
+                                    target_agreement, cache_policy, batch_size, seed,
+                                    preprocessing, say)
+    return memory
+
+
+def calibration_exit_shares(memory: SemanticMemory, features: enc.StageFeatures,
+                            seed: int = 0) -> np.ndarray:
+    """Per stage, then the head: the share of frames the memory's rule sends
+    there on the calibration streams of `features` (`calibration_streams`),
+    cache in the loop, all streams together."""
+    full = features.predictions
+    semantics = memory.semantics(features)
+    counts = np.zeros(memory.plan.num_stages + 1)
+    for frames in calibration_streams(full, seed=seed):
+        seen = calibration.replay(memory.exit_rule, memory.cache_policy, semantics,
+                                  memory.centres, full, frames=frames)
+        counts += np.bincount(seen.exit_stage, minlength=len(counts))
+    return counts / counts.sum()
+
+
+def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
+                       features: enc.StageFeatures, overhead: float,
+                       target_agreement: float = 0.99,
+                       cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
+                       batch_size: int = 256, seed: int = 0,
+                       preprocessing: prep.Preprocessing | None = None,
+                       say=None) -> SemanticMemory:
+    """The memory without the stages whose exits do not pay for their overhead.
+
+    Where its calibrated rule exits on the calibration streams
+    (`calibration_exit_shares`) decides, by `stages.stages_worth_keeping`:
+    a stage that few frames leave at costs every frame that reaches it its
+    encoder, a hand-over and a lookup. The kept stages keep their encoders
+    and centres (they pool the same feature maps); the rule is calibrated
+    anew for them. `features` are the calibration images' (`recalibrate`).
+    """
+    say = say or (lambda _: None)
+    shares = calibration_exit_shares(memory, features, seed)
+    plan = memory.plan
+    keep = stages_lib.stages_worth_keeping(shares[:-1], plan, overhead)
+    if len(keep) == plan.num_stages:
+        return memory
+    reach = 1.0 - np.concatenate([[0.0], np.cumsum(shares[:-1])])
+    for s in sorted(set(range(plan.num_stages)) - set(keep)):
+        say(f"dropping stage {s} (ends at {plan.cut_layers[s]!r}): "
+            f"{100 * shares[s]:.1f}% of the calibration frames exit there and "
+            f"{100 * reach[s]:.1f}% reach it; its overhead ({100 * overhead:.0f}% of the "
+            "model for each frame that reaches it) costs more than those exits save")
+    kept = stages_lib.keep_stages(plan, keep)
+    say(f"stages end at {', '.join(kept.cut_layers)} (compute shares "
+        + ", ".join(f"{100 * c:.1f}%" for c in kept.stage_costs)
+        + f"); estimated cost per frame {100 * stages_lib.expected_cost(shares[:-1], plan, overhead):.1f}"
+        f" -> {100 * stages_lib.expected_cost(shares[:-1], plan, overhead, keep):.1f}% of the "
+        "model; calibrating the exit rule for them")
+    rule = memory.exit_rule
+    params = None if rule.metric_params is None else tuple(rule.metric_params[k] for k in keep)
+    pruned = dataclasses.replace(
+        memory, plan=kept, encoders=tuple(memory.encoders[k] for k in keep),
+        centres=tuple(memory.centres[k] for k in keep),
+        stage_accuracy=tuple(memory.stage_accuracy[k] for k in keep if memory.stage_accuracy),
+        exit_rule=exit_policy.ExitRule(rule.metric, (None,) * len(keep), 1.0,
+                                       metric_params=params))
+    subset = enc.StageFeatures(tuple(features.pooled[k] for k in keep), features.probabilities)
+    return recalibrate(model, pruned, x_calibration, target_agreement, cache_policy,
+                       batch_size, seed, subset, preprocessing)
 
 
 def camera_streams(full_predictions: np.ndarray, num_frames: int = 2000,

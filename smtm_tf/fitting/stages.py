@@ -383,6 +383,64 @@ def plan_stages(model, num_stages: int = 4,
     return StagePlan(tuple(c.layer for c in chosen), stage_costs, float(1.0 - cum[-1]))
 
 
+
+def keep_stages(plan: StagePlan, keep) -> StagePlan:
+    """`plan` with only the stages `keep` (indices, in order): a dropped
+    stage's compute joins the next kept stage, or the head after the last."""
+    keep = sorted(set(int(k) for k in keep))
+    if not keep or keep[0] < 0 or keep[-1] >= plan.num_stages:
+        raise StagePlanError(f"Cannot keep stages {keep} of {plan.num_stages}.")
+    bounds = [0] + [k + 1 for k in keep]
+    costs = tuple(float(sum(plan.stage_costs[a:b])) for a, b in zip(bounds[:-1], bounds[1:]))
+    return StagePlan(tuple(plan.cut_layers[k] for k in keep), costs,
+                     float(plan.head_cost + sum(plan.stage_costs[bounds[-1]:])))
+
+
+def expected_cost(exit_shares, plan: StagePlan, overhead: float, keep=None) -> float:
+    """A frame's expected cost as a share of the full model's, from where frames exit.
+
+    Args:
+      exit_shares: per stage of `plan`, the share of frames that exit there
+        (the rest run the head).
+      plan: the stage plan.
+      overhead: what running a stage costs besides its layers (its encoder,
+        handing its activation on, the runtime's lookup), as a share of the
+        full model.
+      keep: the stages kept (default: all). Frames that exited at a dropped
+        stage are counted as exiting at the next kept one, or running the
+        head after the last: an estimate, since no rule was calibrated for
+        the kept stages alone.
+    """
+    keep = range(plan.num_stages) if keep is None else sorted(keep)
+    kept = keep_stages(plan, keep)
+    shares = np.asarray(exit_shares, np.float64)
+    bounds = [0] + [k + 1 for k in keep]
+    exits = [float(shares[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
+    total, reach = 0.0, 1.0
+    for compute, leaving in zip(kept.stage_costs, exits):
+        total += reach * (compute + overhead)
+        reach -= leaving
+    return total + reach * kept.head_cost
+
+
+def stages_worth_keeping(exit_shares, plan: StagePlan, overhead: float) -> tuple[int, ...]:
+    """The stages whose exits pay for their overhead (`expected_cost`'s terms).
+
+    Drops, one at a time, the stage whose removal lowers the expected cost
+    the most, while one does; at least one stage stays.
+    """
+    keep = list(range(plan.num_stages))
+    best = expected_cost(exit_shares, plan, overhead, keep)
+    while len(keep) > 1:
+        cost, dropped = min((expected_cost(exit_shares, plan, overhead,
+                                           [k for k in keep if k != d]), d) for d in keep)
+        if cost >= best - 1e-9:
+            break
+        keep.remove(dropped)
+        best = cost
+    return tuple(keep)
+
+
 # A stage is called unbalanced above this multiple of the even share.
 _UNBALANCED = 1.2
 
