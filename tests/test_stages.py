@@ -455,6 +455,20 @@ class ExplainPlanTest(parameterized.TestCase):
         self.assertIn("the output of 'stem_relu' is still read by 'p0_proj'", note)
         self.assertFalse([line for line in lines if line.startswith("plan_stages(")])
 
+    def test_a_stage_larger_than_plan_stages_makes_it(self):
+        # Cut points every few percent: the last of four hand-named stages
+        # holds most of the compute, though no stretch or layer in it does.
+        model = _dense(tu.keras_module("keras"))
+        spatial = [c.layer for c in stages.find_cut_points(model) if len(c.shape) == 3]
+        plan = stages.plan_stages(model, cut_layers=spatial[1:4] + spatial[-2:-1])
+        lines = stages.explain_plan(model, plan)
+        (note,) = [line for line in lines if " holds " in line]
+        self.assertStartsWith(note, "stage 3 holds ")
+        self.assertIn("its ends are not plan_stages' (named by hand, or stages dropped after "
+                      "calibration); its longest stretch: ", note)
+        (better,) = [line for line in lines if line.startswith("plan_stages(")]
+        self.assertStartsWith(better, "plan_stages(num_stages=4) makes the largest stage ")
+
     def test_balanced_plan_has_no_notes(self):
         model = _dense(tu.keras_module("keras"))
         plan = stages.plan_stages(model, num_stages=4)

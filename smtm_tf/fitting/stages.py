@@ -523,8 +523,8 @@ def explain_plan(model, plan: StagePlan) -> list[str]:
                          f"{len(candidates)} spatial cut points "
                          f"makes the largest stage smaller; its longest stretch: {stretch}")
         else:
-            lines.append(f"{head}: its ends were chosen by hand; its longest stretch: "
-                         f"{stretch}")
+            lines.append(f"{head}: its ends are not plan_stages' (named by hand, or "
+                         f"stages dropped after calibration); its longest stretch: {stretch}")
     if auto is not None:
         lines.append(
             f"plan_stages(num_stages={plan.num_stages}) makes the largest stage "
