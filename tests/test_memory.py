@@ -554,6 +554,18 @@ class FitSemanticMemoryTest(absltest.TestCase):
                                                    features.probabilities))
         _, pred = exit_policy.simulate(kept.exit_rule, sims, features.predictions)
         self.assertGreaterEqual((pred == features.predictions).mean(), 0.95)
+        # Stages 1 and 2 take no exits: they go. If the rule calibrated for
+        # stage 0 alone then exits later than the estimate assumed (here:
+        # never), the planned stages stay.
+        said = []
+        planned, alone = np.array([0.9, 0.0, 0.0, 0.1]), np.array([0.0, 1.0])
+        with mock.patch.object(memory_lib, "calibration_exit_shares",
+                               side_effect=[planned, alone]):
+            self.assertIs(memory_lib.drop_unpaid_stages(
+                self.model, mem, xc, features, 0.05, target_agreement=0.95,
+                say=said.append), mem)
+        self.assertLen([line for line in said if line.startswith("dropping stage")], 2)
+        self.assertStartsWith(said[-1], f"keeping all {mem.plan.num_stages} stages: ")
 
     def test_saved_fitted_memory_round_trips(self):
         path = os.path.join(self.create_tempdir().full_path, "fitted.smtm.npz")

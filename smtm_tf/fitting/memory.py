@@ -558,7 +558,9 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
     a stage that few frames leave at costs every frame that reaches it its
     encoder, a hand-over and a lookup. The kept stages keep their encoders
     and centres (they pool the same feature maps); the rule is calibrated
-    anew for them. `features` are the calibration images' (`recalibrate`).
+    anew for them, and the kept stages replace the planned ones only if that
+    rule's exits, replayed the same way, cost less (`stages.expected_cost`).
+    `features` are the calibration images' (`recalibrate`).
     """
     say = say or (lambda _: None)
     shares = calibration_exit_shares(memory, features, seed)
@@ -587,8 +589,22 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
         exit_rule=exit_policy.ExitRule(rule.metric, (None,) * len(keep), 1.0,
                                        metric_params=params))
     subset = enc.StageFeatures(tuple(features.pooled[k] for k in keep), features.probabilities)
-    return recalibrate(model, pruned, x_calibration, target_agreement, cache_policy,
-                       batch_size, seed, subset, preprocessing)
+    pruned = recalibrate(model, pruned, x_calibration, target_agreement, cache_policy,
+                         batch_size, seed, subset, preprocessing)
+    # The estimate moved a dropped stage's exits to the next kept stage; the
+    # rule calibrated anew spends the budget its own way. Kept only if its
+    # own exits cost less than the planned stages' did.
+    before = stages_lib.expected_cost(shares[:-1], plan, overhead)
+    after = stages_lib.expected_cost(calibration_exit_shares(pruned, subset, seed)[:-1],
+                                     kept, overhead)
+    if after >= before:
+        say(f"keeping all {plan.num_stages} stages: calibrated for the kept stages alone, "
+            f"the rule's exits cost {100 * after:.1f}% of the model per frame against "
+            f"{100 * before:.1f}%")
+        return memory
+    say(f"calibrated for them, the rule's exits cost {100 * after:.1f}% of the model per "
+        f"frame (all {plan.num_stages} stages: {100 * before:.1f}%)")
+    return pruned
 
 
 def camera_streams(full_predictions: np.ndarray, num_frames: int = 2000,
