@@ -383,7 +383,6 @@ def plan_stages(model, num_stages: int = 4,
     return StagePlan(tuple(c.layer for c in chosen), stage_costs, float(1.0 - cum[-1]))
 
 
-
 def keep_stages(plan: StagePlan, keep) -> StagePlan:
     """`plan` with only the stages `keep` (indices, in order): a dropped
     stage's compute joins the next kept stage, or the head after the last."""
