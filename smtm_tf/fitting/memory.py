@@ -575,10 +575,11 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
             f"{100 * reach[s]:.1f}% reach it; its overhead ({100 * overhead:.0f}% of the "
             "model for each frame that reaches it) costs more than those exits save")
     kept = stages_lib.keep_stages(plan, keep)
+    before = stages_lib.expected_cost(shares[:-1], plan, overhead)
     say(f"stages end at {', '.join(kept.cut_layers)} (compute shares "
         + ", ".join(f"{100 * c:.1f}%" for c in kept.stage_costs)
-        + f"); estimated cost per frame {100 * stages_lib.expected_cost(shares[:-1], plan, overhead):.1f}"
-        f" -> {100 * stages_lib.expected_cost(shares[:-1], plan, overhead, keep):.1f}% of the "
+        + f"); estimated cost per frame {100 * before:.1f} -> "
+        f"{100 * stages_lib.expected_cost(shares[:-1], plan, overhead, keep):.1f}% of the "
         "model; calibrating the exit rule for them")
     rule = memory.exit_rule
     params = None if rule.metric_params is None else tuple(rule.metric_params[k] for k in keep)
@@ -594,7 +595,6 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
     # The estimate moved a dropped stage's exits to the next kept stage; the
     # rule calibrated anew spends the budget its own way. Kept only if its
     # own exits cost less than the planned stages' did.
-    before = stages_lib.expected_cost(shares[:-1], plan, overhead)
     after = stages_lib.expected_cost(calibration_exit_shares(pruned, subset, seed)[:-1],
                                      kept, overhead)
     if after >= before:

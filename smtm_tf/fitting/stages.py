@@ -19,6 +19,7 @@ import dataclasses
 import numpy as np
 
 from smtm_tf.fitting import kerascompat
+from smtm_tf.runtime import exit_policy
 
 
 class StagePlanError(ValueError):
@@ -414,12 +415,10 @@ def expected_cost(exit_shares, plan: StagePlan, overhead: float, keep=None) -> f
     kept = keep_stages(plan, keep)
     shares = np.asarray(exit_shares, np.float64)
     bounds = [0] + [k + 1 for k in keep]
-    exits = [float(shares[a:b].sum()) for a, b in zip(bounds[:-1], bounds[1:])]
-    total, reach = 0.0, 1.0
-    for compute, leaving in zip(kept.stage_costs, exits):
-        total += reach * (compute + overhead)
-        reach -= leaving
-    return total + reach * kept.head_cost
+    exits = np.array([shares[a:b].sum() for a, b in zip(bounds[:-1], bounds[1:])])
+    exits = np.append(exits, 1.0 - exits.sum())  # The rest run the head.
+    reach = 1.0 - np.concatenate([[0.0], np.cumsum(exits[:-2])])  # Per kept stage.
+    return float(exits @ exit_policy.exit_costs(kept.stage_costs) + overhead * reach.sum())
 
 
 def stages_worth_keeping(exit_shares, plan: StagePlan, overhead: float) -> tuple[int, ...]:
