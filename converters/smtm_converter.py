@@ -249,6 +249,11 @@ def int8_errors_by_op(model, images: np.ndarray) -> list[quant.OpError]:
         return quant.op_errors(debugger)
 
 
+# Training images whose activations calibrate an int8 conversion's ranges.
+# More is not better: 600 took EfficientNetB0's int8 top-1 agreement with
+# Keras from 87.5% to 82.8% (64 check images).
+INT8_CALIBRATION_IMAGES = 200
+
 # The SavedModel each conversion goes through lives in the system's temp folder.
 SAVED_MODEL_PREFIX = "smtm-savedmodel-"
 
@@ -338,7 +343,8 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
     rep_data = None
     if q == quant.Quantization.INT8:
         rng = np.random.default_rng(seed)
-        pick = rng.choice(len(train_images), size=min(200, len(train_images)), replace=False)
+        pick = rng.choice(len(train_images), size=min(INT8_CALIBRATION_IMAGES, len(train_images)),
+                          replace=False)
         rep_images = train_images[np.sort(pick)]
         rep_data = quant.representative_dataset(builder.stage_models, memory.centres,
                                                 rep_images)
