@@ -32,6 +32,7 @@ from smtm_tf.runtime import preprocessing as prep
 from smtm_tf.fitting import stages as stages_lib
 from smtm_tf.fitting.memory import SemanticMemory
 from converters import gpu_gate
+from converters import stage_times as stage_times_lib
 from converters import old_runtime
 from delegates.cpu import CpuBackend
 from smtm_tf.runtime import SmtmRuntime
@@ -60,6 +61,7 @@ class ConversionReport:
     gpu_gate: object = None  # converters.gpu_gate.GateReport, when the gate ran.
     accuracy: "AccuracyCheck | None" = None  # The Keras model on the data, before fitting.
     old_runtime: object = None  # converters.old_runtime.ModelResult, when checked.
+    stage_times: "stage_times_lib.StageTimes | None" = None  # Measured on this CPU.
 
 
 def _outputs_probabilities(model) -> bool:
@@ -751,6 +753,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
         say("replaying the exit rule on the quantized model")
         flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
         report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
+    say("timing each signature on this CPU")
+    report = dataclasses.replace(report, stage_times=stage_times_lib.measure(flat, x_check))
     if gpu_check or require_gpu:
         say("GPU gate")
         gate = gpu_gate.gpu_gate(flat, x_check[:16], precision=gpu_precision,

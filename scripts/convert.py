@@ -157,6 +157,8 @@ def _convert(quantization):
               f"{max(report.full_max_abs_diff, report.chain_max_abs_diff):.2e}")
     if report.exit_rule is not None:
         print(report.exit_rule.format())
+    if report.stage_times is not None:
+        print(report.stage_times.format(memory.plan.stage_costs))
     if report.gpu_gate is not None:
         print(report.gpu_gate.format())
     if report.old_runtime is None:

@@ -347,6 +347,12 @@ class ConvertModelTest(absltest.TestCase):
         self.assertEqual(mem.class_names, tu.CLASS_NAMES)
         self.assertEqual(report.num_check_images, 8)
         self.assertLessEqual(report.full_max_abs_diff, 1e-5)
+        # Each signature was timed where a frame meets it (no speed asserted).
+        times = report.stage_times
+        self.assertLen(times.stages_us, 2)
+        self.assertTrue(all(t > 0 for t in times.stages_us + (times.head_us, times.full_us)))
+        self.assertAlmostEqual(sum(times.shares()), 1.0)
+        self.assertIn("stage 1", times.format(mem.plan.stage_costs))
         self.assertEqual(sorted(os.listdir(directory)), ["m.smtm.npz", "m.tflite"])
         loaded = memory_lib.SemanticMemory.load(mem_path)
         self.assertEqual(loaded.exit_rule, mem.exit_rule)

@@ -246,7 +246,8 @@ class TableTest(absltest.TestCase):
     def test_rows_show_the_compute_speedup_and_host_work_beside_the_measured(self):
         row = zoo_benchmark.ZooRow(
             "vgg_sequential", "", keras_accuracy=0.85, convert_seconds=70.0,
-            stage_shares=(0.25, 0.11, 0.32, 0.32), full_vs_keras=1e-6,
+            stage_shares=(0.25, 0.11, 0.32, 0.22), time_shares=(0.3, 0.1, 0.18, 0.28, 0.14),
+            full_vs_keras=1e-6,
             streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94, 0.99),
                      "object": zoo_benchmark.StreamFigures(1.18, 0.9733, -1.26, 2.2, 0.8727)},
             full_us=264.0, host_us=41.8,
@@ -260,6 +261,8 @@ class TableTest(absltest.TestCase):
         self.assertLen(cells, len(head))
         by_column = dict(zip(head, cells))
         self.assertEqual(by_column["video speed-up / agree"], "1.51x / 98.67%")
+        self.assertEqual(by_column["stage shares (of time, head last)"],
+                         "25/11/32/22 (30/10/18/28/14)")
         self.assertEqual(by_column["video compute speed-up"], "1.94x")
         self.assertEqual(by_column["video host work / full us"], "41.8 / 264")
         self.assertEqual(by_column["video native speed-up / host us"], "1.79x / 2.2")

@@ -57,6 +57,9 @@ class ZooRow:
     keras_accuracy: float | None = None
     convert_seconds: float | None = None
     stage_shares: tuple[float, ...] = ()
+    # The stages' and the head's shares of a full chain's time, measured at
+    # conversion (`converters.stage_times`); () when not measured.
+    time_shares: tuple[float, ...] = ()
     full_vs_keras: float | None = None
     streams: dict = dataclasses.field(default_factory=dict)  # kind -> StreamFigures
     # On the video stream: `full` per frame, and the runtime's host work per
@@ -132,6 +135,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
         row.convert_seconds = time.time() - t0
         row.keras_accuracy = report.accuracy.accuracy if report.accuracy else None
         row.stage_shares = tuple(memory.plan.stage_costs)
+        if report.stage_times is not None:
+            row.time_shares = report.stage_times.shares()
         row.full_vs_keras = report.full_max_abs_diff
         if report.gpu_gate is not None:
             row.gpu = ("fully accelerated" if report.gpu_gate.ok else
@@ -257,7 +262,8 @@ def evaluate_scale(name: str, model_path: str, preset: str | None,
 
 def format_markdown(rows: list[ZooRow]) -> str:
     """The zoo table as markdown."""
-    head = ["model", "flag", "Keras acc", "convert s", "stage shares", "full vs Keras"]
+    head = ["model", "flag", "Keras acc", "convert s", "stage shares (of time, head last)",
+            "full vs Keras"]
     head += [f"{k} speed-up / agree" for k in STREAMS]
     head += ["video compute speed-up", "video host work / full us",
              "video native speed-up / host us",
@@ -272,7 +278,9 @@ def format_markdown(rows: list[ZooRow]) -> str:
         cells = [r.name, r.preprocessing or "-",
                  "-" if r.keras_accuracy is None else f"{100 * r.keras_accuracy:.1f}%",
                  f"{r.convert_seconds:.0f}",
-                 "/".join(f"{100 * s:.0f}" for s in r.stage_shares),
+                 "/".join(f"{100 * s:.0f}" for s in r.stage_shares) + (
+                     " (" + "/".join(f"{100 * s:.0f}" for s in r.time_shares) + ")"
+                     if r.time_shares else ""),
                  f"{r.full_vs_keras:.1e}"]
         for k in STREAMS:
             f = r.streams.get(k)
