@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 from delegates import cpu
+from smtm_tf.fitting import stages as stages_lib
 from smtm_tf.runtime import SmtmRuntime
 
 
@@ -40,14 +41,14 @@ class StageTimes:
         """Each stage's, then the head's, share of the chain's time."""
         return tuple(t / self.chain_us for t in self.stages_us + (self.head_us,))
 
-    def format(self, stage_costs=None) -> str:
+    def format(self, plan: "stages_lib.StagePlan | None" = None) -> str:
         """One line for people; with the plan's multiply-add shares beside the times'."""
         parts = [f"stage {s} {t:.1f} us" for s, t in enumerate(self.stages_us)]
         text = ("time per frame on this CPU (XNNPACK, 1 thread), each signature inside the "
                 f"chain: {', '.join(parts)}, head {self.head_us:.1f} us; shares "
                 + "/".join(f"{100 * s:.0f}" for s in self.shares()) + "%")
-        if stage_costs is not None:
-            macs = tuple(stage_costs) + (1.0 - sum(stage_costs),)
+        if plan is not None:
+            macs = plan.stage_costs + (plan.head_cost,)
             text += " against multiply-adds " + "/".join(f"{100 * c:.0f}" for c in macs) + "%"
         return (text + f"; the whole chain {self.chain_us / self.full_us:.2f}x `full` "
                 f"({self.full_us:.1f} us)")

@@ -158,7 +158,7 @@ def _convert(quantization):
     if report.exit_rule is not None:
         print(report.exit_rule.format())
     if report.stage_times is not None:
-        print(report.stage_times.format(memory.plan.stage_costs))
+        print(report.stage_times.format(memory.plan))
     if report.gpu_gate is not None:
         print(report.gpu_gate.format())
     if report.old_runtime is None:

@@ -352,7 +352,7 @@ class ConvertModelTest(absltest.TestCase):
         self.assertLen(times.stages_us, 2)
         self.assertTrue(all(t > 0 for t in times.stages_us + (times.head_us, times.full_us)))
         self.assertAlmostEqual(sum(times.shares()), 1.0)
-        self.assertIn("stage 1", times.format(mem.plan.stage_costs))
+        self.assertIn("stage 1", times.format(mem.plan))
         self.assertEqual(sorted(os.listdir(directory)), ["m.smtm.npz", "m.tflite"])
         loaded = memory_lib.SemanticMemory.load(mem_path)
         self.assertEqual(loaded.exit_rule, mem.exit_rule)

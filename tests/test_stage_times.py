@@ -4,6 +4,7 @@ from absl.testing import absltest
 import numpy as np
 
 from converters import stage_times
+from smtm_tf.fitting import stages as stages_lib
 
 
 class StageTimesTest(absltest.TestCase):
@@ -12,7 +13,7 @@ class StageTimesTest(absltest.TestCase):
         times = stage_times.StageTimes((10.0, 20.0), 30.0, 50.0)
         self.assertEqual(times.chain_us, 60.0)
         np.testing.assert_allclose(times.shares(), (1 / 6, 2 / 6, 3 / 6))
-        line = times.format((0.2, 0.3))
+        line = times.format(stages_lib.StagePlan(("a", "b"), (0.2, 0.3), 0.5))
         self.assertIn("stage 0 10.0 us, stage 1 20.0 us, head 30.0 us", line)
         self.assertIn("shares 17/33/50% against multiply-adds 20/30/50%", line)
         self.assertIn("the whole chain 1.20x `full` (50.0 us)", line)
