@@ -496,6 +496,26 @@ class FrameTest(parameterized.TestCase):
             self.assertIn("probabilities", str(e))
             self.assertNotIn("pixels", str(e))
 
+    def test_pixels_the_preprocessing_overflows_are_not_called_non_finite(self):
+        # The check reads the preprocessed copy; finite pixels that the scale
+        # takes past float32's range are the model's to refuse, as above.
+        d = json.loads(metadata.read_metadata(self.flat, desc.METADATA_NAME))
+        d["preprocessing"].update(scale=[1e30], source="scale_offset")
+        rt = host.SmtmRuntime(_with_descriptor(self.flat, d))
+        frame = self.frames[0] + np.float32(1e10)
+        for call in (rt.classify_fast, rt.classify_full):
+            try:
+                with np.errstate(over="ignore"):
+                    call(frame)
+            except host.FrameError as e:
+                self.assertIn("probabilities", str(e))
+                self.assertNotIn("pixels", str(e))
+        bad = frame.copy()
+        bad[0, 0, 0, 0] = np.nan
+        for call in (rt.classify_fast, rt.classify_full):
+            with self.assertRaisesRegex(host.FrameError, "1 non-finite pixels"):
+                call(bad)
+
     def test_frame_of_another_shape_is_a_value_error(self):
         rt = host.SmtmRuntime(self.flat)
         f = self.frames[0]
