@@ -805,7 +805,7 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         f"{len(x_cal_in)}")
     memory = memory_lib.fit_semantic_memory(
         model, x_fit_in, x_cal_in, class_names=class_names,
-        num_stages=4 if num_stages is None else num_stages, cut_layers=cut_layers,
+        num_stages=num_stages, cut_layers=cut_layers,
         embedding_dim=32 if embedding_dim is None else embedding_dim,
         encoder_hidden=(memory_lib.ENCODER_HIDDEN if encoder_hidden is None
                         else encoder_hidden),

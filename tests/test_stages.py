@@ -582,6 +582,18 @@ class PlanErrorsTest(parameterized.TestCase):
         message = str(cm.exception)
         self.assertIn("3 spatial cut points", message)
         self.assertIn("num_stages=4", message)
+        # Not asked for a number, the plan makes one stage per cut point.
+        plan = stages.plan_stages(model)
+        self.assertEqual(plan.num_stages, 3)
+        self.assertEqual(plan.cut_layers, stages.plan_stages(model, num_stages=3).cut_layers)
+
+    def test_no_spatial_cut_point(self):
+        k = tu.keras_module("keras")
+        inputs = k.Input((12, 12, 1))
+        x = k.layers.Flatten(name="flat")(inputs)
+        model = k.Model(inputs, k.layers.Dense(4, name="logits")(k.layers.Dense(8)(x)))
+        with self.assertRaisesRegex(stages.StagePlanError, "no spatial cut point"):
+            stages.plan_stages(model)
 
     @parameterized.named_parameters(
         ("out_of_order", ["r2", "r0"]),

@@ -36,7 +36,8 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
       x_train: images to train the encoders on.
       x_calibration: held-out images to calibrate the exits on.
       class_names: one name per class.
-      num_stages: stages to plan when `cut_layers` is not given.
+      num_stages: stages to plan when `cut_layers` is not given (None: up to
+        four, fewer on a model with fewer spatial cut points).
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size of the semantic vectors.
       encoder_hidden: hidden ReLU units in each encoder (0: a linear projection).
@@ -48,7 +49,7 @@ class SemanticMemoryCallback(keras.callbacks.Callback):
     """
 
     def __init__(self, x_train: np.ndarray, x_calibration: np.ndarray,
-                 class_names=None, num_stages: int = 4, cut_layers=None,
+                 class_names=None, num_stages: int | None = None, cut_layers=None,
                  embedding_dim: int = 32, encoder_hidden: int = memory_lib.ENCODER_HIDDEN,
                  pooling: str = memory_lib.POOLING.value,
                  target_agreement: float = 0.99, every_n_epochs: int = 0,

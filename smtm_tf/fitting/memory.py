@@ -399,7 +399,8 @@ def calibrate_memory(semantics: np.ndarray, centres, full_predictions: np.ndarra
 
 def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         class_names: tuple[str, ...] | None = None,
-                        num_stages: int = 4, cut_layers=None, embedding_dim: int = 32,
+                        num_stages: int | None = None, cut_layers=None,
+                        embedding_dim: int = 32,
                         encoder_hidden: int = ENCODER_HIDDEN,
                         pooling: enc.Pooling | str = POOLING,
                         centres: enc.Centres | str = enc.Centres.CLASS_WEIGHTS,
@@ -423,7 +424,8 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
       x_train: images to train the encoders and compute the centres on.
       x_calibration: held-out images to calibrate the exit rule on.
       class_names: one name per class (default: "0", "1", ...).
-      num_stages: stages to plan when `cut_layers` is not given.
+      num_stages: stages to plan when `cut_layers` is not given (None: as
+        `stages.plan_stages`, up to DEFAULT_NUM_STAGES).
       cut_layers: explicit layer names that end each stage.
       embedding_dim: size D of the semantic vectors.
       encoder_hidden: units of a ReLU layer in each encoder before its
@@ -463,6 +465,11 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     say = progress or (lambda _: None)
     logging.info("Stages end at %s (compute shares %s).", plan.cut_layers,
                  [round(c, 3) for c in plan.stage_costs])
+    if num_stages is None and not cut_layers and (
+            plan.num_stages < stages_lib.DEFAULT_NUM_STAGES):
+        say(f"the model has {plan.num_stages} spatial cut point(s) where a single feature "
+            f"map carries it forward: {plan.num_stages} stage(s) instead of "
+            f"{stages_lib.DEFAULT_NUM_STAGES}")
     say(f"stages end at {', '.join(plan.cut_layers)} (compute shares "
         + ", ".join(f"{100 * c:.1f}%" for c in plan.stage_costs) + ")")
     say(f"extracting pooled stage features of {len(x_train)} + {len(x_calibration)} images")

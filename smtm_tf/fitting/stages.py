@@ -21,6 +21,10 @@ import numpy as np
 from smtm_tf.fitting import kerascompat
 from smtm_tf.runtime import exit_policy
 
+# Stages planned when neither a number nor cut layers are given (fewer on a
+# model with fewer spatial cut points).
+DEFAULT_NUM_STAGES = 4
+
 
 class StagePlanError(ValueError):
     """Raised when a model cannot be split as asked."""
@@ -315,7 +319,7 @@ def _balanced_ends(cumulative: np.ndarray, num_stages: int) -> list[int]:
     return [e - 1 for e in reversed(ends)]
 
 
-def plan_stages(model, num_stages: int = 4,
+def plan_stages(model, num_stages: int | None = None,
                 cut_layers: list[str] | tuple[str, ...] | None = None) -> StagePlan:
     """Chooses where each stage ends.
 
@@ -329,7 +333,10 @@ def plan_stages(model, num_stages: int = 4,
 
     Args:
       model: a Sequential or functional Keras model (Keras 3 or tf_keras).
-      num_stages: how many stages to make when `cut_layers` is not given.
+      num_stages: how many stages to make when `cut_layers` is not given;
+        None: DEFAULT_NUM_STAGES, or one per spatial cut point where the
+        model has fewer (NASNet's cells each take the two cells before, so
+        only its stem ends at a single tensor).
       cut_layers: explicit names of the layers that end each stage.
 
     Returns:
@@ -367,9 +374,16 @@ def plan_stages(model, num_stages: int = 4,
             raise StagePlanError(
                 f"cut_layers {list(cut_layers)} must be distinct and in execution order.")
     else:
+        distinct = _stage_candidates(model, cuts)
+        if num_stages is None:
+            if not distinct:
+                raise StagePlanError(
+                    "The model has no spatial cut point: after no layer does a single "
+                    "feature map [H, W, C] carry it forward, so it cannot be split into "
+                    "stages.")
+            num_stages = min(DEFAULT_NUM_STAGES, len(distinct))
         if num_stages < 1:
             raise StagePlanError(f"num_stages must be >= 1, got {num_stages}.")
-        distinct = _stage_candidates(model, cuts)
         if len(distinct) < num_stages:
             raise StagePlanError(
                 f"The model has {len(distinct)} spatial cut points "
