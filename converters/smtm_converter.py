@@ -53,6 +53,10 @@ class ConversionReport:
     compiled_max_abs_diff: float  # `full` in LiteRT's CompiledModel vs the Interpreter.
     num_check_images: int
     quantization: str = "float32"
+    # Keras's own float32 spread: its probabilities for each check image run
+    # alone against in the batch (float32 results move with the kernels and
+    # summation orders a batch size picks).
+    keras_batch_spread: float = 0.0
     # Quantized variants: share of check images whose top-1 answer (`full`,
     # and the stage chain) equals the Keras model's.
     full_top1_agreement: float = 1.0
@@ -374,6 +378,20 @@ def convert(model, memory: SemanticMemory, check_images: np.ndarray,
     return flat, report
 
 
+# A converted model may differ from Keras by this many times Keras's own
+# float32 spread between batch sizes. On most models that spread is below
+# the absolute tolerance (the zoo's MobileNetV2 0.35: 1.4e-6, an untrained
+# DenseNet121: 5.1e-7); on a deep net with saturated
+# logits it is not: an untrained NASNetMobile's probabilities moved by 1.0e-4
+# between batches of 64 and 1, and LiteRT's by 1.5e-4 from Keras's.
+KERAS_SPREAD_FACTOR = 4.0
+
+
+def probability_tolerance(atol: float, keras_spread: float) -> float:
+    """The largest difference in probabilities from Keras that a conversion may show."""
+    return max(atol, KERAS_SPREAD_FACTOR * keras_spread)
+
+
 def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndarray,
                      apply_softmax: bool, atol: float = 1e-5) -> ConversionReport:
     """Compares the converted signatures with Keras and the memory's encoders."""
@@ -390,9 +408,13 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
     want = np.asarray(model.predict(images, verbose=0, batch_size=64))
     if apply_softmax:
         want = np.asarray(tf.nn.softmax(want))
-    full_diff = chain_diff = sim_diff = 0.0
+    full_diff = chain_diff = sim_diff = spread = 0.0
     for i, image in enumerate(images.astype(np.float32)):
         x = image[None]
+        alone = np.asarray(model(x, training=False))
+        if apply_softmax:
+            alone = np.asarray(tf.nn.softmax(alone))
+        spread = max(spread, float(np.max(np.abs(alone[0] - want[i]))))
         got = runners["full"](image=x)["probabilities"]
         full_diff = max(full_diff, float(np.max(np.abs(got - want[i]))))
         a = keras_a = x
@@ -410,15 +432,18 @@ def check_conversion(flat: bytes, model, memory: SemanticMemory, images: np.ndar
     compiled = run_compiled(flat, "full", {"image": first})["probabilities"]
     compiled_diff = float(np.max(np.abs(compiled - runners["full"](image=first)["probabilities"])))
     report = ConversionReport(len(flat), full_diff, chain_diff, sim_diff, compiled_diff,
-                              len(images))
+                              len(images), keras_batch_spread=spread)
     # Similarities pass through a whole stage of float32 convolutions and a
     # projection before the dot product: allow more there than on probabilities.
     sim_atol = max(100 * atol, 1e-4)
-    if not (full_diff <= atol and chain_diff <= atol and sim_diff <= sim_atol
+    prob_atol = probability_tolerance(atol, spread)
+    if not (full_diff <= prob_atol and chain_diff <= prob_atol and sim_diff <= sim_atol
             and compiled_diff <= atol):
         raise ConversionError(
             f"The converted model does not match Keras: full differs by {full_diff:.3g}, "
-            f"the stage chain by {chain_diff:.3g} (tolerance {atol}), similarities by "
+            f"the stage chain by {chain_diff:.3g} (tolerance {prob_atol:.3g}: {atol}, or "
+            f"{KERAS_SPREAD_FACTOR}x Keras's own spread between batch sizes, "
+            f"{spread:.3g}), similarities by "
             f"{sim_diff:.3g} (tolerance {sim_atol}), CompiledModel's full from the "
             f"Interpreter's by {compiled_diff:.3g}. Nothing was written.")
     return report

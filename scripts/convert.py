@@ -149,7 +149,8 @@ def _convert(quantization):
               f"{report.full_max_abs_diff:.2e}, stage chain vs Keras "
               f"{report.chain_max_abs_diff:.2e}, similarities "
               f"{report.similarity_max_abs_diff:.2e}, CompiledModel vs Interpreter "
-              f"{report.compiled_max_abs_diff:.2e}")
+              f"{report.compiled_max_abs_diff:.2e} (Keras against itself, one image "
+              f"against a batch: {report.keras_batch_spread:.2e})")
     else:
         print(f"{report.quantization} checks on {report.num_check_images} images: top-1 "
               f"agreement with Keras: full {100 * report.full_top1_agreement:.1f}%, stage "

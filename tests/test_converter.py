@@ -149,6 +149,24 @@ class ConvertTest(parameterized.TestCase):
         report = smtm_converter.check_conversion(self.flat, self.model, self.memory,
                                                  self.images[:4], apply_softmax=False)
         self.assertLessEqual(report.full_max_abs_diff, 1e-5)
+        self.assertLess(report.keras_batch_spread, 1e-5)
+
+    def test_check_conversion_rejects_other_weights(self):
+        # Keras's own spread between batch sizes widens the tolerance only by
+        # float32 noise: a model whose last weights moved is refused.
+        other = type(self.model).from_config(self.model.get_config())
+        other.set_weights(self.model.get_weights())
+        kernel, bias = other.layers[-1].get_weights()
+        other.layers[-1].set_weights([kernel * 1.01, bias])
+        with self.assertRaisesRegex(smtm_converter.ConversionError,
+                                    "full differs by .*Keras's own spread"):
+            smtm_converter.check_conversion(self.flat, other, self.memory, self.images[:4],
+                                            apply_softmax=False)
+
+    def test_probability_tolerance(self):
+        self.assertEqual(smtm_converter.probability_tolerance(1e-5, 1e-7), 1e-5)
+        self.assertAlmostEqual(smtm_converter.probability_tolerance(1e-5, 1e-4),
+                               smtm_converter.KERAS_SPREAD_FACTOR * 1e-4)
 
     def test_check_conversion_rejects_other_centres(self):
         # The centres are part of the converted model (its descriptor holds
