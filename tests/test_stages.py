@@ -97,18 +97,17 @@ def _dense(k, input_shape=(32, 32, 3), growth=12, blocks=(6, 12, 16)):
 
 
 def _dominators(model):
-    """Layers every path from the input to the output goes through, found by
-    brute force (reachability with the layer taken out), independently of
-    find_cut_points' liveness sweep."""
+    """Layers (and Keras 3 raw operations) every path from the input to the
+    output goes through, found by brute force (reachability with the node
+    taken out), independently of find_cut_points' liveness sweep."""
     ops = getattr(model, "operations", None)
     nodes = [n for n in (model.layers if ops is None else ops)
              if type(n).__name__ != "InputLayer"]
-    layer_names = {layer.name for layer in model.layers}
     reads = [{id(t) for t in stages._as_list(n.input)} for n in nodes]
     makes = [[id(t) for t in stages._as_list(n.output)] for n in nodes]
     found = []
     for j, node in enumerate(nodes[:-1]):
-        if node.name not in layer_names or len(makes[j]) != 1:
+        if len(makes[j]) != 1:
             continue
         reached = {id(model.inputs[0])}
         for i in range(len(nodes)):
@@ -377,8 +376,39 @@ class RealTopologiesTest(parameterized.TestCase):
         self.assertIn("c0", names)
         self.assertNotIn("gate", names)  # c0's output is still read by the multiply.
         self.assertEqual(names, _dominators(model))
-        self.assertEqual(stages.plan_stages(model, num_stages=2).cut_layers, ("c0", "r1"))
+        # The raw multiply and divide after the gate are cut points too, and
+        # close the same compute as c0: the plan ends after the activation.
+        # (Keras numbers raw operations per session: "multiply_3" in a suite.)
+        self.assertStartsWith(names[1], "multiply")
+        self.assertStartsWith(names[2], "true_divide")
+        self.assertEqual(stages.plan_stages(model, num_stages=2).cut_layers, (names[2], "r1"))
         stage_models, head = stages.split_model(model, stages.plan_stages(model, 2))
+        self.assertLessEqual(stages.check_chain(model, stage_models, head, _random_images()),
+                             1e-5)
+
+    def test_keras3_raw_residual_adds_end_stages(self):
+        # ConvNeXt in Keras 3 adds its shortcuts with `x + y`: raw operations,
+        # not layers, and the only points inside its stages where one tensor
+        # carries the model forward.
+        k = tu.keras_module("keras")
+        layers = k.layers
+        inputs = k.Input((12, 12, 1))
+        x = layers.Conv2D(8, 3, padding="same", name="stem")(inputs)
+        for b in range(3):
+            y = layers.Conv2D(8, 3, padding="same", activation="relu", name=f"b{b}_a")(x)
+            x = x + layers.Conv2D(8, 3, padding="same", name=f"b{b}_b")(y)
+        x = layers.GlobalAveragePooling2D(name="gap")(x)
+        model = k.Model(inputs, layers.Dense(4, name="logits")(x))
+        names = [c.layer for c in stages.find_cut_points(model)]
+        adds = [n for n in names if n.startswith("add")]
+        self.assertLen(adds, 3)
+        self.assertEqual(names, _dominators(model))
+        plan = stages.plan_stages(model, num_stages=3)
+        # Stem, then a block per stage; after the last add only the classifier.
+        self.assertEqual(plan.cut_layers, ("stem",) + tuple(adds[:2]))
+        self.assertEqual(stages.plan_stages(model, cut_layers=adds[:2]).cut_layers,
+                         tuple(adds[:2]))
+        stage_models, head = stages.split_model(model, plan)
         self.assertLessEqual(stages.check_chain(model, stage_models, head, _random_images()),
                              1e-5)
 

@@ -198,7 +198,6 @@ def _analyse(model) -> _Graph:
     ops = getattr(model, "operations", None)
     nodes = [n for n in (model.layers if ops is None else ops)
              if not kerascompat.is_input_layer(n)]
-    layer_names = {layer.name for layer in model.layers}
     model_input = model.inputs[0]
     producer = {id(model_input): -1}
     outputs, inputs = [], []
@@ -236,8 +235,9 @@ def _analyse(model) -> _Graph:
         live.difference_update(ending.get(i, ()))
         live_after.append(frozenset(live))
         outs = outputs[i]
-        if (i < len(nodes) - 1 and node.name in layer_names and len(outs) == 1
-                and live == {id(outs[0])}):
+        # A raw operation can end a stage too: Keras 3 ConvNeXt's residual
+        # adds (`x + shortcut`) are the only points inside its stages.
+        if i < len(nodes) - 1 and len(outs) == 1 and live == {id(outs[0])}:
             shape = tuple(int(d) for d in _shape(outs[0])[1:])
             cuts.append(CutPoint(node.name, float(cumulative[i]), shape))
     return _Graph(tuple(nodes), macs, cumulative, tuple(live_after), producer, last_use,
@@ -245,13 +245,22 @@ def _analyse(model) -> _Graph:
 
 
 def find_cut_points(model) -> list[CutPoint]:
-    """Lists every layer after which a single tensor carries the model forward.
+    """Lists every layer (or Keras 3 raw operation) after which a single tensor
+    carries the model forward.
 
     Returns:
       Cut points in execution order, with their cumulative compute share and
       output shape. The model's input itself is not a cut point.
     """
     return list(_analyse(model).cuts)
+
+
+def _node(model, name: str):
+    """The layer, or (Keras 3) raw operation, of that name."""
+    for node in getattr(model, "operations", None) or model.layers:
+        if node.name == name:
+            return node
+    raise StagePlanError(f"No layer or operation named {name!r} in the model.")
 
 
 def _is_padding(layer) -> bool:
@@ -267,7 +276,7 @@ def _stage_candidates(model, cuts) -> list[CutPoint]:
     """
     backbone = []
     for c in cuts:
-        if type(model.get_layer(c.layer)).__name__.startswith("Global"):
+        if type(_node(model, c.layer)).__name__.startswith("Global"):
             break
         backbone.append(c)
     distinct = []
@@ -276,7 +285,7 @@ def _stage_candidates(model, cuts) -> list[CutPoint]:
             # Cuts that add no compute after the previous one (BatchNorm, ReLU)
             # describe the same point: keep the latest, after the activation,
             # but not a ZeroPadding, whose zeros only the next convolution wants.
-            if not _is_padding(model.get_layer(c.layer)):
+            if not _is_padding(_node(model, c.layer)):
                 distinct[-1] = c
         else:
             distinct.append(c)
@@ -349,7 +358,7 @@ def plan_stages(model, num_stages: int | None = None,
     cuts = find_cut_points(model)
     by_name = {c.layer: c for c in cuts}
     if cut_layers:
-        names = [layer.name for layer in model.layers]
+        names = [n.name for n in getattr(model, "operations", None) or model.layers]
         chosen = []
         for name in cut_layers:
             if name not in names:
@@ -559,7 +568,7 @@ def split_model(model, plan: StagePlan):
     """
     k = kerascompat.keras_of(model)
     boundaries = [model.inputs[0]] + [
-        _as_list(model.get_layer(n).output)[0] for n in plan.cut_layers]
+        _as_list(_node(model, n).output)[0] for n in plan.cut_layers]
     stages = [k.Model(boundaries[i], boundaries[i + 1], name=f"stage_{i}")
               for i in range(plan.num_stages)]
     head = k.Model(boundaries[-1], model.outputs[0], name="head")
