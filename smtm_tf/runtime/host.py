@@ -356,27 +356,12 @@ class SmtmRuntime:
 
         The dot product with zeros is NaN exactly when a pixel is NaN or
         infinite (0 * inf is NaN), and 0 for any finite frame: one BLAS call
-        and no temporary (a sum would warn of overflow on huge finite pixels,
-        frame after frame).
+        and no temporary. Right after a model run it costs 2.3 us on a
+        32x32x3 frame against 4.1 us for `isfinite(frame).all()` (a sum
+        would warn of overflow on huge finite pixels, frame after frame).
         """
         if frame.shape != self._input_shape or not math.isfinite(
                 np.vdot(frame, self._zero_frame)):
-            self._refuse_frame(frame)
-
-    def _feed_checked(self, dst: np.ndarray, frame: np.ndarray) -> None:
-        """Preprocesses `frame` into the graph input `dst`; raises as `_check_frame`.
-
-        The frame is read from memory once, by the feed, and the check reads
-        the copy, in cache: 2.0 + 1.6 us for check and feed apart right after
-        a model run, on a 32x32x3 frame. A non-finite pixel stays non-finite
-        through the affine preprocessing; a finite one that the preprocessing
-        takes out of float32's range is the model's to refuse, so the pixels
-        decide (as the native runtime's FeedChecked).
-        """
-        if frame.shape != self._input_shape:
-            self._refuse_frame(frame)
-        self._feed(dst, frame)
-        if not math.isfinite(np.vdot(dst, self._zero_frame)) and not np.isfinite(frame).all():
             self._refuse_frame(frame)
 
     def _refuse_frame(self, frame: np.ndarray) -> None:
@@ -407,14 +392,16 @@ class SmtmRuntime:
         Raises:
           ValueError, FrameError: as `classify`.
         """
-        self._feed_checked(self._plan[0][1], frame)
+        self._check_frame(frame)
         activation = None
         memory = self.memory
         decide = memory.decide
         copyto = np.copyto
         semantics = self._semantics
         for s, (invoke, act_in, sims, semantic, next_act, never) in enumerate(self._plan):
-            if activation is not None:  # Stage 0's input was fed above.
+            if activation is None:
+                self._feed(act_in, frame)
+            else:
                 copyto(act_in, activation)
             invoke()
             if never:
@@ -456,13 +443,11 @@ class SmtmRuntime:
         Raises:
           ValueError, FrameError: as `classify`.
         """
-        self._feed_checked(self._full_in, frame)
-        return self._run_full()
+        self._check_frame(frame)
+        return self._run_full(frame)
 
-    def _run_full(self, frame: np.ndarray | None = None) -> int:
-        """Runs `full` on `frame`, or on what its input holds (None)."""
-        if frame is not None:
-            self._feed(self._full_in, frame)
+    def _run_full(self, frame: np.ndarray) -> int:
+        self._feed(self._full_in, frame)
         self._full.invoke()
         answer = int(self._full_out.argmax())
         if not math.isfinite(self._full_out.item(answer)):  # As the head's, above.
