@@ -345,7 +345,7 @@ def plan_stages(model, num_stages: int | None = None,
       num_stages: how many stages to make when `cut_layers` is not given;
         None: DEFAULT_NUM_STAGES, or one per spatial cut point where the
         model has fewer (NASNet's cells each take the two cells before, so
-        only its stem ends at a single tensor).
+        only its stem and its last cell end at a single tensor).
       cut_layers: explicit names of the layers that end each stage.
 
     Returns:
