@@ -769,17 +769,29 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
             metric=metric, cache_policy=cache_policy, seed=seed,
             camera_calibration=camera_calibration)
     q = quant.parse(quantization)
-    say(f"converting ({q.value}) and checking against Keras")
-    flat, report = convert(model, memory, x_check, None, quantization=q,
-                           train_images=x_fit_in[:qat_images],
-                           train_labels=y_fit[:qat_images], qat_epochs=qat_epochs, seed=seed,
-                           preprocessing=preprocessing)
-    if q != quant.Quantization.FLOAT32:
-        say("replaying the exit rule on the quantized model")
-        flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
-        report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
-    say("timing each signature on this CPU")
-    report = dataclasses.replace(report, stage_times=stage_times_lib.measure(flat, x_check))
+
+    def convert_and_time(memory):
+        say(f"converting ({q.value}) and checking against Keras")
+        flat, report = convert(model, memory, x_check, None, quantization=q,
+                               train_images=x_fit_in[:qat_images],
+                               train_labels=y_fit[:qat_images], qat_epochs=qat_epochs,
+                               seed=seed, preprocessing=preprocessing)
+        if q != quant.Quantization.FLOAT32:
+            say("replaying the exit rule on the quantized model")
+            flat, rule_check = check_exit_rule(flat, memory, x_cal, seed=seed)
+            report = dataclasses.replace(report, size_bytes=len(flat), exit_rule=rule_check)
+        say("timing each signature on this CPU")
+        times = stage_times_lib.measure(flat, x_check)
+        return flat, dataclasses.replace(report, stage_times=times)
+
+    flat, report = convert_and_time(memory)
+    if fitted and num_stages is None and not cut_layers and memory.plan.num_stages > 1:
+        # The planner's stages: those whose exits do not pay for their time go.
+        kept = drop_stages_by_time(model, memory, report.stage_times, x_cal_in,
+                                   target_agreement, cache_policy, seed, preprocessing, say)
+        if kept is not memory:
+            memory = kept
+            flat, report = convert_and_time(memory)
     if gpu_check or require_gpu:
         say("GPU gate")
         gate = gpu_gate.gpu_gate(flat, x_check[:16], precision=gpu_precision,
@@ -837,12 +849,30 @@ def reuse_or_fit_memory(model, x_fit_in: np.ndarray, x_cal_in: np.ndarray, class
         pooling=memory_lib.POOLING if pooling is None else pooling,
         target_agreement=target_agreement, metric=metric, cache_policy=cache_policy,
         seed=seed, key=key, progress=say, preprocessing=preprocessing,
-        camera_calibration=camera_calibration,
-        # Stages the user did not ask for by number or name are the
-        # planner's: those whose exits do not pay for themselves go.
-        stage_overhead=(memory_lib.STAGE_OVERHEAD if num_stages is None and not cut_layers
-                        else 0.0))
+        camera_calibration=camera_calibration)
     return memory, True
+
+
+def drop_stages_by_time(model, memory: SemanticMemory, times: stage_times_lib.StageTimes,
+                        x_cal_in: np.ndarray, target_agreement: float,
+                        cache_policy: cache_lib.CachePolicy | None, seed: int,
+                        preprocessing: prep.Preprocessing, say) -> SemanticMemory:
+    """The memory without the stages whose exits do not pay for their measured time.
+
+    `times` were measured on the memory's conversion (`stage_times.measure`);
+    the stages are priced by them (`stages.priced_by_time`) and dropped as
+    `memory.drop_unpaid_stages` says, on the calibration images `x_cal_in`.
+    Returns `memory` itself when every stage stays.
+    """
+    prices, overhead = stages_lib.priced_by_time(memory.plan, times.stages_us, times.head_us,
+                                                 times.full_us)
+    say("pricing the stages by their time: beside its layers each stage costs "
+        f"{100 * overhead:.1f}% of `full` (the chain's time over `full`'s, per stage)")
+    stage_models, head = stages_lib.split_model(model, memory.plan)
+    features = enc.extract_features(stage_models, head, x_cal_in, memory.pooling)
+    return memory_lib.drop_unpaid_stages(
+        model, memory, x_cal_in, features, overhead, target_agreement, cache_policy,
+        seed=seed, preprocessing=preprocessing, say=say, prices=prices)
 
 
 def _matching_memory(paths, key: memory_lib.MemoryKey, say, **wanted) -> SemanticMemory | None:

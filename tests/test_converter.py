@@ -385,6 +385,27 @@ class ConvertModelTest(absltest.TestCase):
         with open(out2, "rb") as f:
             self.assertEqual(runtime.read_descriptor(f.read()), d)
 
+    def test_planned_stages_are_priced_by_their_time(self):
+        directory = self.create_tempdir().full_path
+        out = os.path.join(directory, "m.tflite")
+        said = []
+        mem, report = smtm_converter.convert_model(
+            self.model, self.data, out, holdout=0.2, embedding_dim=4, num_check_images=8,
+            gpu_check=False, progress=said.append)
+        self.assertTrue([line for line in said if line.startswith("pricing the stages")])
+        # Whatever was kept, the shipped model and its timing are the memory's.
+        self.assertLen(report.stage_times.stages_us, mem.plan.num_stages)
+        with open(out, "rb") as f:
+            self.assertLen(runtime.read_descriptor(f.read()).stages, mem.plan.num_stages)
+        # A chain no slower than `full` charges the stages nothing beyond
+        # their layers: every exit saves time, and every stage stays (what
+        # the drop does with the exits is memory.drop_unpaid_stages' tests).
+        x_cal, quiet, n = self.data.x_train[-60:], [], mem.plan.num_stages
+        free = smtm_converter.stage_times_lib.StageTimes((1.0,) * n, 1.0, 10.0 * n)
+        self.assertIs(smtm_converter.drop_stages_by_time(
+            self.model, mem, free, x_cal, 0.99, mem.cache_policy, 0,
+            prep.Preprocessing.raw(), quiet.append), mem)
+
     def test_rejects_data_whose_channels_have_no_rule(self):
         x, y = tu.stripes(20, seed=0)
         x2 = np.concatenate([x, x], axis=-1)

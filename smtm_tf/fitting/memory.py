@@ -41,14 +41,6 @@ ENCODER_HIDDEN = 128
 # raised the video compute speed-up on six (1.83-4.32x with avg_max, 2.10-4.66x
 # with grid; docs/model_zoo.md).
 POOLING = enc.Pooling.GRID
-# What running a stage costs besides its layers, as a share of the full
-# model's time: its encoder, handing its activation to the next signature and
-# the runtime's lookup. The converter drops planned stages whose exits do not
-# pay for it (`drop_unpaid_stages`). On the zoo's inception-style net (`full`
-# 223 us on the CPU) a stage signature's encoder took 5-13 us and each cut
-# 3-14 us on top of the layers' own time; on a 1.4 ms model the same work is
-# under 2%. 5% keeps the stages whose exits are more than a few percent.
-STAGE_OVERHEAD = 0.05
 
 
 class MemoryFileError(ValueError):
@@ -557,7 +549,8 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
                        cache_policy: cache_lib.CachePolicy | None = cache_lib.CachePolicy(),
                        batch_size: int = 256, seed: int = 0,
                        preprocessing: prep.Preprocessing | None = None,
-                       say=None) -> SemanticMemory:
+                       say=None, prices: stages_lib.StagePlan | None = None
+                       ) -> SemanticMemory:
     """The memory without the stages whose exits do not pay for their overhead.
 
     Where its calibrated rule exits on the calibration streams
@@ -567,12 +560,16 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
     and centres (they pool the same feature maps); the rule is calibrated
     anew for them, and the kept stages replace the planned ones only if that
     rule's exits, replayed the same way, cost less (`stages.expected_cost`).
-    `features` are the calibration images' (`recalibrate`).
+    `features` are the calibration images' (`recalibrate`). `prices` is the
+    memory's plan priced another way (`stages.priced_by_time`, with
+    `overhead` from the same measurement); default: its multiply-adds.
     """
     say = say or (lambda _: None)
     shares = calibration_exit_shares(memory, features, seed)
     plan = memory.plan
-    keep = stages_lib.stages_worth_keeping(shares[:-1], plan, overhead)
+    prices = plan if prices is None else prices
+    priced = "compute" if prices is plan else "time"
+    keep = stages_lib.stages_worth_keeping(shares[:-1], prices, overhead)
     if len(keep) == plan.num_stages:
         return memory
     reach = 1.0 - np.concatenate([[0.0], np.cumsum(shares[:-1])])
@@ -582,11 +579,11 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
             f"{100 * reach[s]:.1f}% reach it; its overhead ({100 * overhead:.0f}% of the "
             "model for each frame that reaches it) costs more than those exits save")
     kept = stages_lib.keep_stages(plan, keep)
-    before = stages_lib.expected_cost(shares[:-1], plan, overhead)
-    say(f"stages end at {', '.join(kept.cut_layers)} (compute shares "
-        + ", ".join(f"{100 * c:.1f}%" for c in kept.stage_costs)
+    before = stages_lib.expected_cost(shares[:-1], prices, overhead)
+    say(f"stages end at {', '.join(kept.cut_layers)} ({priced} shares "
+        + ", ".join(f"{100 * c:.1f}%" for c in stages_lib.keep_stages(prices, keep).stage_costs)
         + f"); estimated cost per frame {100 * before:.1f} -> "
-        f"{100 * stages_lib.expected_cost(shares[:-1], plan, overhead, keep):.1f}% of the "
+        f"{100 * stages_lib.expected_cost(shares[:-1], prices, overhead, keep):.1f}% of the "
         "model; calibrating the exit rule for them")
     rule = memory.exit_rule
     params = None if rule.metric_params is None else tuple(rule.metric_params[k] for k in keep)
@@ -603,7 +600,7 @@ def drop_unpaid_stages(model, memory: SemanticMemory, x_calibration: np.ndarray,
     # rule calibrated anew spends the budget its own way. Kept only if its
     # own exits cost less than the planned stages' did.
     after = stages_lib.expected_cost(calibration_exit_shares(pruned, subset, seed)[:-1],
-                                     kept, overhead)
+                                     stages_lib.keep_stages(prices, keep), overhead)
     if after >= before:
         say(f"keeping all {plan.num_stages} stages: calibrated for the kept stages alone, "
             f"the rule's exits cost {100 * after:.1f}% of the model per frame against "
