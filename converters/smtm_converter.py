@@ -722,7 +722,8 @@ def convert_model(model, data, output_path: str, memory: SemanticMemory | None =
       memory: an already fitted memory to use as it is, or None.
       num_stages, cut_layers, embedding_dim, encoder_hidden, pooling: the
         stages, semantic size, encoders' hidden units and pooling to fit
-        (None: 4 stages, 32 dimensions, `memory.ENCODER_HIDDEN`,
+        (None: the planner's stages, kept by their time (`drop_stages_by_time`),
+        32 dimensions, `memory.ENCODER_HIDDEN`,
         `memory.POOLING`; a reused memory keeps its own).
       memory_output: where to save a newly fitted memory (None: do not save).
       memory_candidates: memory files to reuse, in order; one is used only

@@ -25,9 +25,9 @@ INPUT_SCALE = flags.DEFINE_list(
 INPUT_OFFSET = flags.DEFINE_list("input_offset", None,
                                  "offset, one value or one per channel (see --input_scale).")
 NUM_STAGES = flags.DEFINE_integer(
-    "num_stages", None, "Stages when --cut_layers is not set. Default: 4 are planned (fewer "
+    "num_stages", None, "Stages when --cut_layers is not set. Default: 6 are planned (fewer "
     "on a model with fewer spatial cut points), and "
-    "those whose exits on the calibration streams do not pay for a stage's overhead are "
+    "those whose exits on the calibration streams do not pay for their measured time are "
     "dropped; a number given here is kept.")
 CUT_LAYERS = flags.DEFINE_list("cut_layers", None, "Layer names that end each stage.")
 EMBEDDING_DIM = flags.DEFINE_integer("embedding_dim", None,
