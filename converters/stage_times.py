@@ -1,6 +1,8 @@
 """What each signature of an SMTM .tflite costs on this machine's CPU, where a frame meets it.
 
-Stages are planned and exits priced in multiply-adds. A stage's time also
+Stages are planned and exits calibrated in multiply-adds; the converter
+keeps the planned stages whose exits pay for these times
+(`smtm_converter.drop_stages_by_time`). A stage's time also
 holds what they miss: reading weights (the depthwise models' late layers and
 heads), the call into its own runtime, the copy of its input. Here each
 signature is timed inside the chain a frame that runs to the head goes
