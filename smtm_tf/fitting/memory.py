@@ -402,8 +402,7 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
                         batch_size: int = 256, seed: int = 0,
                         key: MemoryKey | None = None, progress=None,
                         preprocessing: prep.Preprocessing | None = None,
-                        camera_calibration: bool = False,
-                        stage_overhead: float = 0.0) -> SemanticMemory:
+                        camera_calibration: bool = False) -> SemanticMemory:
     """Trains encoders and centres for a trained classifier and calibrates exits.
 
     The encoders learn to reproduce the model's own decisions (its predicted
@@ -438,9 +437,6 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
         `recalibrate`); None: the images are pixels.
       camera_calibration: calibrate on camera streams too (`recalibrate`);
         recorded in the key.
-      stage_overhead: with a value above 0, planned stages whose exits do
-        not pay for this overhead are dropped after calibration
-        (`drop_unpaid_stages`); 0 keeps them all.
 
     Returns:
       The fitted SemanticMemory. Classes the model assigns no frame of
@@ -521,10 +517,6 @@ def fit_semantic_memory(model, x_train: np.ndarray, x_calibration: np.ndarray,
     say("calibrating the exit rule and the adaptive memory on the held-out images")
     memory = recalibrate(model, memory, x_calibration, target_agreement, cache_policy,
                          batch_size, seed, calib, preprocessing)  # The key says which streams.
-    if stage_overhead > 0 and plan.num_stages > 1:
-        memory = drop_unpaid_stages(model, memory, x_calibration, calib, stage_overhead,
-                                    target_agreement, cache_policy, batch_size, seed,
-                                    preprocessing, say)
     return memory
 
 
