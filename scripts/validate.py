@@ -6,6 +6,7 @@ Example:
 
 from scripts import command_line  # First: quiets native logs before TensorFlow loads.
 
+import dataclasses
 import json
 import os
 
@@ -123,7 +124,7 @@ def main(argv):
           f"{100 * overhead / rows[0][1].full.mean_us:.1f}% of full")
     for kind, c in rows:
         print(f"{kind}: speed-up {c.speedup:.2f}x, top-1 accuracy {-c.accuracy_drop:+.2f} "
-              "points vs full")
+              f"points vs full; {c.disagreements.format()}")
     if native_rows:
         print("\nThe native runtime on the same frames (smtm_cli bench):")
         print(native_bench.format_table(native_rows))
@@ -131,6 +132,7 @@ def main(argv):
         payload = [{"stream": k, "speedup": c.speedup, "accuracy_drop": c.accuracy_drop,
                     "full": c.full.to_dict(), "smtm": c.smtm.to_dict(),
                     "hit_rate": float(c.hits.mean()),
+                    "disagreements": dataclasses.asdict(c.disagreements),
                     "checked_exits": int(c.checked.sum()),
                     "recovery_frames": recoveries.get(k, [])} for k, c in rows]
         for entry, (_, _, n) in zip(payload, native_rows):

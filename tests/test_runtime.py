@@ -229,6 +229,10 @@ class ValidationTest(absltest.TestCase):
         self.assertAlmostEqual(c.speedup, c.full.mean_us / c.smtm.mean_us)
         self.assertAlmostEqual(c.accuracy_drop, 100 * (c.full.accuracy - c.smtm.accuracy))
         self.assertEqual(c.smtm.to_dict()["method"], "smtm")
+        # Every disagreement is split by who was right, and nothing else is.
+        d = c.disagreements
+        self.assertAlmostEqual(d.total, 1.0 - c.smtm.agreement)
+        self.assertAlmostEqual(d.full_wrong - d.smtm_wrong, c.smtm.accuracy - c.full.accuracy)
 
     def test_format_table(self):
         c = validation.compare(self.rt, self.frames[:30], self.labels[:30], warmup=0)

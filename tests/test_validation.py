@@ -71,6 +71,25 @@ class SteadyShareTest(absltest.TestCase):
             validation.steady_share([], [0])
 
 
+class DisagreementsTest(absltest.TestCase):
+
+    def test_splits_disagreements_by_who_was_right(self):
+        labels = [0, 0, 0, 1, 1, 2, 2, 2]
+        full = [0, 1, 1, 1, 0, 2, 0, 2]
+        smtm = [0, 0, 0, 2, 1, 2, 1, 2]
+        # Frames 1, 2 and 4: full wrong; frame 3: SMTM wrong; frame 6: both.
+        d = validation.Disagreements.of(smtm, full, labels)
+        self.assertEqual((d.full_wrong, d.smtm_wrong, d.both_wrong), (3 / 8, 1 / 8, 1 / 8))
+        self.assertEqual(d.total, 5 / 8)
+        self.assertIn("full wrong on 37.50%, SMTM wrong on 12.50%, both on 12.50%", d.format())
+
+    def test_refuses_arrays_that_do_not_match(self):
+        with self.assertRaisesRegex(ValueError, "as many predictions"):
+            validation.Disagreements.of([0, 1], [0, 1], [0])
+        with self.assertRaisesRegex(ValueError, "at least one"):
+            validation.Disagreements.of([], [], [])
+
+
 class HarnessMeasurementTest(absltest.TestCase):
 
     @classmethod

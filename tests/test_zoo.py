@@ -17,6 +17,7 @@ from smtm_tf.runtime import preprocessing
 from smtm_tf.fitting import stages
 from smtm_tf.fitting import zoo
 from smtm_tf.evaluation import native_bench
+from smtm_tf.evaluation import validation
 from smtm_tf.evaluation import zoo_benchmark
 
 pytestmark = pytest.mark.slow
@@ -249,7 +250,9 @@ class TableTest(absltest.TestCase):
             stage_shares=(0.25, 0.11, 0.32, 0.22), time_shares=(0.3, 0.1, 0.18, 0.28, 0.14),
             full_vs_keras=1e-6,
             streams={"video": zoo_benchmark.StreamFigures(1.51, 0.9867, 0.1, 1.94, 0.99),
-                     "object": zoo_benchmark.StreamFigures(1.18, 0.9733, -1.26, 2.2, 0.8727)},
+                     "object": zoo_benchmark.StreamFigures(
+                         1.18, 0.9733, -1.26, 2.2, 0.8727,
+                         validation.Disagreements(0.0213, 0.0047, 0.0007))},
             full_us=264.0, host_us=41.8,
             native_video=native_bench.NativeBench(300, 264.0, 148.0, 1.79, 2.0, 2.2, 0.9867,
                                                   (0.5, 0.2, 0.1, 0.1, 0.1)))
@@ -269,6 +272,8 @@ class TableTest(absltest.TestCase):
         self.assertEqual(by_column["uniform speed-up / agree"], "-")
         # SMTM 1.26 points more accurate than full; full kept its answer on 87.3%.
         self.assertEqual(by_column["object top-1 vs full / full steady"], "+1.26 pts / 87.3%")
+        self.assertEqual(by_column["object disagreements: full wrong / SMTM wrong / both"],
+                         "2.13% / 0.47% / 0.07%")
         self.assertEqual(lines[3].count("|"), lines[0].count("|"))
         self.assertIn("FAILED: ConversionError: no", lines[3])
         self.assertEqual(row.to_dict()["native_video"]["speedup"], 1.79)

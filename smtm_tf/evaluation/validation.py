@@ -36,6 +36,42 @@ class RunStats:
 
 
 @dataclasses.dataclass(frozen=True)
+class Disagreements:
+    """Frames where SMTM and `full` answer differently, by who was right.
+
+    Shares of all the stream's frames. Agreement with `full` counts every
+    disagreement against SMTM; on a held object `full` itself changes its
+    answer from frame to frame, and SMTM, which keeps the object's class, is
+    often the one that is right.
+    """
+
+    full_wrong: float  # SMTM answered the label, `full` did not.
+    smtm_wrong: float  # `full` answered the label, SMTM did not.
+    both_wrong: float  # Neither answered the label.
+
+    @classmethod
+    def of(cls, smtm_predictions, full_predictions, labels) -> "Disagreements":
+        smtm, full, labels = (np.asarray(a, np.int64) for a in (
+            smtm_predictions, full_predictions, labels))
+        if not smtm.shape == full.shape == labels.shape or not len(labels):
+            raise ValueError(f"Disagreements.of: need as many predictions of each as labels "
+                             f"(at least one), got {smtm.shape}, {full.shape}, {labels.shape}.")
+        differ = smtm != full
+        return cls(float((differ & (smtm == labels)).mean()),
+                   float((differ & (full == labels)).mean()),
+                   float((differ & (smtm != labels) & (full != labels)).mean()))
+
+    def format(self) -> str:
+        return (f"disagreements with full on {100 * self.total:.2f}% of frames: full wrong "
+                f"on {100 * self.full_wrong:.2f}%, SMTM wrong on {100 * self.smtm_wrong:.2f}%, "
+                f"both on {100 * self.both_wrong:.2f}%")
+
+    @property
+    def total(self) -> float:
+        return self.full_wrong + self.smtm_wrong + self.both_wrong
+
+
+@dataclasses.dataclass(frozen=True)
 class Comparison:
     """Both methods on one stream, with SMTM's per-frame trace.
 
@@ -46,6 +82,7 @@ class Comparison:
       checked: per frame, whether SMTM's early exit was also checked against
         the full model (a sampled or exit-run check; its time is in smtm_us).
       full_predictions: per frame, the full model's class.
+      disagreements: where SMTM and `full` differ, by who was right.
     """
 
     full: RunStats
@@ -55,6 +92,7 @@ class Comparison:
     full_us: np.ndarray | None = None
     checked: np.ndarray | None = None
     full_predictions: np.ndarray | None = None
+    disagreements: Disagreements | None = None
 
     @property
     def speedup(self) -> float:
@@ -112,7 +150,8 @@ def compare(runtime: SmtmRuntime, images: np.ndarray, labels: np.ndarray,
         full=_stats("full", full_pred, full_pred, labels, full_ns, no_exit),
         smtm=_stats("smtm", smtm_pred, full_pred, labels, smtm_ns, shares),
         hits=hits, smtm_us=smtm_ns / 1e3, full_us=full_ns / 1e3, checked=checked,
-        full_predictions=np.asarray(full_pred))
+        full_predictions=np.asarray(full_pred),
+        disagreements=Disagreements.of(smtm_pred, full_pred, labels))
 
 
 class FullOf:

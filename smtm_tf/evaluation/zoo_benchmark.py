@@ -46,6 +46,8 @@ class StreamFigures:
     # validation.steady_share of `full`'s answers (how often it keeps its
     # answer within a scene; on `object` a held image).
     full_steady: float | None = None
+    # Where SMTM and `full` differ, by who was right (validation.Disagreements).
+    disagreements: validation.Disagreements | None = None
 
 
 @dataclasses.dataclass
@@ -153,7 +155,8 @@ def evaluate(name: str, model_path: str, preset: str | None, data: data_lib.Labe
             row.streams[kind] = StreamFigures(
                 c.speedup, c.smtm.agreement, c.accuracy_drop, exit_policy.compute_speedup(
                     c.smtm.exit_shares, memory.plan.stage_costs, float(c.checked.mean())),
-                validation.steady_share(c.full_predictions, stream.scene_starts))
+                validation.steady_share(c.full_predictions, stream.scene_starts),
+                c.disagreements)
             if kind == "video":
                 row.full_us = c.full.mean_us
                 row.host_us = validation.host_work_us(runtime, images)
@@ -267,7 +270,8 @@ def format_markdown(rows: list[ZooRow]) -> str:
     head += [f"{k} speed-up / agree" for k in STREAMS]
     head += ["video compute speed-up", "video host work / full us",
              "video native speed-up / host us",
-             "object top-1 vs full / full steady"]
+             "object top-1 vs full / full steady",
+             "object disagreements: full wrong / SMTM wrong / both"]
     head += list(VARIANTS) + ["tflite-runtime 2.14", "GPU strict"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
@@ -294,6 +298,9 @@ def format_markdown(rows: list[ZooRow]) -> str:
         held = r.streams.get("object")
         cells.append("-" if held is None or held.full_steady is None
                      else f"{-held.accuracy_drop:+.2f} pts / {100 * held.full_steady:.1f}%")
+        d = None if held is None else held.disagreements
+        cells.append("-" if d is None else f"{100 * d.full_wrong:.2f}% / "
+                     f"{100 * d.smtm_wrong:.2f}% / {100 * d.both_wrong:.2f}%")
         cells += [r.variants.get(v, "-") for v in VARIANTS]
         cells += [r.old_runtime, r.gpu]
         lines.append("| " + " | ".join(cells) + " |")
